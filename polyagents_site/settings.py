@@ -1,0 +1,188 @@
+"""Django settings, derived from the validated configuration in `config.py`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+import dj_database_url
+
+from polyagents_site.config import load_config
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+CONFIG = load_config()
+
+DEBUG = CONFIG.DEBUG
+# Outside DEBUG a missing secret is refused; in DEBUG an ephemeral one is generated.
+if not DEBUG and (not CONFIG.SECRET_KEY or not CONFIG.JWT_SECRET_KEY):
+    from polyagents_site.config import ConfigError
+
+    missing = "SECRET_KEY" if not CONFIG.SECRET_KEY else "JWT_SECRET_KEY"
+    raise ConfigError(f"PolyAgents configuration error: {missing}: required when DEBUG is false")
+SECRET_KEY = CONFIG.SECRET_KEY or secrets.token_urlsafe(50)
+JWT_SECRET_KEY = CONFIG.JWT_SECRET_KEY or secrets.token_urlsafe(50)
+ALLOWED_HOSTS = CONFIG.ALLOWED_HOSTS
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "corsheaders",
+    "rest_framework",
+    "rest_framework_simplejwt.token_blacklist",
+    "drf_spectacular",
+    "channels",
+    "gateway",
+    "conversations",
+    "agents",
+    "monitoring",
+]
+
+MIDDLEWARE = [
+    "corsheaders.middleware.CorsMiddleware",
+    "gateway.middleware.BlockedIPMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "polyagents_site.urls"
+ASGI_APPLICATION = "polyagents_site.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database: SQLite by default, PostgreSQL with psycopg's pool when DATABASE_URL is set.
+if CONFIG.DATABASE_URL and CONFIG.DATABASE_URL.startswith(("postgres://", "postgresql://")):
+    _db = dj_database_url.parse(CONFIG.DATABASE_URL, conn_max_age=0)
+    _db["ENGINE"] = "django.db.backends.postgresql"
+    _db["OPTIONS"] = {"pool": {"min_size": 1, "max_size": CONFIG.DATABASE_POOL_MAX, "timeout": 10}}
+    _db["CONN_MAX_AGE"] = 0  # persistent connections leak under ASGI; the pool reuses them
+elif CONFIG.DATABASE_URL:
+    _db = dj_database_url.parse(CONFIG.DATABASE_URL)
+else:
+    _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": BASE_DIR / "db.sqlite3"}
+if _db["ENGINE"].endswith("sqlite3"):
+    _db.setdefault("OPTIONS", {})
+    _db["OPTIONS"].update(
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+# Parallel test runs on one machine get their own test database.
+_db["TEST"] = {"NAME": f"test_polyagents{os.environ.get('TEST_DB_SUFFIX', '')}"}
+if _db["ENGINE"].endswith("sqlite3"):
+    _db["TEST"]["NAME"] = None  # in-memory
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+USING_POSTGRES = DATABASES["default"]["ENGINE"].endswith("postgresql")
+
+# --- Redis: cache, channel layer and streams when REDIS_URL is set.
+REDIS_URL = CONFIG.REDIS_URL
+REDIS_KEY_PREFIX = CONFIG.REDIS_KEY_PREFIX
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": REDIS_KEY_PREFIX,
+        }
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_KEY_PREFIX}:asgi", "capacity": 1000},
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# --- Django REST framework
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["gateway.authentication.BearerAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["gateway.permissions.CanRead"],
+    "DEFAULT_THROTTLE_CLASSES": ["gateway.throttling.TokenBucketThrottle"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "gateway.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "PolyAgents API",
+    "DESCRIPTION": "Multi-agent conversations with consensus by vote, streamed live.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+SIMPLE_JWT = {
+    "ACCESS_TOKEN_LIFETIME": timedelta(seconds=CONFIG.JWT_ACCESS_TTL),
+    "REFRESH_TOKEN_LIFETIME": timedelta(seconds=CONFIG.JWT_REFRESH_TTL),
+    "ROTATE_REFRESH_TOKENS": True,
+    "BLACKLIST_AFTER_ROTATION": True,
+    "SIGNING_KEY": JWT_SECRET_KEY,
+    "ALGORITHM": "HS256",
+    "AUTH_HEADER_TYPES": ("Bearer",),
+    "USER_ID_CLAIM": "sub",
+    "USER_ID_FIELD": "id",
+    "UPDATE_LAST_LOGIN": False,
+}
+
+CORS_ALLOWED_ORIGINS = CONFIG.CORS_ALLOWED_ORIGINS
+CORS_ALLOW_HEADERS = ("authorization", "content-type", "x-request-id")
+CORS_EXPOSE_HEADERS = ("Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-Request-ID")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        }
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
+    "root": {"handlers": ["console"], "level": CONFIG.LOG_LEVEL},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
