@@ -25,6 +25,9 @@ class Conversation(models.Model):
     api_key = models.ForeignKey(
         "gateway.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="conversations"
     )
+    owner = models.CharField(
+        max_length=64, blank=True, help_text='Who started it: "key:<id>", "user:<id>" or "anonymous".'
+    )
     exchanges = models.PositiveIntegerField(default=0, help_text="Questions asked in this conversation.")
     num_agents = models.PositiveSmallIntegerField(default=0)
     turns_requested = models.PositiveSmallIntegerField(default=0)
@@ -48,7 +51,7 @@ class Conversation(models.Model):
         ordering = ["-created_at"]
         indexes = [
             models.Index(fields=["-created_at"], name="conv_recent_idx"),
-            models.Index(fields=["api_key", "-created_at"], name="conv_key_recent_idx"),
+            models.Index(fields=["owner", "-created_at"], name="conv_owner_recent_idx"),
             models.Index(fields=["status", "heartbeat_at"], name="conv_status_hb_idx"),
         ]
         constraints = [
