@@ -1,12 +1,7 @@
-"""Routes of the conversations app. Each feature keeps its own route list."""
+"""Routes of the conversations app; each feature keeps its own route module."""
 
-from django.urls import URLPattern, URLResolver
+from conversations import urls_chat, urls_history, urls_stream
 
-# POST /chat
-chat_urlpatterns: list[URLPattern | URLResolver] = []
-# POST /stream/{id} and the dashboard
-stream_urlpatterns: list[URLPattern | URLResolver] = []
-# /conversations/*, /admin/cleanup, /admin/export
-history_urlpatterns: list[URLPattern | URLResolver] = []
-
-urlpatterns = chat_urlpatterns + stream_urlpatterns + history_urlpatterns
+# urls_chat: POST /chat. urls_stream: POST /stream/{id}, dashboard.
+# urls_history: /conversations/*, /admin/cleanup, /admin/export.
+urlpatterns = urls_chat.urlpatterns + urls_stream.urlpatterns + urls_history.urlpatterns
