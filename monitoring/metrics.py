@@ -1,0 +1,29 @@
+"""Prometheus metrics shared by every part of the service (exposed at GET /metrics)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "polyagents_http_requests_total", "HTTP requests served", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "polyagents_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+LLM_CALLS = Counter(
+    "polyagents_llm_calls_total", "LLM calls by provider, model and outcome", ["provider", "model", "outcome"]
+)
+LLM_LATENCY = Histogram(
+    "polyagents_llm_call_duration_seconds",
+    "LLM call latency",
+    ["provider", "model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+)
+LLM_TOKENS = Counter("polyagents_llm_tokens_total", "Tokens used", ["provider", "model", "kind"])
+BREAKER_STATE = Gauge(
+    "polyagents_circuit_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)", ["breaker"]
+)
+OPEN_WEBSOCKETS = Gauge("polyagents_open_websockets", "WebSocket connections open in this process")
+RATE_LIMIT_REJECTIONS = Counter("polyagents_rate_limit_rejections_total", "Requests refused with 429", ["scope"])
+CONVERSATIONS = Counter("polyagents_conversations_total", "Conversations finished, by status", ["status"])
