@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db.models import Max
 from django.utils import timezone
 
@@ -20,6 +21,11 @@ from conversations.models import Conversation, Event
 
 def group_name(conversation_id: uuid.UUID | str) -> str:
     return f"conv.{conversation_id}"
+
+
+def stream_key(conversation_id: uuid.UUID | str) -> str:
+    """The Redis Stream holding a conversation's events (REDIS_URL deployments)."""
+    return f"{settings.REDIS_KEY_PREFIX}:stream:{conversation_id}"
 
 
 class EventLog:
@@ -49,5 +55,7 @@ class EventLog:
         await Conversation.objects.filter(pk=self.conversation_id).aupdate(last_seq=self.last_seq)
         layer = get_channel_layer()
         if layer is not None:
-            await layer.group_send(group_name(self.conversation_id), {"type": "conversation.event", "event": event})
+            await layer.group_send(
+                group_name(self.conversation_id), {"type": "conversation.event", "event": event}
+            )
         return event
