@@ -9,3 +9,9 @@ urlpatterns = [
     path("", include("conversations.urls")),
     path("", include("monitoring.urls")),
 ]
+
+# Unknown paths and unexpected errors answer JSON too, never an HTML page.
+handler400 = "gateway.errors.handler400"
+handler403 = "gateway.errors.handler403"
+handler404 = "gateway.errors.handler404"
+handler500 = "gateway.errors.handler500"

@@ -1,0 +1,182 @@
+"""API key services: create, revoke, rotate, load DEFAULT_API_KEYS, authenticate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from gateway.models import ApiKey, generate_key, hash_key
+from gateway.principal import Principal
+
+PERMISSIONS = ("read", "write", "admin")
+PREFIX_LENGTH = 10
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class KeyRejected(Exception):
+    """A presented key is unknown, revoked or expired; `code` says which."""
+
+    def __init__(self, code: str, detail: str, key: ApiKey | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.key = key
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A freshly created key: the row and the raw secret, shown to its owner once."""
+
+    key: ApiKey
+    raw: str
+
+
+def normalise_permissions(permissions: Iterable[str]) -> list[str]:
+    """Known permissions in canonical order, duplicates removed; unknown ones refused."""
+    wanted = {p.strip() for p in permissions if p.strip()}
+    unknown = wanted - set(PERMISSIONS)
+    if unknown:
+        raise ValueError(f"unknown permission(s): {', '.join(sorted(unknown))}")
+    if not wanted:
+        raise ValueError("at least one permission is required")
+    return [p for p in PERMISSIONS if p in wanted]
+
+
+def key_create(
+    *,
+    name: str,
+    permissions: Iterable[str],
+    rate_limit_override: int | None = None,
+    expires_at: datetime | None = None,
+    source: str = ApiKey.Source.MANUAL,
+    raw: str | None = None,
+) -> IssuedKey:
+    """Create a key; only its SHA-256 hash is stored, the raw key is returned once."""
+    raw = raw or generate_key()
+    key = ApiKey.objects.create(
+        name=name,
+        prefix=raw[:PREFIX_LENGTH],
+        key_hash=hash_key(raw),
+        permissions=normalise_permissions(permissions),
+        rate_limit_override=rate_limit_override,
+        expires_at=expires_at,
+        source=source,
+    )
+    return IssuedKey(key=key, raw=raw)
+
+
+def key_revoke(*, key: ApiKey) -> ApiKey:
+    """Revoke a key at once (idempotent: an earlier revocation time is kept)."""
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+    return key
+
+
+def key_rotate(*, key: ApiKey, grace_seconds: int | None = None) -> IssuedKey:
+    """Issue a replacement key; the old one keeps working for the grace period only."""
+    grace = settings.CONFIG.API_KEY_ROTATION_GRACE if grace_seconds is None else grace_seconds
+    if key.revoked_at is not None:
+        raise ValueError("a revoked key cannot be rotated")
+    with transaction.atomic():
+        issued = key_create(
+            name=key.name,
+            permissions=key.permissions,
+            rate_limit_override=key.rate_limit_override,
+            expires_at=key.expires_at,
+            source=ApiKey.Source.ROTATION,
+        )
+        grace_end = timezone.now() + timedelta(seconds=grace)
+        key.expires_at = grace_end if key.expires_at is None else min(key.expires_at, grace_end)
+        key.replaced_by = issued.key
+        key.save(update_fields=["expires_at", "replaced_by"])
+    return issued
+
+
+def key_find(identifier: str) -> ApiKey:
+    """A key by numeric id or by (unique) prefix; raises ApiKey.DoesNotExist or ValueError."""
+    identifier = identifier.strip()
+    if identifier.isdigit():
+        return ApiKey.objects.get(pk=int(identifier))
+    if len(identifier) >= PREFIX_LENGTH:  # a prefix as listed, or the whole raw key
+        matches = list(ApiKey.objects.filter(prefix=identifier[:PREFIX_LENGTH])[:2])
+    else:
+        matches = list(ApiKey.objects.filter(prefix__startswith=identifier)[:2]) if identifier else []
+    if not matches:
+        raise ApiKey.DoesNotExist(f"no API key with id or prefix {identifier!r}")
+    if len(matches) > 1:
+        raise ValueError(f"prefix {identifier!r} matches several keys; use the id")
+    return matches[0]
+
+
+def keys_load_defaults(specs: Iterable[object] | None = None) -> list[tuple[str, str]]:
+    """Load DEFAULT_API_KEYS idempotently (matched by name, source "env"); returns (name, action)."""
+    specs = settings.CONFIG.DEFAULT_API_KEYS if specs is None else specs
+    done: list[tuple[str, str]] = []
+    for spec in specs:
+        name: str = spec.name  # type: ignore[attr-defined]
+        raw: str = spec.key  # type: ignore[attr-defined]
+        perms = normalise_permissions(spec.permissions)  # type: ignore[attr-defined]
+        override: int | None = spec.rate_limit_override  # type: ignore[attr-defined]
+        with transaction.atomic():
+            existing = ApiKey.objects.select_for_update().filter(name=name, source=ApiKey.Source.ENV).first()
+            if existing is None:
+                key_create(name=name, permissions=perms, rate_limit_override=override,
+                           source=ApiKey.Source.ENV, raw=raw)
+                done.append((name, "created"))
+                continue
+            wanted = {"key_hash": hash_key(raw), "prefix": raw[:PREFIX_LENGTH], "permissions": perms,
+                      "rate_limit_override": override, "revoked_at": None}
+            changed = [f for f, v in wanted.items() if getattr(existing, f) != v]
+            if not changed:
+                done.append((name, "unchanged"))
+                continue
+            for field in changed:
+                setattr(existing, field, wanted[field])
+            existing.save(update_fields=changed)
+            done.append((name, "updated"))
+    return done
+
+
+def principal_for_key(key: ApiKey) -> Principal:
+    """The Principal an API key authenticates as."""
+    return Principal(
+        kind="api_key",
+        permissions=frozenset(key.permissions),
+        name=key.name,
+        api_key_id=key.pk,
+        rate_limit_override=key.rate_limit_override,
+    )
+
+
+def check_usable(key: ApiKey, now: datetime | None = None) -> None:
+    """Raise KeyRejected unless the key may be used now."""
+    now = now or timezone.now()
+    if key.revoked_at is not None:
+        raise KeyRejected("key_revoked", "This API key has been revoked.", key)
+    if key.expires_at is not None and key.expires_at <= now:
+        if key.replaced_by_id is not None:
+            raise KeyRejected("key_rotated", "This API key was rotated and its grace period has ended.", key)
+        raise KeyRejected("key_expired", "This API key has expired.", key)
+
+
+def key_authenticate(raw: str) -> ApiKey:
+    """The usable key matching a raw secret, its last-used time refreshed at most once a minute."""
+    key = ApiKey.objects.filter(key_hash=hash_key(raw)).first()
+    if key is None:
+        raise KeyRejected("invalid_token", "Unknown API key.")
+    now = timezone.now()
+    check_usable(key, now)
+    if key.last_used_at is None or key.last_used_at < now - LAST_USED_RESOLUTION:
+        # Conditional update: concurrent requests write the row at most once a minute.
+        ApiKey.objects.filter(pk=key.pk).filter(
+            Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
+        ).update(last_used_at=now)
+        key.last_used_at = now
+    return key
