@@ -1,0 +1,244 @@
+"""An offline provider whose answers are deterministic from (prompt, agent, turn).
+
+It serves tests, benchmarks and keyless installs. Every answer follows the consensus
+reply format (FINAL POSITION / CONFIDENCE) or, for ballots, the ballot format, and is
+labelled `simulated=True`. A seeded `random.Random` drives every choice (never the
+global RNG), so a panel's conversation replays identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import math
+import random
+import re
+import string
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from agents.providers.base import DeltaCallback, Generation, GenerationRequest, Provider, ProviderError, Usage
+
+YES_NO_STARTS = (
+    "is", "are", "am", "do", "does", "did", "can", "could", "should", "would", "will",
+    "was", "were", "has", "have", "had", "must", "may", "shall",
+)  # fmt: skip
+_STOPWORD_TEXT = """
+a an the of to in on for and or but with without about what which who whom whose why how when where
+is are was were be been being do does did can could should would will shall may might must this that
+these those it its i you we they he she me my your our their best most more less than there here from
+by at as into over under between after before during some any many much each every not no yes
+"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+AGREE_FIRST_TURN = 0.7  # chance a fresh agent picks the question's favoured answer
+FOLLOW_MAJORITY = 0.85  # chance an agent adopts the peers' majority from turn 2
+CHUNKS = 5  # pieces a streamed answer is cut into
+SEEN_LIMIT = 10_000  # retry counters kept for the failure schedule
+
+OPENERS = (
+    "Looking at the question carefully",
+    "Weighing the main considerations",
+    "Taking the practical constraints into account",
+    "Considering the evidence and the usual trade-offs",
+    "Thinking about what matters most here",
+)
+REASONS = (
+    "The strongest argument is that it matches the most common and well-supported view.",
+    "It balances the costs against the benefits better than the alternatives.",
+    "The alternatives have drawbacks that are harder to justify in practice.",
+    "It is the answer that holds up best under the obvious objections.",
+    "It is the simplest answer consistent with what we know.",
+)
+BALLOT_REASONS = (
+    "It is the proposal best supported by the discussion.",
+    "It matches my own conclusion after weighing the arguments.",
+    "It has the broadest support and the fewest weaknesses.",
+)
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _fallback_normalize(position: str) -> str:
+    return position.casefold().strip().strip(string.punctuation + " ")
+
+
+def _normalizer() -> Callable[[str], str]:
+    """consensus.normalize_answer when available, else casefolded text."""
+    try:
+        module = importlib.import_module("consensus")
+    except ImportError:
+        return _fallback_normalize
+    normalize = getattr(module, "normalize_answer", None)
+    return normalize if callable(normalize) else _fallback_normalize
+
+
+def _estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4) if text else 0
+
+
+def candidate_positions(question: str) -> list[str]:
+    """A small set of plausible short answers derived from the question's shape."""
+    text = " ".join(question.split())
+    lowered = text.casefold()
+    either = re.search(r"([\w+#.-]+(?:\s[\w+#.-]+)?)\s+or\s+([\w+#.-]+(?:\s[\w+#.-]+)?)", text)
+    if either:
+        first = either.group(1).split()[-1].strip(string.punctuation)
+        second = either.group(2).split()[0].strip(string.punctuation)
+        if first and second and first.casefold() != second.casefold():
+            return [first, second]
+    if re.search(r"\bhow (many|much)\b", lowered) or re.search(r"\d", lowered):
+        base = _seed(lowered) % 90 + 10
+        numbers = re.findall(r"-?\d+(?:\.\d+)?", text)
+        if len(numbers) >= 2 and re.search(r"[+*x-]|plus|times|minus", lowered):
+            a, b = float(numbers[0]), float(numbers[1])
+            if "+" in text or "plus" in lowered:
+                base = int(a + b) if (a + b).is_integer() else base
+            elif "*" in text or "times" in lowered or " x " in lowered:
+                base = int(a * b) if (a * b).is_integer() else base
+            elif "-" in text or "minus" in lowered:
+                base = int(a - b) if (a - b).is_integer() else base
+        return [str(base), str(base + 1), str(base * 2)]
+    first_word = lowered.split(" ", 1)[0] if lowered else ""
+    if first_word in YES_NO_STARTS:
+        return ["Yes", "No", "It depends"]
+    words = [w.strip(string.punctuation) for w in text.split()]
+    keywords = [w for w in words if len(w) > 2 and w.casefold() not in STOPWORDS]
+    unique = list(dict.fromkeys(k.capitalize() for k in keywords))
+    unique.sort(key=lambda w: (-len(w), w))
+    picks = unique[:3]
+    if not picks:
+        return ["Option A", "Option B"]
+    return picks
+
+
+def _favoured(question: str, candidates: Sequence[str]) -> str:
+    return candidates[_seed("favoured", question.casefold()) % len(candidates)]
+
+
+def first_turn_position(question: str, agent_id: str) -> str:
+    """What an agent answers before it has seen anyone else."""
+    candidates = candidate_positions(question)
+    rng = random.Random(_seed("first", question, agent_id))
+    favoured = _favoured(question, candidates)
+    if rng.random() < AGREE_FIRST_TURN or len(candidates) == 1:
+        return favoured
+    return rng.choice([c for c in candidates if c != favoured])
+
+
+class SimulatedProvider(Provider):
+    """Deterministic offline answers with configurable latency and failure rate."""
+
+    name = "simulated"
+
+    def __init__(self, *, latency: float = 0.05, failure_rate: float = 0.0) -> None:
+        self.latency = latency
+        self.failure_rate = failure_rate
+        # How often each (prompt, agent, turn, kind) was asked, so a retry draws the next
+        # entry of a deterministic failure schedule instead of failing forever.
+        self._attempts: OrderedDict[int, int] = OrderedDict()
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """Sleep the configured latency and return the simulated answer."""
+        started = time.monotonic()
+        text = self._prepare(request)
+        await asyncio.sleep(self.latency)
+        return self._generation(request, text, started)
+
+    async def stream(self, request: GenerationRequest, on_delta: DeltaCallback) -> Generation:
+        """Emit the answer in a few chunks spread over the configured latency."""
+        started = time.monotonic()
+        text = self._prepare(request)
+        pieces = _split(text, CHUNKS)
+        for piece in pieces:
+            await asyncio.sleep(self.latency / len(pieces))
+            await on_delta(piece)
+        return self._generation(request, text, started)
+
+    def _prepare(self, request: GenerationRequest) -> str:
+        """Decide failure first (raising ProviderError), then compose the text."""
+        meta = request.metadata
+        key = _seed(request.prompt, meta.get("agent_id", ""), meta.get("turn", 0), meta.get("kind", "answer"))
+        attempt = self._attempts.pop(key, 0)
+        self._attempts[key] = attempt + 1
+        while len(self._attempts) > SEEN_LIMIT:
+            self._attempts.popitem(last=False)
+        if self.failure_rate > 0 and random.Random(_seed(key, attempt)).random() < self.failure_rate:
+            raise ProviderError(
+                "simulated server failure", kind="server", status=503, provider=self.name, model=request.model
+            )
+        rng = random.Random(key)
+        if meta.get("kind") == "ballot":
+            return _ballot_text(meta, rng)
+        return _answer_text(request, meta, rng)
+
+    def _generation(self, request: GenerationRequest, text: str, started: float) -> Generation:
+        return Generation(
+            text=text,
+            model=request.model,
+            provider=self.name,
+            usage=Usage(
+                prompt_tokens=_estimate_tokens(request.system_instruction) + _estimate_tokens(request.prompt),
+                completion_tokens=_estimate_tokens(text),
+            ),
+            latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason="STOP",
+            simulated=True,
+        )
+
+
+def _split(text: str, parts: int) -> list[str]:
+    size = max(1, math.ceil(len(text) / parts))
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _answer_text(request: GenerationRequest, meta: dict[str, Any], rng: random.Random) -> str:
+    question = str(meta.get("question") or request.prompt)
+    agent_id = str(meta.get("agent_id", "agent"))
+    turn = int(meta.get("turn", 1) or 1)
+    peers = [str(p) for p in meta.get("peer_positions") or [] if str(p).strip()]
+    position = str(meta.get("previous_position") or first_turn_position(question, agent_id))
+    agreeing = False
+    if turn >= 2 and peers:
+        normalize = _normalizer()
+        counts = Counter(normalize(p) for p in [*peers, position])
+        top_key, top_count = max(counts.items(), key=lambda item: (item[1], item[0]))
+        majority = next(p for p in [*peers, position] if normalize(p) == top_key)
+        if normalize(position) == top_key or (top_count > 1 and rng.random() < FOLLOW_MAJORITY):
+            position, agreeing = majority, True
+    confidence = round(rng.uniform(0.7, 0.95) if agreeing else rng.uniform(0.5, 0.85), 2)
+    sentences = [f"{rng.choice(OPENERS)}, my answer is {position}.", rng.choice(REASONS)]
+    if turn >= 2 and peers:
+        sentences.append(
+            "Having read the other proposals, I agree with the majority view."
+            if agreeing
+            else "Having read the other proposals, I still hold my earlier view."
+        )
+    body = " ".join(sentences)
+    return f"{body}\n\nFINAL POSITION: {position}\nCONFIDENCE: {confidence}"
+
+
+def _ballot_text(meta: dict[str, Any], rng: random.Random) -> str:
+    options = [o for o in meta.get("options") or [] if isinstance(o, dict) and o.get("label")]
+    if not options:
+        return "VOTE: none\nCONFIDENCE: 0\nREASON: There was no proposal to vote for."
+    normalize = _normalizer()
+    own = normalize(str(meta.get("own_position") or ""))
+    chosen = next((o for o in options if own and normalize(str(o.get("position", ""))) == own), None)
+    if chosen is None:
+        chosen = max(options, key=lambda o: (_support(o), -options.index(o)))
+    confidence = round(rng.uniform(0.6, 0.95), 2)
+    return f"VOTE: {chosen['label']}\nCONFIDENCE: {confidence}\nREASON: {rng.choice(BALLOT_REASONS)}"
+
+
+def _support(option: dict[str, Any]) -> int:
+    supporters = option.get("supporters")
+    if isinstance(supporters, list | tuple):
+        return len(supporters)
+    support = option.get("support", 0)
+    return int(support) if isinstance(support, int | float) else 0

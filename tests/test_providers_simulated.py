@@ -1,0 +1,168 @@
+"""The simulated provider: deterministic, labelled, in the consensus formats."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from django.conf import settings
+
+from agents.providers.base import GenerationRequest, ProviderError
+from agents.providers.registry import get_provider, reset_providers
+from agents.providers.simulated import SimulatedProvider, candidate_positions
+
+REPLY = re.compile(r"\n\nFINAL POSITION: (?P<position>[^\n]+)\nCONFIDENCE: (?P<confidence>[0-9.]+)$")
+
+
+def answer_request(question: str, agent_id: str, turn: int = 1, **meta: object) -> GenerationRequest:
+    return GenerationRequest(
+        model="sim-1",
+        prompt=f"Question: {question}",
+        metadata={"agent_id": agent_id, "turn": turn, "kind": "answer", "question": question, **meta},
+    )
+
+
+async def test_same_prompt_agent_and_turn_give_the_same_answer() -> None:
+    question = "Is Python good for data science?"
+    first = await SimulatedProvider(latency=0).generate(answer_request(question, "a1"))
+    second = await SimulatedProvider(latency=0).generate(answer_request(question, "a1"))
+    assert first.text == second.text
+    assert first.simulated is True
+    assert first.provider == "simulated"
+    assert first.model == "sim-1"
+
+
+async def test_answers_follow_the_reply_format_with_a_candidate_position() -> None:
+    provider = SimulatedProvider(latency=0)
+    question = "Should a small team use Postgres or MongoDB?"
+    for agent in ("a1", "a2", "a3", "a4"):
+        generation = await provider.generate(answer_request(question, agent))
+        match = REPLY.search(generation.text)
+        assert match, generation.text
+        assert match["position"] in {"Postgres", "MongoDB"}
+        assert 0 <= float(match["confidence"]) <= 1
+        assert generation.usage.completion_tokens == -(-len(generation.text) // 4)
+        assert generation.usage.prompt_tokens > 0
+
+
+async def test_different_agents_do_not_all_say_the_same_text() -> None:
+    provider = SimulatedProvider(latency=0)
+    texts = {(await provider.generate(answer_request("Is coffee healthy?", f"a{i}"))).text for i in range(6)}
+    assert len(texts) > 1
+
+
+def test_candidates_follow_the_question_shape() -> None:
+    assert candidate_positions("Is the sky blue?") == ["Yes", "No", "It depends"]
+    assert candidate_positions("Tea or coffee?") == ["Tea", "coffee"]
+    assert candidate_positions("What is 2 + 2?")[0] == "4"
+
+
+async def test_from_turn_two_agents_mostly_join_the_majority() -> None:
+    provider = SimulatedProvider(latency=0)
+    joined = 0
+    for i in range(40):
+        generation = await provider.generate(
+            answer_request(f"Is option {i} wise?", f"agent{i}", turn=2, peer_positions=["No", "No"])
+        )
+        match = REPLY.search(generation.text)
+        assert match
+        joined += match["position"] == "No"
+    assert 30 <= joined < 40  # with high probability, not always (deterministic per seed)
+
+
+async def test_ballot_votes_for_its_own_position() -> None:
+    provider = SimulatedProvider(latency=0)
+    options = [{"label": "A", "position": "No"}, {"label": "B", "position": "Yes"}]
+    request = GenerationRequest(
+        model="sim-1",
+        prompt="vote",
+        metadata={"agent_id": "a1", "turn": 3, "kind": "ballot", "options": options, "own_position": "yes"},
+    )
+    text = (await provider.generate(request)).text
+    assert text.startswith("VOTE: B\nCONFIDENCE: ")
+    assert "\nREASON: " in text
+
+
+async def test_ballot_without_own_match_votes_for_the_most_supported() -> None:
+    provider = SimulatedProvider(latency=0)
+    options = [
+        {"label": "A", "position": "No", "supporters": ["x"]},
+        {"label": "B", "position": "Yes", "supporters": ["y", "z"]},
+    ]
+    request = GenerationRequest(
+        model="sim-1", prompt="vote", metadata={"agent_id": "a9", "kind": "ballot", "options": options}
+    )
+    assert (await provider.generate(request)).text.startswith("VOTE: B\n")
+
+
+async def test_failure_rate_one_always_raises_a_server_error() -> None:
+    provider = SimulatedProvider(latency=0, failure_rate=1.0)
+    with pytest.raises(ProviderError) as caught:
+        await provider.generate(answer_request("Is it?", "a1"))
+    assert caught.value.kind == "server"
+    assert caught.value.retryable
+
+
+async def test_failures_are_deterministic_and_a_retry_can_succeed() -> None:
+    async def outcomes() -> list[bool]:
+        provider = SimulatedProvider(latency=0, failure_rate=0.5)
+        results = []
+        for _ in range(12):
+            try:
+                await provider.generate(answer_request("Is it?", "a1"))
+                results.append(True)
+            except ProviderError:
+                results.append(False)
+        return results
+
+    first = await outcomes()
+    assert first == await outcomes()
+    assert True in first
+    assert False in first
+
+
+async def test_stream_sends_the_text_in_chunks_over_the_latency() -> None:
+    provider = SimulatedProvider(latency=0.1)
+    chunks: list[str] = []
+
+    async def on_delta(text: str) -> None:
+        chunks.append(text)
+
+    started = time.monotonic()
+    generation = await provider.stream(answer_request("Is it?", "a1"), on_delta)
+    elapsed = time.monotonic() - started
+    assert len(chunks) > 2
+    assert "".join(chunks) == generation.text
+    assert 0.09 <= elapsed < 0.5
+    assert generation.latency_ms >= 90
+
+
+async def test_generate_waits_the_configured_latency() -> None:
+    started = time.monotonic()
+    await SimulatedProvider(latency=0.05).generate(answer_request("Is it?", "a1"))
+    assert time.monotonic() - started >= 0.05
+
+
+def test_registry_builds_the_simulated_provider_from_config() -> None:
+    reset_providers()
+    provider = get_provider("simulated")
+    assert isinstance(provider, SimulatedProvider)
+    assert provider.latency == settings.CONFIG.SIMULATED_LATENCY
+    assert get_provider("simulated") is provider
+    reset_providers()
+    assert get_provider("simulated") is not provider
+
+
+def test_registry_refuses_gemini_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    reset_providers()
+    monkeypatch.setattr(settings, "CONFIG", settings.CONFIG.model_copy(update={"GEMINI_API_KEY": None}))
+    with pytest.raises(ProviderError) as caught:
+        get_provider("gemini")
+    assert caught.value.kind == "auth"
+
+
+def test_registry_refuses_an_unknown_name() -> None:
+    with pytest.raises(ProviderError) as caught:
+        get_provider("nope")
+    assert caught.value.kind == "bad_request"
