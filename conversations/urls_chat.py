@@ -1,3 +1,7 @@
-from django.urls import URLPattern, URLResolver
+from django.urls import path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from conversations.views import ChatView
+
+urlpatterns = [
+    path("chat", ChatView.as_view(), name="chat"),
+]

@@ -1,0 +1,45 @@
+"""Request bodies of the conversation endpoints, validated strictly at the edge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from rest_framework import serializers
+
+from gateway.validation import SafeCharField
+
+MAX_MESSAGE_CHARS = 8000
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, so a typo is an error rather than a silent default."""
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(self.initial_data, dict):
+            unknown = sorted(set(self.initial_data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return attrs
+
+
+class ChatRequestSerializer(StrictSerializer):
+    """Body of POST /chat and POST /stream/{conversation_id}."""
+
+    message = SafeCharField(max_length=MAX_MESSAGE_CHARS)
+    conversation_id = serializers.UUIDField(required=False, allow_null=True)
+    num_agents = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    turns = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    strategy = serializers.ChoiceField(choices=["majority", "weighted"], required=False, default="majority")
+
+    def validate_num_agents(self, value: int | None) -> int | None:
+        limit = settings.CONFIG.MAX_AGENTS
+        if value is not None and value > limit:
+            raise serializers.ValidationError(f"Ensure this value is less than or equal to {limit}.")
+        return value
+
+    def validate_turns(self, value: int | None) -> int | None:
+        limit = settings.CONFIG.MAX_TURNS
+        if value is not None and value > limit:
+            raise serializers.ValidationError(f"Ensure this value is less than or equal to {limit}.")
+        return value

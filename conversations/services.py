@@ -1,0 +1,504 @@
+"""Services that change conversations: start an exchange, run the panel, cancel.
+
+The orchestrator reports every step through `emit`; `RunRecorder` stores what each
+event means (messages, ballots, counters) and then appends the event to the log, so a
+client never sees an event that is not stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, response_payload
+from agents.profiles import build_panel
+from agents.providers.base import Usage
+from consensus import parse_reply
+from conversations.events import EventLog
+from conversations.models import ConsensusResult, Conversation, Message, Vote
+from gateway.principal import Principal
+from monitoring.metrics import CONVERSATIONS
+
+logger = logging.getLogger("polyagents.conversations")
+
+HEARTBEAT_SECONDS = 2.0
+TITLE_CHARS = 200
+
+
+class ConversationError(Exception):
+    code = "conversation_error"
+
+
+class ConversationNotFound(ConversationError):
+    code = "not_found"
+
+
+class ConversationBusy(ConversationError):
+    code = "conversation_running"
+
+
+def _can_access(principal: Principal, conversation: Conversation) -> bool:
+    return principal.is_admin or conversation.owner == principal.owner
+
+
+def _start(
+    *,
+    principal: Principal,
+    message: str,
+    conversation_id: uuid.UUID | None,
+    num_agents: int,
+    turns: int,
+    strategy: str,
+    create_with_id: bool,
+) -> tuple[Conversation, int]:
+    with transaction.atomic():
+        conversation = None
+        if conversation_id is not None:
+            conversation = Conversation.objects.select_for_update().filter(pk=conversation_id).first()
+            if conversation is None and not create_with_id:
+                raise ConversationNotFound("conversation not found")
+            if conversation is not None and not _can_access(principal, conversation):
+                # Someone else's conversation is indistinguishable from a missing one.
+                raise ConversationNotFound("conversation not found")
+        if conversation is None:
+            conversation = Conversation(
+                id=conversation_id or uuid.uuid4(),
+                owner=principal.owner,
+                api_key_id=principal.api_key_id,
+                title=message[:TITLE_CHARS],
+            )
+        elif conversation.status in (Conversation.Status.PENDING, Conversation.Status.RUNNING):
+            raise ConversationBusy("this conversation is already running; wait for it or cancel it")
+        conversation.exchanges += 1
+        conversation.status = Conversation.Status.PENDING
+        conversation.num_agents = num_agents
+        conversation.turns_requested = turns
+        conversation.turns_completed = 0
+        conversation.consensus_result = ""
+        conversation.confidence = None
+        conversation.error = ""
+        conversation.cancel_requested = False
+        conversation.started_at = None
+        conversation.completed_at = None
+        conversation.duration = None
+        conversation.metadata = {**conversation.metadata, "strategy": strategy}
+        conversation.save()
+        Message.objects.create(
+            conversation=conversation,
+            exchange=conversation.exchanges,
+            role=Message.Role.USER,
+            turn=0,
+            content=message,
+        )
+    return conversation, conversation.exchanges
+
+
+async def conversation_start(
+    *,
+    principal: Principal,
+    message: str,
+    conversation_id: uuid.UUID | None = None,
+    num_agents: int | None = None,
+    turns: int | None = None,
+    strategy: str = "majority",
+    create_with_id: bool = False,
+) -> tuple[Conversation, int]:
+    """Create a conversation (or a new exchange of an existing one) ready to run.
+
+    `create_with_id` lets POST /stream/{id} create a conversation under a client-chosen id;
+    /chat only continues existing ids.
+    """
+    config = settings.CONFIG
+    return await sync_to_async(_start)(
+        principal=principal,
+        message=message,
+        conversation_id=conversation_id,
+        num_agents=num_agents or config.NUM_AGENTS,
+        turns=turns or config.DEFAULT_TURNS,
+        strategy=strategy,
+        create_with_id=create_with_id,
+    )
+
+
+async def conversation_cancel(*, conversation_id: uuid.UUID) -> None:
+    """Ask the run of a conversation to stop; the run notices within a couple of seconds."""
+    await Conversation.objects.filter(
+        pk=conversation_id, status__in=[Conversation.Status.PENDING, Conversation.Status.RUNNING]
+    ).aupdate(cancel_requested=True)
+
+
+class RunRecorder:
+    """Stores what each orchestrator event means, then appends it to the event log."""
+
+    def __init__(self, conversation: Conversation, exchange: int, log: EventLog) -> None:
+        self.conversation = conversation
+        self.exchange = exchange
+        self.log = log
+        self.personality: dict[str, str] = {}  # agent_id -> personality, filled at start
+
+    async def __call__(self, type: str, **data: Any) -> dict[str, Any]:
+        handler = getattr(self, f"_on_{type}", None)
+        if handler is not None:
+            await handler(data)
+        return await self.log.emit(type, exchange=self.exchange, **data)
+
+    async def _on_agent_response(self, data: dict[str, Any]) -> None:
+        tokens = data.get("tokens") or {}
+        await self._store_message(
+            agent_id=data["agent_id"],
+            turn=data["turn"],
+            content=data["content"],
+            position=data.get("position") or "",
+            confidence=data.get("confidence"),
+            status=Message.Status.ABSTAINED if data.get("abstained") else Message.Status.OK,
+            provider=data.get("provider", ""),
+            model=data.get("model", ""),
+            temperature=data.get("temperature"),
+            personality=data.get("personality", ""),
+            simulated=bool(data.get("simulated")),
+            latency_ms=data.get("latency_ms"),
+            prompt_tokens=tokens.get("prompt", 0),
+            completion_tokens=tokens.get("completion", 0),
+        )
+
+    async def _on_agent_error(self, data: dict[str, Any]) -> None:
+        await self._store_message(
+            agent_id=data["agent_id"],
+            turn=data["turn"],
+            status=Message.Status.FAILED,
+            error=f"{data.get('kind', 'unknown')}: {data.get('error', '')}"[:2000],
+            provider=data.get("provider", ""),
+            model=data.get("model", ""),
+            personality=self.personality.get(data["agent_id"], ""),
+        )
+
+    async def _store_message(self, **fields: Any) -> None:
+        try:
+            await Message.objects.acreate(
+                conversation_id=self.conversation.pk, exchange=self.exchange, role=Message.Role.AGENT, **fields
+            )
+        except IntegrityError:
+            # Already stored by an earlier attempt of this run: the unique constraint keeps one.
+            logger.info("message already stored", extra={"conversation": str(self.conversation.pk), **fields})
+
+    async def _on_turn_completed(self, data: dict[str, Any]) -> None:
+        await Conversation.objects.filter(pk=self.conversation.pk).aupdate(
+            turns_completed=data["turn"], heartbeat_at=timezone.now()
+        )
+
+    async def _on_vote(self, data: dict[str, Any]) -> None:
+        await Vote.objects.aupdate_or_create(
+            conversation_id=self.conversation.pk,
+            exchange=self.exchange,
+            voter=data["voter"],
+            defaults={
+                "choice": data.get("choice") or "",
+                "confidence": data.get("confidence"),
+                "reason": (data.get("reason") or "")[:2000],
+            },
+        )
+
+
+def _load_prior(conversation: Conversation, exchange: int) -> tuple[str, dict[int, dict[str, AgentResult]], list]:
+    question = ""
+    prior: dict[int, dict[str, AgentResult]] = {}
+    for message in Message.objects.filter(conversation=conversation, exchange=exchange).order_by("turn", "id"):
+        if message.role == Message.Role.USER:
+            question = message.content
+            continue
+        ok = message.status != Message.Status.FAILED
+        prior.setdefault(message.turn, {})[message.agent_id] = AgentResult(
+            agent_id=message.agent_id,
+            turn=message.turn,
+            ok=ok,
+            text=message.content,
+            proposal=parse_reply(message.agent_id, message.content) if ok else None,
+            model=message.model,
+            provider=message.provider,
+            temperature=message.temperature or 0.0,
+            latency_ms=message.latency_ms or 0.0,
+            usage=Usage(message.prompt_tokens, message.completion_tokens),
+            simulated=message.simulated,
+            error=message.error,
+            error_kind=message.error.split(":", 1)[0] if message.error else "",
+        )
+    questions = dict(
+        Message.objects.filter(conversation=conversation, role=Message.Role.USER, exchange__lt=exchange).values_list(
+            "exchange", "content"
+        )
+    )
+    answers = dict(
+        ConsensusResult.objects.filter(conversation=conversation, exchange__lt=exchange).values_list(
+            "exchange", "answer"
+        )
+    )
+    history = [(questions[n], answers.get(n, "")) for n in sorted(questions)]
+    return question, prior, history
+
+
+async def _watchdog(conversation_id: uuid.UUID, run: asyncio.Task[RunOutcome]) -> None:
+    """Beat the heartbeat and cancel the run when someone asked for it."""
+    while not run.done():
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+        await Conversation.objects.filter(pk=conversation_id).aupdate(heartbeat_at=timezone.now())
+        flag = await Conversation.objects.filter(pk=conversation_id).values_list("cancel_requested", flat=True).afirst()
+        if flag:
+            run.cancel()
+            return
+
+
+async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conversation:
+    """Run (or resume) the panel for one exchange to a terminal state; idempotent when done."""
+    conversation = await Conversation.objects.aget(pk=conversation_id)
+    if exchange != conversation.exchanges:
+        raise ConversationError(f"exchange {exchange} is not the current one ({conversation.exchanges})")
+    if conversation.is_terminal:
+        return conversation
+    config = settings.CONFIG
+    question, prior, history = await sync_to_async(_load_prior)(conversation, exchange)
+    panel = build_panel(conversation.num_agents)
+    log = await EventLog.open(conversation.pk)
+    recorder = RunRecorder(conversation, exchange, log)
+    recorder.personality = {p.agent_id: p.personality for p in panel}
+    started = time.monotonic()
+    resumed = bool(prior)
+    now = timezone.now()
+    await Conversation.objects.filter(pk=conversation.pk).aupdate(
+        status=Conversation.Status.RUNNING,
+        started_at=conversation.started_at or now,
+        heartbeat_at=now,
+    )
+    await recorder(
+        "conversation_started",
+        question=question,
+        num_agents=len(panel),
+        turns=conversation.turns_requested,
+        agents=[p.describe() for p in panel],
+        resumed=resumed,
+    )
+    orchestrator = Orchestrator(
+        panel=panel,
+        question=question,
+        turns=conversation.turns_requested,
+        emit=recorder,
+        history=history,
+        strategy=conversation.metadata.get("strategy", "majority"),
+        deadline_seconds=config.CONVERSATION_DEADLINE,
+        max_output_tokens=config.MAX_OUTPUT_TOKENS,
+        prior=prior,
+    )
+    run = asyncio.ensure_future(orchestrator.run())
+    watchdog = asyncio.ensure_future(_watchdog(conversation.pk, run))
+    try:
+        outcome = await run
+    except asyncio.CancelledError:
+        if not run.cancelled():
+            raise  # we ourselves are being cancelled (shutdown): leave it resumable
+        return await _finish_cancelled(conversation.pk, exchange, recorder, time.monotonic() - started)
+    except Exception as exc:
+        logger.exception("conversation run crashed", extra={"conversation": str(conversation.pk)})
+        outcome = RunOutcome(status="failed", turns_completed=0, results=orchestrator.results, reason=repr(exc))
+    finally:
+        watchdog.cancel()
+    return await _finish(conversation.pk, exchange, recorder, outcome, time.monotonic() - started)
+
+
+async def _finish_cancelled(
+    conversation_id: uuid.UUID, exchange: int, recorder: RunRecorder, duration: float
+) -> Conversation:
+    await Conversation.objects.filter(pk=conversation_id).aupdate(
+        status=Conversation.Status.CANCELLED,
+        error="cancelled by request",
+        completed_at=timezone.now(),
+        duration=round(duration, 3),
+    )
+    CONVERSATIONS.labels("cancelled").inc()
+    await recorder("conversation_failed", status="cancelled", reason="cancelled by request", duration=round(duration, 3))
+    return await Conversation.objects.aget(pk=conversation_id)
+
+
+async def _finish(
+    conversation_id: uuid.UUID, exchange: int, recorder: RunRecorder, outcome: RunOutcome, duration: float
+) -> Conversation:
+    duration = round(duration, 3)
+    tokens = {
+        "prompt": outcome.usage.prompt_tokens,
+        "completion": outcome.usage.completion_tokens,
+        "total": outcome.usage.total_tokens,
+    }
+    conversation = await Conversation.objects.aget(pk=conversation_id)
+    if outcome.decision is not None:
+        decision = outcome.decision
+        details = decision.to_dict()
+        await ConsensusResult.objects.aupdate_or_create(
+            conversation_id=conversation_id,
+            exchange=exchange,
+            defaults={
+                "method": decision.method,
+                "reached": decision.reached,
+                "winner": decision.winner or "",
+                "answer": outcome.answer if decision.reached else "",
+                "confidence": decision.confidence,
+                "tie_break": decision.tie_break or "",
+                "tallies": decision.tallies,
+                "dissent": details.get("dissent", []),
+                "details": {
+                    **details,
+                    "position": decision.winner_position,
+                    "options": outcome.options,
+                    "leading_answer": outcome.answer,
+                },
+            },
+        )
+        await recorder(
+            "consensus_reached",
+            consensus=outcome.answer if decision.reached else None,
+            position=decision.winner_position,
+            reached=decision.reached,
+            confidence=round(decision.confidence, 4),
+            method=decision.method,
+            winner=decision.winner,
+            tallies=decision.tallies,
+            tie_break=decision.tie_break,
+            dissent=details.get("dissent", []),
+        )
+    status = outcome.status
+    conversation.status = status
+    conversation.turns_completed = outcome.turns_completed
+    conversation.consensus_result = outcome.answer if status == "completed" else ""
+    conversation.confidence = outcome.decision.confidence if outcome.decision else None
+    conversation.error = outcome.reason
+    conversation.duration = duration
+    conversation.completed_at = timezone.now()
+    conversation.prompt_tokens += outcome.usage.prompt_tokens
+    conversation.completion_tokens += outcome.usage.completion_tokens
+    conversation.metadata = {
+        **conversation.metadata,
+        "early_stop": outcome.early_stop,
+        "vote_round": outcome.vote_round,
+        "tokens": tokens,
+        **({"retry_after": outcome.retry_after} if outcome.retry_after else {}),
+    }
+    await conversation.asave()
+    CONVERSATIONS.labels(status).inc()
+    if status == "failed":
+        await recorder(
+            "conversation_failed",
+            status=status,
+            reason=outcome.reason,
+            retry_after=outcome.retry_after,
+            duration=duration,
+            turns_completed=outcome.turns_completed,
+        )
+    else:
+        await recorder(
+            "conversation_completed",
+            status=status,
+            duration=duration,
+            turns_completed=outcome.turns_completed,
+            early_stop=outcome.early_stop,
+            tokens=tokens,
+            confidence=conversation.confidence,
+        )
+    return conversation
+
+
+def _chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
+    messages = list(
+        Message.objects.filter(conversation=conversation, exchange=exchange, role=Message.Role.AGENT).order_by(
+            "turn", "agent_id"
+        )
+    )
+    final: dict[str, Message] = {}
+    for message in messages:
+        if message.status != Message.Status.FAILED:
+            final[message.agent_id] = message  # the latest turn wins
+    result = ConsensusResult.objects.filter(conversation=conversation, exchange=exchange).first()
+    votes = list(Vote.objects.filter(conversation=conversation, exchange=exchange).order_by("voter"))
+    positions = (result.details.get("options") or {}) if result else {}
+
+    def agent(message: Message) -> dict[str, Any]:
+        return {
+            "agent_id": message.agent_id,
+            "response": message.content,
+            "model": message.model,
+            "temperature": message.temperature,
+            "provider": message.provider,
+            "personality": message.personality,
+            "turn": message.turn,
+            "position": message.position or None,
+            "confidence": message.confidence,
+            "abstained": message.status == Message.Status.ABSTAINED,
+            "latency_ms": message.latency_ms,
+            "tokens": {
+                "prompt": message.prompt_tokens,
+                "completion": message.completion_tokens,
+                "total": message.prompt_tokens + message.completion_tokens,
+            },
+            "simulated": message.simulated,
+        }
+
+    tokens = conversation.metadata.get("tokens") or {"prompt": 0, "completion": 0, "total": 0}
+    return {
+        "conversation_id": str(conversation.pk),
+        "exchange": exchange,
+        "agent_responses": [agent(m) for _, m in sorted(final.items())],
+        "consensus_result": conversation.consensus_result or None,
+        "confidence": conversation.confidence,
+        "consensus": (
+            {
+                "reached": result.reached,
+                "method": result.method,
+                "winner": result.winner or None,
+                "position": result.details.get("position", ""),
+                "confidence": result.confidence,
+                "tallies": result.tallies,
+                "tie_break": result.tie_break or None,
+                "dissent": result.dissent,
+            }
+            if result
+            else None
+        ),
+        "votes": [
+            {
+                "voter": v.voter,
+                "choice": v.choice or None,
+                "position": positions.get(v.choice, None) if isinstance(positions, dict) else None,
+                "confidence": v.confidence,
+                "reason": v.reason,
+            }
+            for v in votes
+        ],
+        "failed_agents": [
+            {"agent_id": m.agent_id, "turn": m.turn, "error": m.error, "model": m.model}
+            for m in messages
+            if m.status == Message.Status.FAILED
+        ],
+        "transcript": [agent(m) for m in messages if m.status != Message.Status.FAILED],
+        "usage": tokens,
+        "metadata": {
+            "status": conversation.status,
+            "duration": conversation.duration,
+            "turns_completed": conversation.turns_completed,
+            "turns_requested": conversation.turns_requested,
+            "num_agents": conversation.num_agents,
+            "early_stop": bool(conversation.metadata.get("early_stop")),
+            "strategy": conversation.metadata.get("strategy", "majority"),
+            "simulated": any(m.simulated for m in messages),
+            "error": conversation.error or None,
+        },
+    }
+
+
+async def serialize_chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
+    """The /chat response body: the brief's fields plus confidence, votes and usage."""
+    return await sync_to_async(_chat_result)(conversation, exchange)
+
