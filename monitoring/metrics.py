@@ -26,4 +26,7 @@ BREAKER_STATE = Gauge(
 )
 OPEN_WEBSOCKETS = Gauge("polyagents_open_websockets", "WebSocket connections open in this process")
 RATE_LIMIT_REJECTIONS = Counter("polyagents_rate_limit_rejections_total", "Requests refused with 429", ["scope"])
+RATE_LIMIT_BACKEND_ERRORS = Counter(
+    "polyagents_rate_limit_backend_errors_total", "Rate-limit checks that failed open (Redis down)", ["scope"]
+)
 CONVERSATIONS = Counter("polyagents_conversations_total", "Conversations finished, by status", ["status"])
