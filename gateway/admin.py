@@ -1,0 +1,153 @@
+"""Django admin for API keys (shown once on creation), security events and blocked IPs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from gateway.keys import PERMISSIONS, PREFIX_LENGTH, key_revoke, key_rotate
+from gateway.models import ApiKey, BlockedIP, SecurityEvent, generate_key, hash_key
+from gateway.net import client_ip
+from gateway.security import log_security_event
+from gateway.serializers import key_status
+
+
+class ApiKeyForm(forms.ModelForm):
+    """Name, permissions as checkboxes, rate-limit override and expiry; never the hash."""
+
+    permissions = forms.MultipleChoiceField(
+        choices=[(p, p) for p in PERMISSIONS], widget=forms.CheckboxSelectMultiple,
+        help_text="admin implies read and write.",
+    )
+
+    class Meta:
+        model = ApiKey
+        fields = ("name", "permissions", "rate_limit_override", "expires_at")
+
+    def clean_permissions(self) -> list[str]:
+        chosen = set(self.cleaned_data["permissions"])
+        return [p for p in PERMISSIONS if p in chosen]
+
+
+def _show_key_once(request: HttpRequest, raw: str, what: str) -> None:
+    messages.warning(
+        request,
+        f"{what}: {raw} — copy it now, it is shown only once (only its hash is stored). "
+        f"Use it as: Authorization: Bearer {raw}",
+    )
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyForm
+    list_display = ("name", "prefix", "permission_list", "source", "created_at", "last_used_at",
+                    "expires_at", "revoked_at", "status")
+    list_filter = ("source", "revoked_at", "created_at")
+    search_fields = ("name", "prefix")
+    readonly_fields = ("prefix", "source", "created_at", "last_used_at", "revoked_at", "replaced_by")
+    actions = ("revoke_keys", "rotate_keys")
+    ordering = ("-created_at",)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        return () if obj is None else self.readonly_fields
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:  # type: ignore[override]
+        base = ["name", "permissions", "rate_limit_override", "expires_at"]
+        return base if obj is None else base + list(self.readonly_fields)
+
+    @admin.display(description="permissions")
+    def permission_list(self, obj: ApiKey) -> str:
+        return ", ".join(obj.permissions)
+
+    @admin.display(description="status")
+    def status(self, obj: ApiKey) -> str:
+        return key_status(obj)
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        raw = generate_key()
+        obj.prefix, obj.key_hash = raw[:PREFIX_LENGTH], hash_key(raw)
+        super().save_model(request, obj, form, change)
+        log_security_event("key_created", ip=client_ip(request), path=request.path, api_key=obj,
+                           by=f"admin:{request.user.get_username()}")
+        _show_key_once(request, raw, f"New API key {obj.name!r}")
+
+    @admin.action(description="Revoke selected keys")
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        count = 0
+        for key in queryset.filter(revoked_at__isnull=True):
+            key_revoke(key=key)
+            log_security_event("key_revoked", ip=client_ip(request), path=request.path, api_key=key,
+                               by=f"admin:{request.user.get_username()}")
+            count += 1
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+    @admin.action(description="Rotate selected keys (old keys keep working for the grace period)")
+    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset:
+            if key.revoked_at is not None:
+                self.message_user(request, f"{key} is revoked and was not rotated.", messages.ERROR)
+                continue
+            issued = key_rotate(key=key)
+            log_security_event("key_rotated", ip=client_ip(request), path=request.path, api_key=key,
+                               new_key=issued.key.pk, by=f"admin:{request.user.get_username()}")
+            until = f"{key.expires_at:%Y-%m-%d %H:%M:%S} UTC" if key.expires_at else "-"
+            _show_key_once(request, issued.raw, f"Replacement for {key.name!r} (old key valid until {until})")
+
+
+@admin.register(SecurityEvent)
+class SecurityEventAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "kind", "ip", "path", "api_key")
+    list_filter = ("kind", "created_at")
+    search_fields = ("ip", "path")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    list_select_related = ("api_key",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: SecurityEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: SecurityEvent | None = None) -> bool:
+        return False
+
+
+def _log_unblock(request: HttpRequest, block: BlockedIP) -> None:
+    log_security_event("ip_unblocked", ip=block.ip, path=request.path, reason=block.reason,
+                       by=f"admin:{request.user.get_username()}")
+
+
+@admin.register(BlockedIP)
+class BlockedIPAdmin(admin.ModelAdmin):
+    list_display = ("ip", "reason", "created_at", "expires_at", "active")
+    search_fields = ("ip", "reason")
+    list_filter = ("created_at",)
+    ordering = ("-created_at",)
+    actions = ("lift_blocks",)
+
+    @admin.display(boolean=True, description="active")
+    def active(self, obj: BlockedIP) -> bool:
+        return obj.is_active()
+
+    @admin.action(description="Lift selected blocks")
+    def lift_blocks(self, request: HttpRequest, queryset: QuerySet[BlockedIP]) -> None:
+        blocks = list(queryset)
+        self.delete_queryset(request, queryset)
+        self.message_user(request, f"Lifted {len(blocks)} block(s).", messages.SUCCESS)
+
+    def delete_model(self, request: HttpRequest, obj: BlockedIP) -> None:
+        _log_unblock(request, obj)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[BlockedIP]) -> None:
+        for block in queryset:
+            _log_unblock(request, block)
+        super().delete_queryset(request, queryset)

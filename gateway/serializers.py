@@ -1,0 +1,93 @@
+"""Request and response shapes of the auth and key-management endpoints."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.utils import timezone
+from rest_framework import serializers
+
+from gateway.keys import PERMISSIONS
+from gateway.models import ApiKey
+from gateway.validation import SafeCharField
+
+
+class TokenRequestSerializer(serializers.Serializer):
+    """Either `api_key`, or `username` and `password`."""
+
+    api_key = SafeCharField(max_length=200, required=False)
+    username = SafeCharField(max_length=150, required=False)
+    password = serializers.CharField(max_length=256, required=False, trim_whitespace=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        has_key = "api_key" in attrs
+        has_user = "username" in attrs or "password" in attrs
+        if has_key and has_user:
+            raise serializers.ValidationError("Send either api_key, or username and password, not both.")
+        if not has_key and not has_user:
+            raise serializers.ValidationError("Send api_key, or username and password.")
+        if has_user:
+            missing = [f for f in ("username", "password") if not attrs.get(f)]
+            if missing:
+                raise serializers.ValidationError({f: ["This field is required."] for f in missing})
+        return attrs
+
+
+class RefreshSerializer(serializers.Serializer):
+    """A refresh token to rotate or revoke."""
+
+    refresh = SafeCharField(max_length=4096)
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    """A key as listed: never its secret or hash."""
+
+    status = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ApiKey
+        fields = (
+            "id", "name", "prefix", "permissions", "rate_limit_override", "source", "created_at",
+            "expires_at", "revoked_at", "last_used_at", "replaced_by", "status",
+        )
+        read_only_fields = fields
+
+    def get_status(self, key: ApiKey) -> str:
+        return key_status(key)
+
+
+def key_status(key: ApiKey) -> str:
+    """active, revoked, expired, or rotating (replaced, still in its grace period)."""
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= timezone.now():
+        return "expired"
+    if key.replaced_by_id is not None:
+        return "rotating"
+    return "active"
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    """A new key: name, permissions, optional rate-limit override and lifetime."""
+
+    name = SafeCharField(max_length=100)
+    permissions = serializers.ListField(
+        child=serializers.ChoiceField(choices=PERMISSIONS), min_length=1, max_length=len(PERMISSIONS)
+    )
+    rate_limit_override = serializers.IntegerField(min_value=1, max_value=10_000_000, required=False,
+                                                   allow_null=True)
+    expires_in_days = serializers.IntegerField(min_value=1, max_value=3650, required=False, allow_null=True)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        days = attrs.pop("expires_in_days", None)
+        attrs["expires_at"] = timezone.now() + timedelta(days=days) if days else None
+        return attrs
+
+
+class RotateSerializer(serializers.Serializer):
+    """Optional grace period (seconds) for the key being replaced."""
+
+    grace_seconds = serializers.IntegerField(
+        min_value=0, max_value=90 * 86400, required=False, allow_null=True
+    )

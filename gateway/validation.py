@@ -1,0 +1,59 @@
+"""Reusable input checks: safe text fields and UUID checks for every serializer and view."""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from typing import Any
+
+from rest_framework import serializers
+
+ALLOWED_CONTROL = frozenset("\n\r\t")
+
+
+def control_characters(text: str) -> list[str]:
+    """Control characters in `text` other than newline, carriage return and tab, as U+XXXX."""
+    found = {c for c in text if c not in ALLOWED_CONTROL and unicodedata.category(c) == "Cc"}
+    return sorted(f"U+{ord(c):04X}" for c in found)
+
+
+class SafeCharField(serializers.CharField):
+    """A CharField that strips, enforces a mandatory max_length and refuses control characters."""
+
+    default_error_messages = {
+        "control_characters": "Control characters are not allowed (found {chars}).",
+    }
+
+    def __init__(self, *, max_length: int, **kwargs: Any) -> None:
+        if max_length is None or max_length <= 0:
+            raise ValueError("SafeCharField needs a positive max_length")
+        kwargs.setdefault("trim_whitespace", True)
+        super().__init__(max_length=max_length, **kwargs)
+
+    def to_internal_value(self, data: Any) -> str:
+        # Refuse lists, dicts and booleans instead of coercing them to text.
+        if isinstance(data, bool) or not isinstance(data, str | int | float):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        bad = control_characters(value)
+        if bad:
+            self.fail("control_characters", chars=", ".join(bad))
+        return value
+
+
+class UUIDPathField(serializers.UUIDField):
+    """A UUID in canonical hex-with-hyphens form."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("format", "hex_verbose")
+        super().__init__(**kwargs)
+
+
+def parse_uuid(value: object, *, field: str = "id") -> uuid.UUID:
+    """The UUID in `value`, or a ValidationError naming `field`."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except (TypeError, ValueError):
+        raise serializers.ValidationError({field: [f"{str(value)[:64]!r} is not a valid UUID."]}) from None
