@@ -17,6 +17,7 @@ logger = logging.getLogger("polyagents.auth")
 # A compact JWS: three base64url parts, the header starting with '{"' encoded ("eyJ").
 JWT_SHAPE = re.compile(r"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 MAX_TOKEN_LENGTH = 4096
+AUTH_REALM = 'Bearer realm="polyagents"'
 
 ANONYMOUS = Principal(kind="anonymous", permissions=frozenset({"read", "write"}), name="anonymous")
 
@@ -33,9 +34,9 @@ class AuthError(Exception):
     def www_authenticate(self) -> str:
         """The WWW-Authenticate header value (RFC 6750) for this failure."""
         if self.code == "not_authenticated":
-            return 'Bearer realm="polyagents"'
+            return AUTH_REALM
         error = "invalid_request" if self.code == "invalid_request" else "invalid_token"
-        return f'Bearer realm="polyagents", error="{error}"'
+        return f'{AUTH_REALM}, error="{error}"'
 
 
 class _KeyedAuthError(AuthError):

@@ -7,8 +7,14 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
-from gateway.auth import ANONYMOUS, AuthError, authenticate_bearer, parse_authorization, report_auth_failure
-from gateway.errors import AUTH_REALM
+from gateway.auth import (
+    ANONYMOUS,
+    AUTH_REALM,
+    AuthError,
+    authenticate_bearer,
+    parse_authorization,
+    report_auth_failure,
+)
 from gateway.net import client_ip
 from gateway.principal import Principal
 

@@ -9,11 +9,8 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
-from rest_framework.views import set_rollback
 
 logger = logging.getLogger("polyagents.errors")
-
-AUTH_REALM = 'Bearer realm="polyagents"'
 
 
 def error_body(code: str, detail: str, errors: dict[str, list[str]] | None = None) -> dict[str, Any]:
@@ -58,6 +55,9 @@ def _code_of(exc: exceptions.APIException) -> str:
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     """DRF EXCEPTION_HANDLER: every error, expected or not, becomes the JSON error shape."""
+    # Imported here: rest_framework.views loads the authentication classes, which load this module.
+    from rest_framework.views import set_rollback
+
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):

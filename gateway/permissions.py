@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
-from rest_framework.views import APIView
 
 from gateway.auth import report_auth_failure
 from gateway.net import client_ip
 from gateway.principal import Principal
+
+if TYPE_CHECKING:  # rest_framework.views imports this module while it loads
+    from rest_framework.views import APIView
 
 
 class _Needs(BasePermission):
