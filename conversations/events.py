@@ -1,22 +1,38 @@
 """The event log of a conversation: store first, then publish.
 
-Every event gets the next `seq` of its conversation, is written as an `Event` row, and
-only then is pushed to the conversation's Channels group. One `EventLog` instance
-belongs to the single run that drives a conversation, so `seq` is assigned in order
-without a database round trip.
+Every event gets the next `seq` of its conversation and is written as an `Event` row;
+only then is it appended to the conversation's Redis Stream (when REDIS_URL is set) and
+pushed to the conversation's Channels group. One `EventLog` instance belongs to the
+single run that drives a conversation, so `seq` is assigned in order without a
+database round trip. Redis is an accelerator and a fan-out path, never the source of
+truth: if it is down the event is still stored and replay serves it from the database.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import time
 import uuid
+import weakref
 from typing import Any
 
+import redis.asyncio as aioredis
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db.models import Max
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from conversations.models import Conversation, Event
+
+logger = logging.getLogger("polyagents.events")
+
+# One asyncio Redis client per event loop (a client is bound to the loop that made it).
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, aioredis.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def group_name(conversation_id: uuid.UUID | str) -> str:
@@ -26,6 +42,61 @@ def group_name(conversation_id: uuid.UUID | str) -> str:
 def stream_key(conversation_id: uuid.UUID | str) -> str:
     """The Redis Stream holding a conversation's events (REDIS_URL deployments)."""
     return f"{settings.REDIS_KEY_PREFIX}:stream:{conversation_id}"
+
+
+def redis_client() -> aioredis.Redis | None:
+    """The Redis client of the running event loop, or None without REDIS_URL."""
+    if not settings.REDIS_URL:
+        return None
+    loop = asyncio.get_running_loop()
+    cached = _clients.get(loop)
+    if cached is not None and cached[0] == settings.REDIS_URL:
+        return cached[1]
+    client = aioredis.Redis.from_url(
+        settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+    )
+    _clients[loop] = (settings.REDIS_URL, client)
+    return client
+
+
+async def _append_to_stream(event: dict[str, Any]) -> None:
+    """XADD the event under id `<seq>-0`, trimmed to STREAM_MAXLEN and expiring after STREAM_TTL."""
+    client = redis_client()
+    if client is None:
+        return
+    key = stream_key(event["conversation_id"])
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xadd(
+                key,
+                {"e": json.dumps(event, separators=(",", ":"))},
+                id=f"{event['seq']}-0",
+                maxlen=settings.CONFIG.STREAM_MAXLEN,
+                approximate=True,
+            )
+            pipe.expire(key, settings.CONFIG.STREAM_TTL)
+            await pipe.execute()
+    except (RedisError, OSError) as exc:
+        logger.warning(
+            "event not appended to the Redis Stream; replay will serve it from the database",
+            extra={"conversation_id": event["conversation_id"], "seq": event["seq"], "error": str(exc)},
+        )
+
+
+async def _publish(event: dict[str, Any]) -> None:
+    """Push the event to the live WebSocket followers of its conversation."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        await layer.group_send(
+            group_name(event["conversation_id"]), {"type": "conversation.event", "event": event}
+        )
+    except (RedisError, OSError) as exc:
+        logger.warning(
+            "event not published live; clients will get it by replay",
+            extra={"conversation_id": event["conversation_id"], "seq": event["seq"], "error": str(exc)},
+        )
 
 
 class EventLog:
@@ -40,6 +111,7 @@ class EventLog:
         return cls(conversation_id, result["m"] or 0)
 
     async def emit(self, type: str, **data: Any) -> dict[str, Any]:
+        """Store the event, then append it to the Redis Stream, then send it to the group."""
         self.last_seq += 1
         now = timezone.now()
         event = {
@@ -49,13 +121,50 @@ class EventLog:
             "timestamp": now.isoformat().replace("+00:00", "Z"),
             **data,
         }
+        # Epoch seconds at emit time: lets clients (and bench/stream.py) measure delivery latency.
+        event.setdefault("emitted_at", time.time())
         await Event.objects.acreate(
             conversation_id=self.conversation_id, seq=self.last_seq, type=type, data=event, created_at=now
         )
         await Conversation.objects.filter(pk=self.conversation_id).aupdate(last_seq=self.last_seq)
-        layer = get_channel_layer()
-        if layer is not None:
-            await layer.group_send(
-                group_name(self.conversation_id), {"type": "conversation.event", "event": event}
-            )
+        await _append_to_stream(event)
+        await _publish(event)
         return event
+
+
+async def _read_stream(conversation_id: uuid.UUID | str, after: int) -> list[dict[str, Any]] | None:
+    """Events with seq > after from the Redis Stream, or None when the stream cannot be trusted."""
+    client = redis_client()
+    if client is None:
+        return None
+    try:
+        entries = await client.xrange(stream_key(conversation_id), min=f"{after + 1}-0", max="+")
+    except (RedisError, OSError) as exc:
+        logger.warning("Redis Stream unreadable; replaying from the database", extra={"error": str(exc)})
+        return None
+    events = [json.loads(fields[b"e"]) for _id, fields in entries or [] if fields]
+    # Complete only if it starts right after `after` with no gap (trimmed, expired or missed writes).
+    expected = after + 1
+    for event in events:
+        if event["seq"] != expected:
+            return None
+        expected += 1
+    return events
+
+
+async def _read_database(conversation_id: uuid.UUID | str, after: int) -> list[dict[str, Any]]:
+    rows = Event.objects.filter(conversation_id=conversation_id, seq__gt=after).order_by("seq")
+    return [row.data async for row in rows.only("data")]
+
+
+async def read_events(conversation_id: uuid.UUID | str, after: int = 0) -> list[dict[str, Any]]:
+    """Every stored event of a conversation with seq > after, in order.
+
+    Served from the Redis Stream when it holds a gap-free run from `after`; whatever the
+    stream lacks at the tail (written while Redis was away) is read from the database.
+    """
+    events = await _read_stream(conversation_id, after)
+    if not events:
+        return await _read_database(conversation_id, after)
+    tail = await _read_database(conversation_id, events[-1]["seq"])
+    return events + tail

@@ -105,6 +105,20 @@ USING_POSTGRES = DATABASES["default"]["ENGINE"].endswith("postgresql")
 REDIS_URL = CONFIG.REDIS_URL
 REDIS_KEY_PREFIX = CONFIG.REDIS_KEY_PREFIX
 if REDIS_URL:
+# --- Background jobs: procrastinate on PostgreSQL (`manage.py procrastinate worker`, any number of
+# workers); with SQLite conversations run as in-process asyncio tasks (conversations/jobs.py).
+if USING_POSTGRES:
+    INSTALLED_APPS.append("procrastinate.contrib.django")
+PROCRASTINATE_AUTODISCOVER_MODULE_NAME = "tasks"
+PROCRASTINATE_WORKER_DEFAULTS = {
+    "concurrency": int(os.environ.get("WORKER_CONCURRENCY", "10")),
+    "delete_jobs": "successful",
+    "update_heartbeat_interval": 5.0,
+    "stalled_worker_timeout": 30.0,
+}
+# A "running" conversation whose heartbeat is older than this is re-enqueued or failed.
+CONVERSATION_STALE_SECONDS = int(os.environ.get("CONVERSATION_STALE_SECONDS", "90"))
+
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",

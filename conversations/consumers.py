@@ -1,0 +1,216 @@
+"""WS /ws/{conversation_id}: replay a conversation's event log, then follow it live.
+
+The consumer joins the conversation's group first, replays the stored events after
+`?after=N`, then forwards live events, dropping any whose `seq` it already sent and
+filling any gap (the channel layer is lossy) from the stored log. The client sees every
+event exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+
+from conversations.events import group_name, read_events
+from conversations.models import Conversation
+from gateway.principal import Principal
+from monitoring.metrics import OPEN_WEBSOCKETS
+
+logger = logging.getLogger("polyagents.ws")
+
+CLOSE_BAD_CREDENTIALS = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """No Origin (non-browser client), an allowed CORS origin, or the server's own host."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return True
+    if origin in settings.CORS_ALLOWED_ORIGINS:
+        return True
+    host = _header(scope, b"host")
+    return bool(host) and urlsplit(origin).netloc.lower() == str(host).lower()
+
+
+def token_from_scope(scope: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The bearer token and the subprotocol to echo: `?token=`, "bearer.<t>" or ["bearer", "<t>"]."""
+    protocols = [p.strip() for p in scope.get("subprotocols") or []]
+    for index, proto in enumerate(protocols):
+        if proto.lower().startswith("bearer.") and len(proto) > len("bearer."):
+            return proto[len("bearer.") :], proto
+        if proto.lower() == "bearer" and index + 1 < len(protocols):
+            return protocols[index + 1], proto
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    tokens = query.get("token")
+    # Echo a subprotocol the client offered, or browsers fail the handshake.
+    return (tokens[0] if tokens else None), (protocols[0] if protocols else None)
+
+
+def _after_param(scope: dict[str, Any]) -> int:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    try:
+        return max(0, int(query.get("after", ["0"])[0]))
+    except ValueError:
+        return 0
+
+
+async def authenticate(token: str | None, ip: str | None, path: str) -> Principal | None:
+    """The principal for a token, or None (failures are recorded by the gateway)."""
+    from gateway.auth import ANONYMOUS, AuthError, aauthenticate_bearer
+
+    if not token:
+        # API_KEY_ENABLED=false lets tokenless clients in, as on the HTTP side.
+        return None if settings.CONFIG.API_KEY_ENABLED else ANONYMOUS
+    try:
+        return await aauthenticate_bearer(token, ip=ip, path=path)
+    except AuthError:
+        return None
+
+
+class ConversationConsumer(AsyncJsonWebsocketConsumer):
+    """One WebSocket follower of one conversation."""
+
+    conversation_id: uuid.UUID
+    principal: Principal | None = None
+    last_sent = 0
+    joined = False
+    counted = False
+
+    async def connect(self) -> None:
+        from gateway.blocking import ais_blocked
+        from gateway.net import client_ip
+
+        ip = client_ip(self.scope)
+        path = self.scope.get("path", "")
+        if ip and await ais_blocked(ip):
+            await self.close(code=CLOSE_FORBIDDEN)  # refused at the handshake
+            return
+        if not origin_allowed(self.scope):
+            await _log_security("ws_origin_refused", ip=ip, path=path, origin=_header(self.scope, b"origin"))
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        token, subprotocol = token_from_scope(self.scope)
+        # Accept first so browsers see the close code (a refused handshake shows only 1006).
+        await self.accept(subprotocol=subprotocol)
+        OPEN_WEBSOCKETS.inc()
+        self.counted = True
+        principal = await authenticate(token, ip, path)
+        if principal is None:
+            await self.close(code=CLOSE_BAD_CREDENTIALS)
+            return
+        if not principal.has("read"):
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        try:
+            self.conversation_id = uuid.UUID(str(self.scope["url_route"]["kwargs"]["conversation_id"]))
+        except ValueError:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        owner = (
+            await Conversation.objects.filter(pk=self.conversation_id)
+            .values_list("owner", flat=True)
+            .afirst()
+        )
+        if owner is None:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        if not principal.is_admin and owner != principal.owner:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.principal = principal
+        # Join the group BEFORE replaying, so nothing emitted in between is missed.
+        await self.channel_layer.group_add(group_name(self.conversation_id), self.channel_name)
+        self.joined = True
+        await self.replay(_after_param(self.scope))
+
+    async def disconnect(self, code: int) -> None:
+        if self.joined:
+            await self.channel_layer.group_discard(group_name(self.conversation_id), self.channel_name)
+            self.joined = False
+        if self.counted:
+            OPEN_WEBSOCKETS.dec()
+            self.counted = False
+
+    async def replay(self, after: int) -> None:
+        """Send every stored event with seq > after (and > what was already sent unless resuming)."""
+        self.last_sent = after
+        for event in await read_events(self.conversation_id, after):
+            await self._send_event(event)
+
+    async def _send_event(self, event: dict[str, Any]) -> None:
+        if event["seq"] <= self.last_sent:
+            return
+        self.last_sent = event["seq"]
+        await self.send_json(event)
+
+    async def conversation_event(self, message: dict[str, Any]) -> None:
+        """A live event from the group: drop duplicates, fill gaps from the stored log."""
+        event = message["event"]
+        seq = int(event["seq"])
+        if seq <= self.last_sent:
+            return
+        if seq > self.last_sent + 1:
+            for missed in await read_events(self.conversation_id, self.last_sent):
+                if missed["seq"] >= seq:
+                    break
+                await self._send_event(missed)
+        await self._send_event(event)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if self.principal is None:
+            return
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "ping":
+            await self.send_json({"type": "pong"})
+        elif kind == "resume":
+            after = content.get("after", 0)
+            if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+                await self.send_json(
+                    {"type": "error", "code": "invalid", "detail": "after: a non-negative int"}
+                )
+                return
+            await self.replay(after)
+        elif kind == "cancel":
+            if not self.principal.has("write"):
+                await self.send_json({"type": "error", "code": "forbidden", "detail": "cancel needs write"})
+                return
+            from conversations.services import conversation_cancel
+
+            await conversation_cancel(conversation_id=self.conversation_id)
+            await self.send_json({"type": "cancel_requested", "conversation_id": str(self.conversation_id)})
+        else:
+            await self.send_json(
+                {"type": "error", "code": "unknown_message", "detail": "expected ping, cancel or resume"}
+            )
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        try:
+            await super().receive(text_data=text_data, bytes_data=bytes_data, **kwargs)
+        except ValueError:
+            await self.send_json(
+                {"type": "error", "code": "invalid_json", "detail": "messages are JSON objects"}
+            )
+
+
+async def _log_security(kind: str, *, ip: str | None, path: str, **detail: Any) -> None:
+    from asgiref.sync import sync_to_async
+
+    from gateway.security import log_security_event
+
+    await sync_to_async(log_security_event)(kind, ip=ip, path=path, **detail)

@@ -1,0 +1,91 @@
+"""procrastinate tasks: run a conversation, and the periodic maintenance that keeps runs honest.
+
+Workers: `python manage.py procrastinate worker` (PostgreSQL deployments only).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import uuid
+from typing import Any
+
+import attr
+from django.conf import settings
+from procrastinate import JobContext, RetryDecision, RetryStrategy
+from procrastinate.contrib.django import app
+from procrastinate.jobs import Job
+
+logger = logging.getLogger("polyagents.tasks")
+
+RUN_MAX_ATTEMPTS = 4
+STALLED_JOB_SECONDS = 30.0
+
+
+@attr.dataclass(kw_only=True)
+class JitteredRetry(RetryStrategy):
+    """procrastinate's RetryStrategy (bounded by max_attempts) plus full jitter, capped at max_wait."""
+
+    max_wait: int = 60
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        decision = super().get_retry_decision(exception=exception, job=job)
+        if decision is None:
+            return None
+        ceiling = min(self.max_wait, self.wait + self.exponential_wait ** (job.attempts + 1))
+        return RetryDecision(retry_in={"seconds": random.randint(1, max(1, ceiling))})
+
+
+@app.task(
+    name="conversations.run_conversation",
+    retry=JitteredRetry(max_attempts=RUN_MAX_ATTEMPTS, wait=1, exponential_wait=2, max_wait=30),
+)
+async def run_conversation(conversation_id: str, exchange: int) -> None:
+    """Run (or resume after a crash) one exchange of a conversation."""
+    from conversations.services import conversation_run
+
+    await conversation_run(conversation_id=uuid.UUID(conversation_id), exchange=exchange)
+
+
+async def retry_stalled_jobs(seconds_since_heartbeat: float = STALLED_JOB_SECONDS) -> int:
+    """Put back in the queue the jobs of workers that stopped sending heartbeats (killed, lost)."""
+    stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat)
+    count = 0
+    for job in stalled:
+        try:
+            await app.job_manager.retry_job(job)
+        except Exception:  # e.g. a newer job already holds its queueing lock
+            logger.exception("stalled job not retried", extra={"job_id": job.id, "task": job.task_name})
+            continue
+        count += 1
+        logger.warning("stalled job retried", extra={"job_id": job.id, "task": job.task_name})
+    return count
+
+
+@app.periodic(cron="* * * * *")
+@app.task(name="conversations.sweep", queueing_lock="conversations.sweep", pass_context=True)
+async def sweep(context: JobContext, timestamp: int) -> dict[str, Any]:
+    """Every minute: retry stalled jobs, then re-enqueue or fail conversations with a dead heartbeat."""
+    from conversations.jobs import sweep_stale_conversations
+
+    retried = await retry_stalled_jobs()
+    report = await sweep_stale_conversations()
+    return {"stalled_jobs_retried": retried, "requeued": report.requeued, "failed": report.failed}
+
+
+@app.periodic(cron="17 3 * * *")
+@app.task(name="conversations.retention", queueing_lock="conversations.retention")
+async def retention(timestamp: int) -> Any:
+    """Daily: delete what is older than RETENTION_DAYS (conversations.retention, when installed)."""
+    try:
+        from conversations.retention import retention_apply  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        logger.info("conversations.retention is not installed; nothing to do")
+        return None
+    from asgiref.sync import sync_to_async
+
+    days = settings.CONFIG.RETENTION_DAYS
+    if inspect.iscoroutinefunction(retention_apply):
+        return await retention_apply(days=days)
+    return await sync_to_async(retention_apply)(days=days)
