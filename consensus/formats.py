@@ -94,20 +94,31 @@ def _clean(value: str) -> str:
     return _MARKUP.sub("", value).strip().strip("\"'“”‘’").strip()
 
 
-def _labelled(text: str, pattern: re.Pattern[str]) -> str | None:
-    """The value of the last line labelled by pattern (an empty value takes the next non-empty line)."""
+def _is_label_line(line: str) -> bool:
+    stripped = _LINE_PREFIX.sub("", line)
+    return any(p.match(stripped) for p in (_POSITION_LABEL, _CONFIDENCE_LABEL, _VOTE_LABEL, _REASON_LABEL))
+
+
+def _labelled_values(text: str, pattern: re.Pattern[str]) -> list[str]:
+    """The values of lines labelled by pattern; an empty value takes the next non-empty, unlabelled line."""
     lines = text.splitlines()
-    found: str | None = None
+    values = []
     for index, line in enumerate(lines):
         match = pattern.match(_LINE_PREFIX.sub("", line))
         if not match:
             continue
         value = _clean(match.group(1))
         if not value:
-            following = (raw.strip() for raw in lines[index + 1 :])
-            value = _clean(next((raw for raw in following if raw), ""))
-        found = value
-    return found
+            following = next((raw for raw in lines[index + 1 :] if raw.strip()), "")
+            value = "" if _is_label_line(following) else _clean(following)
+        values.append(value)
+    return values
+
+
+def _labelled(text: str, pattern: re.Pattern[str]) -> str | None:
+    """The value of the last line labelled by pattern, or None when there is none."""
+    values = _labelled_values(text, pattern)
+    return values[-1] if values else None
 
 
 def parse_confidence(value: str) -> float | None:
@@ -134,16 +145,16 @@ def parse_confidence(value: str) -> float | None:
 
 def _confidence_in(text: str) -> float | None:
     """The confidence of the last readable CONFIDENCE line, else of the last inline "confidence: x"."""
-    labelled: float | None = None
-    inline: float | None = None
-    for line in text.splitlines():
-        match = _CONFIDENCE_LABEL.match(_LINE_PREFIX.sub("", line))
-        parsed = parse_confidence(match.group(1)) if match else None
-        labelled = labelled if parsed is None else parsed
-        for anywhere in _CONFIDENCE_ANYWHERE.finditer(line):
-            parsed = parse_confidence(anywhere.group(1))
-            inline = inline if parsed is None else parsed
-    return inline if labelled is None else labelled
+    labelled = [c for c in map(parse_confidence, _labelled_values(text, _CONFIDENCE_LABEL)) if c is not None]
+    if labelled:
+        return labelled[-1]
+    inline = [
+        c
+        for line in text.splitlines()
+        for match in _CONFIDENCE_ANYWHERE.finditer(line)
+        if (c := parse_confidence(match.group(1))) is not None
+    ]
+    return inline[-1] if inline else None
 
 
 def parse_reply(agent_id: str, text: str) -> Proposal | None:

@@ -42,7 +42,10 @@ _LEADING_YES_NO = re.compile(r"^\W*([a-z]+)\s*(?:$|[,.;:!?\-–—(])")
 _LONE_LETTER = re.compile(r"^[\s\"'“‘]*[(\[]?\s*([a-z])\s*[)\]]?[.:!]?[\s\"'”’]*$")
 _OPTION = re.compile(r"^\W*(?:option|choice|proposal)\b\s*[(\[]?([a-z]|\d+)\b")
 _THOUSANDS = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,]*\d)")
-_TOKEN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:\s?%)?|\d+(?:\.\d+)?(?:\s?%)?|[^\W\d_]\w*[+#]*|\w+")
+_TOKEN = re.compile(
+    r"(?<![\w.])-?(?:\d+(?:\.\d+)?|\.\d+)(?:\s?%)?|\d+(?:\.\d+)?(?:\s?%)?|[^\W\d_]\w*[+#]*|\w+"
+)
+_NUMERIC = re.compile(r"-?\.?\d")
 
 _UNITS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
@@ -92,8 +95,7 @@ def _tokens(text: str) -> list[str]:
     text = _THOUSANDS.sub(lambda m: m.group(1).replace(",", ""), text)
     tokens = []
     for token in _TOKEN.findall(text):
-        numeric = token[-1:] == "%" or token.lstrip("-")[:1].isdigit()
-        tokens.append(canonical_number(token) if numeric else token)
+        tokens.append(canonical_number(token) if _NUMERIC.match(token) else token)
     return tokens
 
 
