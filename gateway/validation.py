@@ -31,8 +31,8 @@ class SafeCharField(serializers.CharField):
         super().__init__(max_length=max_length, **kwargs)
 
     def to_internal_value(self, data: Any) -> str:
-        # Refuse lists, dicts and booleans instead of coercing them to text.
-        if isinstance(data, bool) or not isinstance(data, str | int | float):
+        # Only strings: numbers, booleans, lists and objects are refused, not coerced to text.
+        if not isinstance(data, str):
             self.fail("invalid")
         value = super().to_internal_value(data)
         bad = control_characters(value)
