@@ -43,9 +43,13 @@ INSTALLED_APPS = [
     "conversations",
     "agents",
     "monitoring",
+    "health_check",
+    "health_check.cache",
+    "drf_spectacular_sidecar",
 ]
 
 MIDDLEWARE = [
+    "monitoring.middleware.MetricsMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "gateway.middleware.BlockedIPMiddleware",
     "gateway.middleware.RequestIdMiddleware",
@@ -101,10 +105,6 @@ DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USING_POSTGRES = DATABASES["default"]["ENGINE"].endswith("postgresql")
 
-# --- Redis: cache, channel layer and streams when REDIS_URL is set.
-REDIS_URL = CONFIG.REDIS_URL
-REDIS_KEY_PREFIX = CONFIG.REDIS_KEY_PREFIX
-if REDIS_URL:
 # --- Background jobs: procrastinate on PostgreSQL (`manage.py procrastinate worker`, any number of
 # workers); with SQLite conversations run as in-process asyncio tasks (conversations/jobs.py).
 if USING_POSTGRES:
@@ -119,6 +119,10 @@ PROCRASTINATE_WORKER_DEFAULTS = {
 # A "running" conversation whose heartbeat is older than this is re-enqueued or failed.
 CONVERSATION_STALE_SECONDS = int(os.environ.get("CONVERSATION_STALE_SECONDS", "90"))
 
+# --- Redis: cache, channel layer and streams when REDIS_URL is set.
+REDIS_URL = CONFIG.REDIS_URL
+REDIS_KEY_PREFIX = CONFIG.REDIS_KEY_PREFIX
+if REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -169,6 +173,14 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Multi-agent conversations with consensus by vote, streamed live.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI and ReDoc assets served from drf-spectacular-sidecar, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SECURITY": [{"BearerAuth": []}],
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {"BearerAuth": {"type": "http", "scheme": "bearer", "description": "API key or JWT"}}
+    },
 }
 
 SIMPLE_JWT = {

@@ -1,0 +1,11 @@
+from django.contrib import admin
+
+from monitoring.models import ErrorRecord
+
+
+@admin.register(ErrorRecord)
+class ErrorRecordAdmin(admin.ModelAdmin):
+    list_display = ("kind", "message", "count", "first_seen", "last_seen")
+    list_filter = ("kind",)
+    search_fields = ("message", "fingerprint")
+    readonly_fields = ("kind", "fingerprint", "message", "context", "count", "first_seen", "last_seen")

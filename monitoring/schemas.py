@@ -1,0 +1,57 @@
+"""OpenAPI descriptions and examples of the monitoring endpoints."""
+
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse
+
+HEALTH_EXAMPLE = {
+    "status": "healthy",
+    "timestamp": "2026-01-01T12:00:00Z",
+    "components": {
+        "redis": {
+            "status": "healthy",
+            "response_time_ms": 1.2,
+            "details": {"memory_usage_bytes": 1048576, "connected_clients": 5},
+        },
+        "postgresql": {
+            "status": "healthy",
+            "response_time_ms": 3.5,
+            "details": {"database_size_bytes": 52428800, "active_connections": 3},
+        },
+        "gemini_api": {
+            "status": "healthy",
+            "response_time_ms": 300.1,
+            "details": {"available_models": 10, "api_key_configured": True},
+        },
+    },
+    "summary": {"total_components": 3, "healthy": 3, "degraded": 0, "unhealthy": 0, "unknown": 0},
+}
+HEALTH_RESPONSE = OpenApiResponse(
+    response=OpenApiTypes.OBJECT,
+    description="Overall status, one entry per component, and counts by status (503 when unhealthy).",
+)
+
+STATISTICS_EXAMPLE = {
+    "conversations": {
+        "total_conversations": 1250,
+        "conversations_today": 45,
+        "average_duration": 3.2,
+        "success_rate": 0.96,
+    },
+    "agents": {
+        "total_messages": 8750,
+        "average_response_time": 1.8,
+        "model_distribution": {"gemini-2.5-flash": 0.7, "gemini-2.5-pro": 0.3},
+    },
+    "errors": {"chat_conversation": {"total_24h": 12, "rate_1h": 0.05}},
+    "circuit_breakers": {
+        "gemini:gemini-2.5-flash": {"state": "closed", "failure_count": 0, "last_failure_time": None}
+    },
+    "latency": {
+        "agent_response_seconds": {"samples": 8750, "p50": 1.2, "p95": 3.9, "p99": 6.1},
+        "conversation_duration_seconds": {"samples": 1200, "p50": 2.9, "p95": 7.5, "p99": 12.0},
+    },
+    "generated_at": "2026-01-01T12:00:00Z",
+}
+STATISTICS_RESPONSE = OpenApiResponse(response=OpenApiTypes.OBJECT, description="System statistics.")
