@@ -1,0 +1,250 @@
+"""Gemini through the google-genai SDK (async client), with errors classified.
+
+The SDK's own retries stay off: in google-genai 1.52 `HttpOptions.retry_options=None`
+means `stop_after_attempt(1)` (see `_api_client.retry_args`), so `agents.resilience`
+is the one retry layer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from google import genai
+from google.genai import errors, types
+
+from agents.providers.base import (
+    DeltaCallback,
+    ErrorKind,
+    Generation,
+    GenerationRequest,
+    Provider,
+    ProviderError,
+    Usage,
+)
+
+SAFETY_FINISH_REASONS = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"})
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+MAX_LISTED_MODELS = 500
+
+
+def parse_duration(value: object) -> float | None:
+    """Seconds of a google.protobuf.Duration in JSON form ("37s", "0.2s"), else None."""
+    match = DURATION.match(value) if isinstance(value, str) else None
+    return float(match.group(1)) if match else None
+
+
+def _error_details(exc: errors.APIError) -> list[dict[str, Any]]:
+    body = exc.details
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        details = error.get("details") if isinstance(error, dict) else None
+        if isinstance(details, list):
+            return [d for d in details if isinstance(d, dict)]
+    return []
+
+
+def classify_api_error(exc: errors.APIError, *, model: str) -> ProviderError:
+    """Turn an SDK APIError into a ProviderError of the right kind."""
+    code = exc.code or 0
+    message = f"gemini {code} {exc.status or ''}: {exc.message or ''}".strip()
+    kind: ErrorKind
+    retry_after = None
+    if code == 429 or exc.status == "RESOURCE_EXHAUSTED":
+        details = _error_details(exc)
+        for detail in details:
+            if detail.get("@type") == RETRY_INFO:
+                retry_after = parse_duration(detail.get("retryDelay"))
+        quota_ids = [
+            str(violation.get("quotaId", ""))
+            for detail in details
+            if detail.get("@type") == QUOTA_FAILURE
+            for violation in detail.get("violations") or []
+            if isinstance(violation, dict)
+        ]
+        kind = "quota_exhausted" if any("PerDay" in quota for quota in quota_ids) else "rate_limited"
+    elif code == 408:
+        kind = "timeout"
+    elif code >= 500:
+        kind = "server"
+    elif code in (401, 403):
+        kind = "auth"
+    elif 400 <= code < 500:
+        kind = "bad_request"
+    else:
+        kind = "unknown"
+    return ProviderError(
+        message, kind=kind, status=code, retry_after=retry_after, provider="gemini", model=model
+    )
+
+
+def classify(exc: Exception, *, model: str) -> ProviderError:
+    """Classify any exception raised while talking to Gemini."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, errors.APIError):
+        return classify_api_error(exc, model=model)
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return ProviderError(f"gemini timed out: {exc!r}", kind="timeout", provider="gemini", model=model)
+    if isinstance(exc, httpx.TransportError | ConnectionError):
+        return ProviderError(
+            f"gemini connection failed: {exc!r}", kind="connection", provider="gemini", model=model
+        )
+    return ProviderError(f"gemini failed: {exc!r}", kind="unknown", provider="gemini", model=model)
+
+
+def _enum_name(value: object) -> str | None:
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))
+
+
+def _text_of(response: types.GenerateContentResponse) -> str:
+    """The answer text of the first candidate, thoughts left out."""
+    if not response.candidates:
+        return ""
+    content = response.candidates[0].content
+    if content is None or not content.parts:
+        return ""
+    return "".join(part.text for part in content.parts if part.text and not part.thought)
+
+
+def _finish_reason(response: types.GenerateContentResponse) -> str | None:
+    if not response.candidates:
+        return None
+    return _enum_name(response.candidates[0].finish_reason)
+
+
+def _usage(metadata: types.GenerateContentResponseUsageMetadata | None) -> Usage:
+    if metadata is None:
+        return Usage()
+    # Thinking tokens are billed as output, so they count as completion tokens.
+    output = (metadata.candidates_token_count or 0) + (metadata.thoughts_token_count or 0)
+    return Usage(prompt_tokens=metadata.prompt_token_count or 0, completion_tokens=output)
+
+
+def _check_prompt_block(response: types.GenerateContentResponse, model: str) -> None:
+    feedback = response.prompt_feedback
+    if feedback is not None and feedback.block_reason is not None:
+        reason = _enum_name(feedback.block_reason)
+        raise ProviderError(
+            f"gemini blocked the prompt: {reason}", kind="safety", provider="gemini", model=model
+        )
+
+
+class GeminiProvider(Provider):
+    """Google Gemini via google-genai's async client."""
+
+    name = "gemini"
+
+    def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        http_options = types.HttpOptions(
+            base_url=base_url or None,
+            timeout=int(timeout * 1000),
+            retry_options=None,  # one retry layer: ours (agents.resilience)
+        )
+        self._client = genai.Client(api_key=api_key, http_options=http_options)
+
+    def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
+        timeout = request.timeout or self.timeout
+        return types.GenerateContentConfig(
+            system_instruction=request.system_instruction or None,
+            temperature=request.temperature,  # 0.0 is sent as 0.0, never dropped
+            max_output_tokens=request.max_output_tokens,
+            http_options=types.HttpOptions(timeout=max(1, int(timeout * 1000))),
+        )
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """One generateContent call."""
+        started = time.monotonic()
+        try:
+            response = await self._client.aio.models.generate_content(
+                model=request.model, contents=request.prompt, config=self._config(request)
+            )
+        except Exception as exc:
+            raise classify(exc, model=request.model) from exc
+        _check_prompt_block(response, request.model)
+        text = _text_of(response)
+        finish = _finish_reason(response)
+        if not text and finish in SAFETY_FINISH_REASONS:
+            raise ProviderError(
+                f"gemini blocked the answer: {finish}", kind="safety", provider="gemini", model=request.model
+            )
+        return Generation(
+            text=text,
+            model=request.model,
+            provider=self.name,
+            usage=_usage(response.usage_metadata),
+            latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason=finish,
+        )
+
+    async def stream(self, request: GenerationRequest, on_delta: DeltaCallback) -> Generation:
+        """One streamGenerateContent (SSE) call; each text chunk goes to `on_delta`."""
+        started = time.monotonic()
+        parts: list[str] = []
+        usage_metadata = None
+        finish = None
+        async for chunk in self._chunks(request):
+            _check_prompt_block(chunk, request.model)
+            usage_metadata = chunk.usage_metadata or usage_metadata
+            finish = _finish_reason(chunk) or finish
+            text = _text_of(chunk)
+            if text:
+                parts.append(text)
+                await on_delta(text)
+        text = "".join(parts)
+        if not text and finish in SAFETY_FINISH_REASONS:
+            raise ProviderError(
+                f"gemini blocked the answer: {finish}", kind="safety", provider="gemini", model=request.model
+            )
+        return Generation(
+            text=text,
+            model=request.model,
+            provider=self.name,
+            usage=_usage(usage_metadata),
+            latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason=finish,
+        )
+
+    async def _chunks(self, request: GenerationRequest) -> AsyncIterator[types.GenerateContentResponse]:
+        """The SDK's stream, with its failures classified (and only its failures)."""
+        try:
+            stream = await self._client.aio.models.generate_content_stream(
+                model=request.model, contents=request.prompt, config=self._config(request)
+            )
+            iterator = stream.__aiter__()
+        except Exception as exc:
+            raise classify(exc, model=request.model) from exc
+        while True:
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise classify(exc, model=request.model) from exc
+            yield chunk
+
+    async def list_models(self) -> list[str]:
+        """Model names the key can use (without the "models/" prefix), for the health check."""
+        names: list[str] = []
+        try:
+            pager = await self._client.aio.models.list(config={"page_size": 100})
+            async for model in pager:
+                if model.name:
+                    names.append(model.name.removeprefix("models/"))
+                if len(names) >= MAX_LISTED_MODELS:
+                    break
+        except Exception as exc:
+            raise classify(exc, model="") from exc
+        return names
+
+    async def aclose(self) -> None:
+        """Close the SDK's HTTP client."""
+        await self._client.aio.aclose()

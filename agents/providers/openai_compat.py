@@ -1,0 +1,211 @@
+"""Any OpenAI-compatible chat-completions server (OpenAI, Ollama, vLLM, llama.cpp...).
+
+The SDK's retries are off (`max_retries=0`): `agents.resilience` is the one retry layer.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.completion_usage import CompletionUsage
+
+from agents.providers.base import (
+    DeltaCallback,
+    ErrorKind,
+    Generation,
+    GenerationRequest,
+    Provider,
+    ProviderError,
+    Usage,
+)
+
+SAFETY_FINISH_REASONS = frozenset({"content_filter"})
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    try:
+        if headers.get("retry-after-ms"):
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except ValueError:
+        pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _error_code(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return str(inner.get("code") or inner.get("type") or "")
+    return ""
+
+
+def classify(exc: Exception, *, model: str) -> ProviderError:
+    """Classify an exception raised by the openai SDK."""
+    if isinstance(exc, ProviderError):
+        return exc
+    kind: ErrorKind
+    if isinstance(exc, openai.APITimeoutError):  # a subclass of APIConnectionError: test it first
+        return ProviderError(f"openai timed out: {exc}", kind="timeout", provider="openai", model=model)
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderError(
+            f"openai connection failed: {exc}", kind="connection", provider="openai", model=model
+        )
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        retry_after = None
+        if code == 429:
+            kind = "quota_exhausted" if _error_code(exc) == "insufficient_quota" else "rate_limited"
+            retry_after = parse_retry_after(exc.response.headers)
+        elif code == 408:
+            kind = "timeout"
+        elif code >= 500:
+            kind = "server"
+        elif code in (401, 403):
+            kind = "auth"
+        elif 400 <= code < 500:
+            kind = "bad_request"
+        else:
+            kind = "unknown"
+        return ProviderError(
+            f"openai {code}: {exc.message}",
+            kind=kind,
+            status=code,
+            retry_after=retry_after,
+            provider="openai",
+            model=model,
+        )
+    return ProviderError(f"openai failed: {exc!r}", kind="unknown", provider="openai", model=model)
+
+
+def _usage(usage: CompletionUsage | None) -> Usage:
+    if usage is None:
+        return Usage()
+    return Usage(prompt_tokens=usage.prompt_tokens or 0, completion_tokens=usage.completion_tokens or 0)
+
+
+class OpenAICompatProvider(Provider):
+    """Chat completions through the openai SDK against a configurable base URL."""
+
+    name = "openai"
+
+    def __init__(self, *, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        # Local servers accept any key; the SDK refuses to start without one.
+        self._client = AsyncOpenAI(
+            base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout
+        )
+
+    def _arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        messages: list[ChatCompletionMessageParam] = []
+        if request.system_instruction:
+            messages.append({"role": "system", "content": request.system_instruction})
+        messages.append({"role": "user", "content": request.prompt})
+        arguments: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            "temperature": request.temperature,
+            "timeout": request.timeout or self.timeout,
+        }
+        if request.max_output_tokens is not None:
+            arguments["max_tokens"] = request.max_output_tokens
+        return arguments
+
+    def _safety_check(self, text: str, finish: str | None, model: str) -> None:
+        if not text and finish in SAFETY_FINISH_REASONS:
+            raise ProviderError(
+                f"openai filtered the answer: {finish}", kind="safety", provider="openai", model=model
+            )
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """One chat completion."""
+        started = time.monotonic()
+        try:
+            completion = await self._client.chat.completions.create(**self._arguments(request))
+        except Exception as exc:
+            raise classify(exc, model=request.model) from exc
+        choice = completion.choices[0] if completion.choices else None
+        text = (choice.message.content or "") if choice else ""
+        finish = choice.finish_reason if choice else None
+        self._safety_check(text, finish, request.model)
+        return Generation(
+            text=text,
+            model=request.model,
+            provider=self.name,
+            usage=_usage(completion.usage),
+            latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason=finish,
+        )
+
+    async def stream(self, request: GenerationRequest, on_delta: DeltaCallback) -> Generation:
+        """One streamed chat completion; usage comes in the last chunk (include_usage)."""
+        started = time.monotonic()
+        parts: list[str] = []
+        usage = None
+        finish = None
+        try:
+            stream = await self._client.chat.completions.create(
+                **self._arguments(request), stream=True, stream_options={"include_usage": True}
+            )
+            iterator = stream.__aiter__()
+        except Exception as exc:
+            raise classify(exc, model=request.model) from exc
+        while True:
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception as exc:
+                raise classify(exc, model=request.model) from exc
+            usage = chunk.usage or usage
+            if not chunk.choices:
+                continue
+            choice = chunk.choices[0]
+            finish = choice.finish_reason or finish
+            text = choice.delta.content if choice.delta else None
+            if text:
+                parts.append(text)
+                await on_delta(text)
+        text = "".join(parts)
+        self._safety_check(text, finish, request.model)
+        return Generation(
+            text=text,
+            model=request.model,
+            provider=self.name,
+            usage=_usage(usage),
+            latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason=finish,
+        )
+
+    async def list_models(self) -> list[str]:
+        """Model ids the server offers, for the health check."""
+        try:
+            page = await self._client.models.list()
+        except Exception as exc:
+            raise classify(exc, model="") from exc
+        return [model.id for model in page.data]
+
+    async def aclose(self) -> None:
+        """Close the SDK's HTTP client."""
+        await self._client.close()

@@ -1,0 +1,152 @@
+"""A tiny threaded HTTP server on 127.0.0.1 that fake vendors build on.
+
+Each fake subclasses `FakeVendor`, implements `handle(request) -> Response`, and is
+used as a context manager: `with FakeGemini() as fake: ... fake.base_url ...`.
+Requests are recorded so tests can assert what the real SDK sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the fake received it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names
+    body: Any  # parsed JSON, or None
+
+
+@dataclass
+class Response:
+    """What the fake answers: a JSON body, or SSE events sent one by one."""
+
+    status: int = 200
+    body: Any = None
+    events: list[Any] | None = None  # SSE `data:` payloads (dicts are JSON-encoded)
+    delay: float = 0.0  # seconds before the status line
+    event_delay: float = 0.0  # seconds between SSE events
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeVendor:
+    """Base class: starts a real HTTP server on a free port, records requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- to implement -------------------------------------------------------
+    def handle(self, request: RecordedRequest) -> Response:
+        """Answer one request."""
+        raise NotImplementedError
+
+    # -- lifecycle -----------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        """http://127.0.0.1:<port> of the running server."""
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        """Listen on a free port in a background thread."""
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                return
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                split = urlsplit(self.path)
+                recorded = RecordedRequest(
+                    method=self.command,
+                    path=split.path,
+                    query=parse_qs(split.query),
+                    headers={k.lower(): v for k, v in self.headers.items()},
+                    body=body,
+                )
+                with fake._lock:
+                    fake.requests.append(recorded)
+                response = fake.handle(recorded)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    fake._write(self, response)  # the client may have given up (a timeout test)
+
+            do_GET = _serve
+            do_POST = _serve
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._server.block_on_close = False
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening (slow handlers still sleeping are abandoned)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> FakeVendor:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @staticmethod
+    def _write(handler: BaseHTTPRequestHandler, response: Response) -> None:
+        if response.delay:
+            time.sleep(response.delay)
+        handler.send_response(response.status)
+        for name, value in response.headers.items():
+            handler.send_header(name, value)
+        if response.events is not None:
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            for i, event in enumerate(response.events):
+                if i and response.event_delay:
+                    time.sleep(response.event_delay)
+                payload = event if isinstance(event, str) else json.dumps(event)
+                handler.wfile.write(f"data: {payload}\n\n".encode())
+                handler.wfile.flush()
+            return
+        data = json.dumps(response.body if response.body is not None else {}).encode()
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+
+def split_text(text: str, parts: int = 3) -> Iterator[str]:
+    """Cut a text into `parts` roughly equal pieces (for streamed answers)."""
+    size = max(1, -(-len(text) // parts))
+    for start in range(0, len(text), size):
+        yield text[start : start + size]

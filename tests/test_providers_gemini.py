@@ -1,0 +1,195 @@
+"""The Gemini provider: the real google-genai client against a fake Gemini REST server."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from agents.providers.base import GenerationRequest, ProviderError
+from agents.providers.gemini import GeminiProvider, parse_duration
+from tests.fakes.gemini_server import (
+    FakeGemini,
+    http_error,
+    ok,
+    per_day_quota,
+    rate_limited,
+    safety_block,
+    slow,
+)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeGemini]:
+    with FakeGemini() as server:
+        yield server
+
+
+@pytest.fixture
+async def gemini(fake: FakeGemini) -> AsyncIterator[GeminiProvider]:
+    provider = GeminiProvider(api_key="test-gemini-key", base_url=fake.base_url, timeout=5)
+    yield provider
+    await provider.aclose()
+
+
+def request(**fields: object) -> GenerationRequest:
+    values: dict[str, object] = {
+        "model": "gemini-2.5-flash",
+        "prompt": "Is water wet?",
+        "system_instruction": "You are a critical thinker.",
+        "temperature": 0.0,
+        "max_output_tokens": 256,
+    }
+    values.update(fields)
+    return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+async def test_generate_sends_model_system_instruction_temperature_and_key(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.script(ok("Wet enough.\n\nFINAL POSITION: Yes\nCONFIDENCE: 0.9", prompt_tokens=21, output_tokens=8))
+    generation = await gemini.generate(request())
+    assert generation.text.endswith("CONFIDENCE: 0.9")
+    assert generation.provider == "gemini"
+    assert generation.model == "gemini-2.5-flash"
+    assert generation.simulated is False
+    assert generation.usage.prompt_tokens == 21
+    assert generation.usage.completion_tokens == 8
+    assert generation.finish_reason == "STOP"
+    assert generation.latency_ms > 0
+    [(model, sent)] = fake.generate_calls
+    assert model == "gemini-2.5-flash"
+    assert sent.path.endswith(":generateContent")
+    assert sent.headers["x-goog-api-key"] == "test-gemini-key"
+    assert sent.body["contents"][0]["parts"][0]["text"] == "Is water wet?"
+    assert sent.body["systemInstruction"]["parts"][0]["text"] == "You are a critical thinker."
+    config = sent.body["generationConfig"]
+    assert config["temperature"] == 0  # zero is sent, not dropped as "unset"
+    assert "temperature" in config
+    assert config["maxOutputTokens"] == 256
+
+
+async def test_thinking_tokens_count_as_completion_tokens(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.script(ok("x", prompt_tokens=5, output_tokens=3, thought_tokens=40))
+    generation = await gemini.generate(request())
+    assert generation.usage.completion_tokens == 43
+
+
+async def test_stream_delivers_chunks_and_usage(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    text = "First part. Second part. Third part.\n\nFINAL POSITION: No\nCONFIDENCE: 0.6"
+    fake.script(ok(text, prompt_tokens=30, output_tokens=17))
+    chunks: list[str] = []
+
+    async def on_delta(delta: str) -> None:
+        chunks.append(delta)
+
+    generation = await gemini.stream(request(), on_delta)
+    assert len(chunks) == 3
+    assert "".join(chunks) == text == generation.text
+    assert generation.usage.prompt_tokens == 30
+    assert generation.usage.completion_tokens == 17
+    [(_, sent)] = fake.generate_calls
+    assert sent.path.endswith(":streamGenerateContent")
+    assert sent.query["alt"] == ["sse"]
+
+
+async def test_rate_limit_carries_the_retry_info_delay(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.script(rate_limited("37s"))
+    with pytest.raises(ProviderError) as caught:
+        await gemini.generate(request())
+    assert caught.value.kind == "rate_limited"
+    assert caught.value.retry_after == 37.0
+    assert caught.value.status == 429
+    assert caught.value.retryable
+
+
+async def test_per_day_quota_is_not_retryable(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.script(per_day_quota())
+    with pytest.raises(ProviderError) as caught:
+        await gemini.generate(request())
+    assert caught.value.kind == "quota_exhausted"
+    assert not caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "retryable"),
+    [
+        (500, "server", True),
+        (503, "server", True),
+        (400, "bad_request", False),
+        (404, "bad_request", False),
+        (401, "auth", False),
+        (403, "auth", False),
+    ],
+)
+async def test_http_errors_are_classified(
+    fake: FakeGemini, gemini: GeminiProvider, code: int, kind: str, retryable: bool
+) -> None:
+    fake.script(http_error(code))
+    with pytest.raises(ProviderError) as caught:
+        await gemini.generate(request())
+    assert caught.value.kind == kind
+    assert caught.value.status == code
+    assert caught.value.retryable is retryable
+    assert len(fake.generate_calls) == 1  # the SDK did not retry on its own
+
+
+async def test_stream_errors_are_classified_too(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.script(http_error(503))
+
+    async def on_delta(delta: str) -> None:
+        raise AssertionError("no delta expected")
+
+    with pytest.raises(ProviderError) as caught:
+        await gemini.stream(request(), on_delta)
+    assert caught.value.kind == "server"
+
+
+@pytest.mark.parametrize("where", ["prompt", "candidate"])
+async def test_safety_block_is_reported_as_such(fake: FakeGemini, gemini: GeminiProvider, where: str) -> None:
+    fake.script(safety_block(where=where), safety_block(where=where))
+    with pytest.raises(ProviderError) as caught:
+        await gemini.generate(request())
+    assert caught.value.kind == "safety"
+    assert not caught.value.counts_against_breaker
+
+    async def on_delta(delta: str) -> None:
+        return None
+
+    with pytest.raises(ProviderError) as streamed:
+        await gemini.stream(request(), on_delta)
+    assert streamed.value.kind == "safety"
+
+
+async def test_slow_answer_times_out(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.script(slow(3))
+    started = time.monotonic()
+    with pytest.raises(ProviderError) as caught:
+        await gemini.generate(request(timeout=0.3))
+    assert caught.value.kind == "timeout"
+    assert time.monotonic() - started < 2
+
+
+async def test_unreachable_server_is_a_connection_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    provider = GeminiProvider(api_key="k", base_url=f"http://127.0.0.1:{port}", timeout=2)
+    with pytest.raises(ProviderError) as caught:
+        await provider.generate(request())
+    assert caught.value.kind == "connection"
+    await provider.aclose()
+
+
+async def test_list_models_for_the_health_check(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    assert await gemini.list_models() == ["gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash"]
+    assert fake.requests[-1].headers["x-goog-api-key"] == "test-gemini-key"
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("37s") == 37.0
+    assert parse_duration("0.2s") == 0.2
+    assert parse_duration("soon") is None
+    assert parse_duration(None) is None
