@@ -7,10 +7,11 @@ line naming the variable (see `load_config`).
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 PERMISSIONS = ("read", "write", "admin")
 
@@ -61,7 +62,7 @@ class Config(BaseSettings):
     )
 
     # API
-    API_HOST: str = "0.0.0.0"
+    API_HOST: str = "0.0.0.0"  # noqa: S104 - a server listens on all interfaces by default
     API_PORT: int = Field(default=8000, ge=1, le=65535)
     DEBUG: bool = False
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -182,7 +183,9 @@ class Config(BaseSettings):
             if self.SECRET_KEY in SAMPLE_SECRET_KEYS:
                 raise ValueError("SECRET_KEY: the sample value from env.example is refused outside DEBUG")
             if any(spec.key in SAMPLE_API_KEYS for spec in self.DEFAULT_API_KEYS):
-                raise ValueError("DEFAULT_API_KEYS: the sample keys from env.example are refused outside DEBUG")
+                raise ValueError(
+                    "DEFAULT_API_KEYS: the sample keys from env.example are refused outside DEBUG"
+                )
         return self
 
     @property
@@ -216,3 +219,9 @@ def load_config(**overrides: object) -> Config:
     except ValidationError as exc:
         # SystemExit with a message prints that one line and exits with status 1.
         raise ConfigError(f"PolyAgents configuration error: {format_errors(exc)}") from None
+    except SettingsError as exc:
+        # Malformed JSON in a complex variable (DEFAULT_API_KEYS, AGENT_MODELS_CONFIG) lands here.
+        match = re.search(r'field "([^"]+)"', str(exc))
+        name = match.group(1) if match else "configuration"
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f"PolyAgents configuration error: {name}: not valid JSON{cause}") from None
