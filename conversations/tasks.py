@@ -9,18 +9,33 @@ import inspect
 import logging
 import random
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import attr
 from django.conf import settings
-from procrastinate import JobContext, RetryDecision, RetryStrategy
+from procrastinate import App, JobContext, RetryDecision, RetryStrategy
 from procrastinate.contrib.django import app
+from procrastinate.contrib.django.django_connector import DjangoConnector
 from procrastinate.jobs import Job
 
 logger = logging.getLogger("polyagents.tasks")
 
 RUN_MAX_ATTEMPTS = 4
 STALLED_JOB_SECONDS = 30.0
+
+
+def worker_app() -> App:
+    """The app on a psycopg pool connector: what workers need (Django's connector returns jsonb as text)."""
+    connector = cast(DjangoConnector, app.connector)
+    return app.with_connector(connector.get_worker_connector())
+
+
+async def run_worker_until_idle(**options: Any) -> None:
+    """Process queued jobs until none is left, in this process (tests, benchmarks, one-off drains)."""
+    async with worker_app().open_async() as burst:
+        await burst.run_worker_async(
+            wait=False, listen_notify=False, install_signal_handlers=False, **options
+        )
 
 
 @attr.dataclass(kw_only=True)

@@ -1,0 +1,76 @@
+"""POST /stream/{conversation_id}: start an exchange in the background and point at its WebSocket."""
+
+from __future__ import annotations
+
+import uuid
+
+from adrf.views import APIView
+from drf_spectacular.utils import OpenApiExample, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from conversations.jobs import enqueue_run
+from conversations.serializers import ChatRequestSerializer
+from conversations.services import ConversationBusy, ConversationNotFound, conversation_start
+from gateway.errors import error_body
+from gateway.permissions import CanWrite
+
+
+def _conversation_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ValidationError({"conversation_id": ["Must be a valid UUID."]}) from None
+
+
+class StreamView(APIView):
+    """Starts (or continues) a conversation as a background run followed over WS /ws/{id}."""
+
+    permission_classes = [CanWrite]
+
+    @extend_schema(
+        request=ChatRequestSerializer,
+        responses={202: dict, 400: dict, 401: dict, 403: dict, 404: dict, 409: dict, 429: dict},
+        examples=[
+            OpenApiExample(
+                "Stream three agents",
+                value={"message": "What are the benefits of renewable energy?", "num_agents": 3, "turns": 2},
+                request_only=True,
+            )
+        ],
+        summary="Start a streamed conversation; follow it on websocket_url",
+    )
+    async def post(self, request: Request, conversation_id: str) -> Response:
+        conv_id = _conversation_id(conversation_id)
+        serializer = ChatRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        body_id = data.get("conversation_id")
+        if body_id is not None and body_id != conv_id:
+            raise ValidationError({"conversation_id": ["Must match the conversation id of the path."]})
+        try:
+            conversation, exchange = await conversation_start(
+                principal=request.user,  # type: ignore[arg-type]
+                message=data["message"],
+                conversation_id=conv_id,
+                num_agents=data.get("num_agents"),
+                turns=data.get("turns"),
+                strategy=data["strategy"],
+                create_with_id=True,
+            )
+        except ConversationNotFound as exc:
+            return Response(error_body(exc.code, str(exc)), status=status.HTTP_404_NOT_FOUND)
+        except ConversationBusy as exc:
+            return Response(error_body(exc.code, str(exc)), status=status.HTTP_409_CONFLICT)
+        await enqueue_run(conversation.pk, exchange)
+        return Response(
+            {
+                "conversation_id": str(conversation.pk),
+                "status": "started",
+                "websocket_url": f"/ws/{conversation.pk}",
+                "exchange": exchange,
+            },
+            status=status.HTTP_202_ACCEPTED,
+        )
