@@ -154,8 +154,9 @@ def _ensure_collection(client: Any, embedder: Embedder) -> str:
         client.create_collection(
             name, vectors_config=models.VectorParams(size=embedder.dim, distance=models.Distance.COSINE)
         )
-        client.create_payload_index(name, "owner", models.PayloadSchemaType.KEYWORD)
-        client.create_payload_index(name, "created_at", models.PayloadSchemaType.FLOAT)
+        if settings.CONFIG.QDRANT_URL:  # payload indexes exist only on a Qdrant server
+            client.create_payload_index(name, "owner", models.PayloadSchemaType.KEYWORD)
+            client.create_payload_index(name, "created_at", models.PayloadSchemaType.FLOAT)
     return name
 
 

@@ -1,0 +1,111 @@
+"""Reads of conversations for the history endpoints, scoped to what a principal may see."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db.models import QuerySet
+
+from conversations.models import ConsensusResult, Conversation, Message, Vote
+from gateway.principal import Principal
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def visible_conversations(principal: Principal) -> QuerySet[Conversation]:
+    """Every conversation for an admin; only the principal's own for anyone else."""
+    queryset = Conversation.objects.all()
+    if not principal.is_admin:
+        queryset = queryset.filter(owner=principal.owner)
+    return queryset
+
+
+def conversation_summary(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "conversation_id": str(conversation.pk),
+        "title": conversation.title,
+        "status": conversation.status,
+        "num_agents": conversation.num_agents,
+        "turns_requested": conversation.turns_requested,
+        "turns_completed": conversation.turns_completed,
+        "exchanges": conversation.exchanges,
+        "consensus_result": conversation.consensus_result,
+        "confidence": conversation.confidence,
+        "duration": conversation.duration,
+        "created_at": _iso(conversation.created_at),
+        "completed_at": _iso(conversation.completed_at),
+    }
+
+
+def recent_conversations(principal: Principal, limit: int) -> list[dict[str, Any]]:
+    """The newest conversations the principal may see, newest first."""
+    rows = visible_conversations(principal).order_by("-created_at")[:limit]
+    return [conversation_summary(c) for c in rows]
+
+
+def message_body(message: Message) -> dict[str, Any]:
+    return {
+        "exchange": message.exchange,
+        "role": message.role,
+        "agent_id": message.agent_id,
+        "turn": message.turn,
+        "content": message.content,
+        "position": message.position,
+        "confidence": message.confidence,
+        "status": message.status,
+        "error": message.error,
+        "provider": message.provider,
+        "model": message.model,
+        "temperature": message.temperature,
+        "personality": message.personality,
+        "simulated": message.simulated,
+        "latency_ms": message.latency_ms,
+        "tokens": {"prompt": message.prompt_tokens, "completion": message.completion_tokens},
+        "created_at": _iso(message.created_at),
+    }
+
+
+def vote_body(vote: Vote) -> dict[str, Any]:
+    return {
+        "exchange": vote.exchange,
+        "voter": vote.voter,
+        "choice": vote.choice,
+        "confidence": vote.confidence,
+        "reason": vote.reason,
+        "created_at": _iso(vote.created_at),
+    }
+
+
+def result_body(result: ConsensusResult) -> dict[str, Any]:
+    return {
+        "exchange": result.exchange,
+        "method": result.method,
+        "reached": result.reached,
+        "winner": result.winner,
+        "answer": result.answer,
+        "confidence": result.confidence,
+        "tie_break": result.tie_break,
+        "tallies": result.tallies,
+        "dissent": result.dissent,
+        "details": result.details,
+        "created_at": _iso(result.created_at),
+    }
+
+
+def conversation_detail(principal: Principal, conversation_id: uuid.UUID) -> dict[str, Any] | None:
+    """A conversation with its messages, ballots and consensus results; None if unseen."""
+    conversation = visible_conversations(principal).filter(pk=conversation_id).first()
+    if conversation is None:
+        return None
+    return {
+        **conversation_summary(conversation),
+        "error": conversation.error,
+        "metadata": conversation.metadata,
+        "tokens": {"prompt": conversation.prompt_tokens, "completion": conversation.completion_tokens},
+        "messages": [message_body(m) for m in conversation.messages.all()],
+        "votes": [vote_body(v) for v in conversation.votes.all()],
+        "consensus_results": [result_body(r) for r in conversation.results.order_by("exchange")],
+    }
