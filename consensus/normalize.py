@@ -3,10 +3,10 @@
 The rules, applied in this order (deterministic, no locale, no I/O):
 
 1. Unicode NFKC, casefold; markdown emphasis and code marks (``* _ ` ~``) are removed.
-2. Yes/no: a position that is, or starts with followed by a separator (``, . ; : ! -``),
-   one of ``yes yeah yep yup true correct`` becomes ``yes``; one of
-   ``no nope nah false incorrect`` becomes ``no``. "Yes, with caveats" is ``yes``;
-   "No doubt it is X" is not ``no`` (no separator after the word).
+2. Yes/no: a position that is one of ``yes yeah yep yup true correct`` (or starts with
+   one followed by punctuation or a spaced dash) becomes ``yes``; likewise
+   ``no nope nah false incorrect`` becomes ``no``. "Yes, with caveats" and "No (mostly)"
+   count; "No doubt it is X" and "No-one knows" do not (no separator after the word).
 3. Options: a lone letter (``B``, ``(b)``, ``B)``, ``b.``) or ``option|choice|proposal``
    followed by a letter or a number ("Option B", "choice 2: solar") becomes ``option b``
    / ``option 2``; whatever follows the option's name is ignored.
@@ -38,7 +38,7 @@ ARTICLES = frozenset({"the", "a", "an"})
 OPTION_WORDS = ("option", "choice", "proposal")
 
 _MARKUP = re.compile(r"[*_`~]")
-_LEADING_YES_NO = re.compile(r"^\W*([a-z]+)\s*(?:$|[,.;:!?\-–—(])")
+_LEADING_YES_NO = re.compile(r"^\W*([a-z]+)\s*(?:$|[,.;:!?–—()\[\]\"'”’]|\s-\s)")
 _LONE_LETTER = re.compile(r"^[\s\"'“‘]*[(\[]?\s*([a-z])\s*[)\]]?[.:!]?[\s\"'”’]*$")
 _OPTION = re.compile(r"^\W*(?:option|choice|proposal)\b\s*[(\[]?([a-z]|\d+)\b")
 _THOUSANDS = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,]*\d)")
