@@ -252,7 +252,7 @@ async def test_async_check_fails_open_too(dead_redis: None) -> None:
 def test_bucket_in_redis_is_shared_by_two_processes() -> None:
     from bench.ratelimit import run_shared_bucket
 
-    url: str = django_settings.REDIS_URL
+    url = str(django_settings.REDIS_URL)
     key = f"{django_settings.REDIS_KEY_PREFIX}:rl:shared:{uuid.uuid4().hex[:8]}"
     run = run_shared_bucket(url, key, capacity=5, requests=10, window=1, duration=1.0, processes=2)
     print(
