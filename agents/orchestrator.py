@@ -229,7 +229,9 @@ class Orchestrator:
         ]
         metadata = {"kind": "answer", "peer_positions": peer_positions}
         try:
-            generation = await self._call(profile, self.answer_prompt(profile, turn), turn, metadata, self.stream)
+            generation = await self._call(
+                profile, self.answer_prompt(profile, turn), turn, metadata, self.stream
+            )
         except ProviderError as exc:
             result = AgentResult(
                 agent_id=profile.agent_id,
@@ -360,9 +362,7 @@ class Orchestrator:
         proposals = _proposals(final)
         options = build_options(proposals)
         by_agent = {p.agent_id: p for p in proposals}
-        representative = {
-            option.label: _representative(option, by_agent, final) for option in options
-        }
+        representative = {option.label: _representative(option, by_agent, final) for option in options}
         labels = [option.label for option in options]
         own_label = {aid: o.label for o in options for aid in o.supporters}
         if len(options) == 1:
@@ -397,7 +397,9 @@ class Orchestrator:
                 try:
                     generation = await self._call(profile, prompt, self.turns + 1, metadata, stream=False)
                 except ProviderError as exc:
-                    return Ballot(voter=profile.agent_id, choice=None, confidence=0.0, reason=f"failed: {exc.kind}")
+                    return Ballot(
+                        voter=profile.agent_id, choice=None, confidence=0.0, reason=f"failed: {exc.kind}"
+                    )
                 return parse_ballot(profile.agent_id, generation.text, labels)
 
             ballots = list(await asyncio.gather(*(one(p) for p in self.panel)))
@@ -425,7 +427,9 @@ def _proposals(results: Mapping[str, AgentResult]) -> list[Proposal]:
     return [r.proposal for _, r in sorted(results.items()) if r.proposal is not None]
 
 
-def _representative(option: Option, by_agent: Mapping[str, Proposal], results: Mapping[str, AgentResult]) -> str:
+def _representative(
+    option: Option, by_agent: Mapping[str, Proposal], results: Mapping[str, AgentResult]
+) -> str:
     """The answer that speaks for an option: its most confident supporter's, ties by agent id."""
     supporters = sorted(
         option.supporters,

@@ -24,7 +24,8 @@ PERSONALITIES: dict[str, str] = {
         "trade-offs and concrete next steps."
     ),
     "balanced": (
-        "You are a balanced panelist. Weigh the main considerations fairly and give a clear, well-supported answer."
+        "You are a balanced panelist. Weigh the main considerations fairly and give a clear, "
+        "well-supported answer."
     ),
 }
 DEFAULT_ROTATION = ("analytical", "creative", "critical", "practical", "balanced")
@@ -98,7 +99,9 @@ def build_panel(num_agents: int | None = None) -> list[AgentProfile]:
                 AgentProfile(
                     agent_id=agent_id,
                     provider=default_provider,
-                    model=config.GEMINI_MODEL if default_provider != "openai" else (config.OPENAI_MODEL or ""),
+                    model=config.GEMINI_MODEL
+                    if default_provider != "openai"
+                    else (config.OPENAI_MODEL or ""),
                     temperature=config.GEMINI_TEMPERATURE,
                     personality=name,
                     instruction=PERSONALITIES[name],

@@ -28,7 +28,7 @@ if not os.environ.get("DATABASE_URL"):
     os.environ["DATABASE_URL"] = f"sqlite:///{tempfile.mkdtemp()}/bench.sqlite3"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 
@@ -69,7 +69,9 @@ async def bench_wall(latency: float) -> None:
     print(f"\n1. One conversation, 3 agents, 2 turns, L = {latency:.2f} s (full path: storage + event log)")
     ratios = []
     for question in QUESTIONS:
-        conversation, exchange = await conversation_start(principal=PRINCIPAL, message=question, num_agents=3, turns=2)
+        conversation, exchange = await conversation_start(
+            principal=PRINCIPAL, message=question, num_agents=3, turns=2
+        )
         start = time.perf_counter()
         done = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
         wall = time.perf_counter() - start
@@ -104,8 +106,10 @@ async def bench_cpu(runs: int) -> None:
         await conversation_run(conversation_id=conversation.pk, exchange=exchange)
     full = (time.process_time() - cpu0) / runs
     print(f"   orchestrator alone: {alone * 1000:.2f} ms CPU per conversation")
-    print(f"   with storage + event log ({settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}): "
-          f"{full * 1000:.2f} ms CPU per conversation")
+    print(
+        f"   with storage + event log ({settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}): "
+        f"{full * 1000:.2f} ms CPU per conversation"
+    )
 
 
 async def bench_http(concurrency: int, latency: float) -> None:
@@ -116,8 +120,13 @@ async def bench_http(concurrency: int, latency: float) -> None:
 
     set_latency(latency)
     raw = generate_key()
-    await ApiKey.objects.acreate(name="bench", prefix=raw[:10], key_hash=hash_key(raw), permissions=["read", "write"])
-    print(f"\n3. {concurrency} concurrent POST /chat through the ASGI app, L = {latency:.2f} s, 3 agents, 2 turns")
+    await ApiKey.objects.acreate(
+        name="bench", prefix=raw[:10], key_hash=hash_key(raw), permissions=["read", "write"]
+    )
+    print(
+        f"\n3. {concurrency} concurrent POST /chat through the ASGI app, "
+        f"L = {latency:.2f} s, 3 agents, 2 turns"
+    )
     transport = httpx.ASGITransport(app=application)
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -151,13 +160,17 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--latency", type=float, default=0.5)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--cpu-runs", type=int, default=50)
     arguments = parser.parse_args()
     call_command("migrate", verbosity=0, interactive=False)
-    db = settings.DATABASES["default"]
-    print(f"database: {db['ENGINE'].rsplit('.', 1)[-1]}, channel layer: "
-          f"{settings.CHANNEL_LAYERS['default']['BACKEND'].rsplit('.', 1)[-1]}")
+    engine = str(settings.DATABASES["default"]["ENGINE"])
+    print(
+        f"database: {engine.rsplit('.', 1)[-1]}, channel layer: "
+        f"{str(settings.CHANNEL_LAYERS['default']['BACKEND']).rsplit('.', 1)[-1]}"
+    )
     asyncio.run(main(arguments))

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, response_payload
+from agents.orchestrator import AgentResult, Orchestrator, RunOutcome
 from agents.profiles import build_panel
 from agents.providers.base import Usage
 from consensus import parse_reply
@@ -183,7 +183,10 @@ class RunRecorder:
     async def _store_message(self, **fields: Any) -> None:
         try:
             await Message.objects.acreate(
-                conversation_id=self.conversation.pk, exchange=self.exchange, role=Message.Role.AGENT, **fields
+                conversation_id=self.conversation.pk,
+                exchange=self.exchange,
+                role=Message.Role.AGENT,
+                **fields,
             )
         except IntegrityError:
             # Already stored by an earlier attempt of this run: the unique constraint keeps one.
@@ -207,10 +210,14 @@ class RunRecorder:
         )
 
 
-def _load_prior(conversation: Conversation, exchange: int) -> tuple[str, dict[int, dict[str, AgentResult]], list]:
+def _load_prior(
+    conversation: Conversation, exchange: int
+) -> tuple[str, dict[int, dict[str, AgentResult]], list]:
     question = ""
     prior: dict[int, dict[str, AgentResult]] = {}
-    for message in Message.objects.filter(conversation=conversation, exchange=exchange).order_by("turn", "id"):
+    for message in Message.objects.filter(conversation=conversation, exchange=exchange).order_by(
+        "turn", "id"
+    ):
         if message.role == Message.Role.USER:
             question = message.content
             continue
@@ -231,9 +238,9 @@ def _load_prior(conversation: Conversation, exchange: int) -> tuple[str, dict[in
             error_kind=message.error.split(":", 1)[0] if message.error else "",
         )
     questions = dict(
-        Message.objects.filter(conversation=conversation, role=Message.Role.USER, exchange__lt=exchange).values_list(
-            "exchange", "content"
-        )
+        Message.objects.filter(
+            conversation=conversation, role=Message.Role.USER, exchange__lt=exchange
+        ).values_list("exchange", "content")
     )
     answers = dict(
         ConsensusResult.objects.filter(conversation=conversation, exchange__lt=exchange).values_list(
@@ -249,7 +256,11 @@ async def _watchdog(conversation_id: uuid.UUID, run: asyncio.Task[RunOutcome]) -
     while not run.done():
         await asyncio.sleep(HEARTBEAT_SECONDS)
         await Conversation.objects.filter(pk=conversation_id).aupdate(heartbeat_at=timezone.now())
-        flag = await Conversation.objects.filter(pk=conversation_id).values_list("cancel_requested", flat=True).afirst()
+        flag = (
+            await Conversation.objects.filter(pk=conversation_id)
+            .values_list("cancel_requested", flat=True)
+            .afirst()
+        )
         if flag:
             run.cancel()
             return
@@ -305,7 +316,9 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         return await _finish_cancelled(conversation.pk, exchange, recorder, time.monotonic() - started)
     except Exception as exc:
         logger.exception("conversation run crashed", extra={"conversation": str(conversation.pk)})
-        outcome = RunOutcome(status="failed", turns_completed=0, results=orchestrator.results, reason=repr(exc))
+        outcome = RunOutcome(
+            status="failed", turns_completed=0, results=orchestrator.results, reason=repr(exc)
+        )
     finally:
         watchdog.cancel()
     return await _finish(conversation.pk, exchange, recorder, outcome, time.monotonic() - started)
@@ -321,7 +334,9 @@ async def _finish_cancelled(
         duration=round(duration, 3),
     )
     CONVERSATIONS.labels("cancelled").inc()
-    await recorder("conversation_failed", status="cancelled", reason="cancelled by request", duration=round(duration, 3))
+    await recorder(
+        "conversation_failed", status="cancelled", reason="cancelled by request", duration=round(duration, 3)
+    )
     return await Conversation.objects.aget(pk=conversation_id)
 
 
@@ -413,9 +428,9 @@ async def _finish(
 
 def _chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
     messages = list(
-        Message.objects.filter(conversation=conversation, exchange=exchange, role=Message.Role.AGENT).order_by(
-            "turn", "agent_id"
-        )
+        Message.objects.filter(
+            conversation=conversation, exchange=exchange, role=Message.Role.AGENT
+        ).order_by("turn", "agent_id")
     )
     final: dict[str, Message] = {}
     for message in messages:
@@ -501,4 +516,3 @@ def _chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
 async def serialize_chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
     """The /chat response body: the brief's fields plus confidence, votes and usage."""
     return await sync_to_async(_chat_result)(conversation, exchange)
-

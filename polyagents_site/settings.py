@@ -91,7 +91,7 @@ if CONFIG.DATABASE_URL and CONFIG.DATABASE_URL.startswith(("postgres://", "postg
 elif CONFIG.DATABASE_URL:
     _db = dj_database_url.parse(CONFIG.DATABASE_URL)
 else:
-    _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": BASE_DIR / "db.sqlite3"}
+    _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(BASE_DIR / "db.sqlite3")}
 if _db["ENGINE"].endswith("sqlite3"):
     _db.setdefault("OPTIONS", {})
     _db["OPTIONS"].update(
@@ -177,10 +177,6 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    "SECURITY": [{"BearerAuth": []}],
-    "APPEND_COMPONENTS": {
-        "securitySchemes": {"BearerAuth": {"type": "http", "scheme": "bearer", "description": "API key or JWT"}}
-    },
 }
 
 SIMPLE_JWT = {

@@ -68,3 +68,26 @@ def _clear_cache() -> None:
         from django.core.cache import cache
 
         cache.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_connection_pools(django_db_setup: None, django_db_blocker: object) -> object:
+    """Close psycopg pools before the test database is dropped (pooled connections hold it open)."""
+    yield
+    from django.db import connections
+
+    for conn in connections.all(initialized_only=True):
+        close_pool = getattr(conn, "close_pool", None)
+        if close_pool is not None and getattr(conn, "pool", None) is not None:
+            close_pool()
+    if settings.USING_POSTGRES:
+        # Async tests run the ORM in worker threads whose connections Django cannot reach
+        # from here; end them so the test database can be dropped.
+        import psycopg
+
+        name = connections["default"].settings_dict["NAME"]
+        with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                [name],
+            )

@@ -101,7 +101,12 @@ class TestIntegration:
         first = chat(writer, num_agents=2, turns=1).json()
         second = writer.post(
             "/chat",
-            {"message": "And for a large team?", "conversation_id": first["conversation_id"], "num_agents": 2, "turns": 1},
+            {
+                "message": "And for a large team?",
+                "conversation_id": first["conversation_id"],
+                "num_agents": 2,
+                "turns": 1,
+            },
             format="json",
         )
         assert second.status_code == 200, second.content
@@ -148,9 +153,9 @@ class TestIntegration:
         assert conversation.status == "failed"
         assert conversation.consensus_result == ""
         assert not ConsensusResult.objects.filter(conversation=conversation).exists()
-        assert set(Message.objects.filter(conversation=conversation, role="agent").values_list("status", flat=True)) == {
-            "failed"
-        }
+        assert set(
+            Message.objects.filter(conversation=conversation, role="agent").values_list("status", flat=True)
+        ) == {"failed"}
         assert Event.objects.filter(conversation=conversation, type="conversation_failed").exists()
 
     def test_temperature_zero_stays_zero(self, writer, config, monkeypatch):
@@ -187,7 +192,9 @@ class TestIntegration:
 class TestResume:
     async def test_a_crashed_run_resumes_after_the_last_complete_turn_without_duplicates(self, config):
         principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
-        conversation, exchange = await conversation_start(principal=principal, message=QUESTION, num_agents=3, turns=2)
+        conversation, exchange = await conversation_start(
+            principal=principal, message=QUESTION, num_agents=3, turns=2
+        )
         # Turn 1 was stored by a worker that then died.
         for index in range(3):
             await Message.objects.acreate(
@@ -210,11 +217,14 @@ class TestResume:
         }
         assert await Message.objects.filter(conversation=conversation, turn=2).acount() == 3
         started = await Event.objects.filter(conversation=conversation, type="conversation_started").afirst()
-        assert started is not None and started.data["resumed"] is True
+        assert started is not None
+        assert started.data["resumed"] is True
 
     async def test_running_a_finished_exchange_again_changes_nothing(self, config):
         principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
-        conversation, exchange = await conversation_start(principal=principal, message=QUESTION, num_agents=2, turns=1)
+        conversation, exchange = await conversation_start(
+            principal=principal, message=QUESTION, num_agents=2, turns=1
+        )
         await conversation_run(conversation_id=conversation.pk, exchange=exchange)
         before = await Message.objects.filter(conversation=conversation).acount()
         events = await Event.objects.filter(conversation=conversation).acount()
@@ -230,7 +240,9 @@ class TestResume:
         monkeypatch.setattr(services, "HEARTBEAT_SECONDS", 0.05)
         reset_providers()
         principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
-        conversation, exchange = await conversation_start(principal=principal, message=QUESTION, num_agents=2, turns=3)
+        conversation, exchange = await conversation_start(
+            principal=principal, message=QUESTION, num_agents=2, turns=3
+        )
         run = asyncio.ensure_future(conversation_run(conversation_id=conversation.pk, exchange=exchange))
         await asyncio.sleep(0.2)
         await services.conversation_cancel(conversation_id=conversation.pk)
@@ -270,8 +282,12 @@ class TestOrchestratorUnit:
         text = "Because.\nFINAL POSITION: Use tenacity\nCONFIDENCE: 0.9"
         orchestrator.results[1] = {
             p.agent_id: AgentResult(
-                agent_id=p.agent_id, turn=1, ok=True, text=f"{p.agent_id} says. " + text,
-                proposal=parse_reply(p.agent_id, text), usage=Usage(1, 1),
+                agent_id=p.agent_id,
+                turn=1,
+                ok=True,
+                text=f"{p.agent_id} says. " + text,
+                proposal=parse_reply(p.agent_id, text),
+                usage=Usage(1, 1),
             )
             for p in panel
         }

@@ -18,7 +18,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("question")
         parser.add_argument("--agents", type=int, default=None, help="number of agents (default NUM_AGENTS)")
-        parser.add_argument("--turns", type=int, default=None, help="discussion turns (default DEFAULT_TURNS)")
+        parser.add_argument(
+            "--turns", type=int, default=None, help="discussion turns (default DEFAULT_TURNS)"
+        )
         parser.add_argument("--strategy", choices=["majority", "weighted"], default="majority")
         parser.add_argument("--json", action="store_true", help="print the full /chat JSON body")
 
@@ -35,21 +37,29 @@ class Command(BaseCommand):
             self.stdout.write(self.style.MIGRATE_HEADING(label))
             self.stdout.write(agent["response"].strip() + "\n")
         for failed in body["failed_agents"]:
-            self.stdout.write(self.style.ERROR(f"{failed['agent_id']} failed in turn {failed['turn']}: {failed['error']}"))
+            self.stdout.write(
+                self.style.ERROR(f"{failed['agent_id']} failed in turn {failed['turn']}: {failed['error']}")
+            )
         meta = body["metadata"]
         self.stdout.write(self.style.MIGRATE_HEADING("Votes"))
         for vote in body["votes"]:
             self.stdout.write(f"  {vote['voter']} -> {vote['choice'] or 'abstain'} ({vote['confidence']})")
         status = meta["status"]
         if body["consensus_result"]:
-            self.stdout.write(self.style.SUCCESS(f"Consensus ({status}, confidence {body['confidence']:.2f}):"))
+            self.stdout.write(
+                self.style.SUCCESS(f"Consensus ({status}, confidence {body['confidence']:.2f}):")
+            )
             self.stdout.write(body["consensus_result"])
         else:
             self.stdout.write(self.style.WARNING(f"No consensus ({status}). {meta.get('error') or ''}"))
-        self.stdout.write(f"conversation {body['conversation_id']} in {meta['duration']} s, tokens {body['usage']}")
+        self.stdout.write(
+            f"conversation {body['conversation_id']} in {meta['duration']} s, tokens {body['usage']}"
+        )
 
     async def _run(self, question: str, options: dict[str, Any]) -> dict[str, Any]:
-        principal = Principal(kind="user", permissions=frozenset({"read", "write", "admin"}), name="cli", user_id=0)
+        principal = Principal(
+            kind="user", permissions=frozenset({"read", "write", "admin"}), name="cli", user_id=0
+        )
         conversation, exchange = await conversation_start(
             principal=principal,
             message=question,
