@@ -271,12 +271,15 @@ class TestAuthentication:
     @pytest.mark.django_db(transaction=True)
     async def test_aauthenticate_bearer(self, key_of: Callable[..., tuple[ApiKey, str]]) -> None:
         from asgiref.sync import sync_to_async
+        from django.db import connections
 
         row, raw = await sync_to_async(key_of)("read")
         principal = await aauthenticate_bearer(raw, ip="10.0.0.2")
         assert principal.api_key_id == row.pk
         with pytest.raises(AuthError):
             await aauthenticate_bearer("pk_nope_nope_nope_nope", ip="10.0.0.2")
+        # The worker thread's connection would otherwise outlive the test database.
+        await sync_to_async(connections.close_all)()
 
 
 class TestPermissions:
