@@ -4,7 +4,8 @@ With REDIS_URL the bucket lives in Redis and the clock is Redis' own `TIME`, so 
 holds across every process and machine. Without Redis (the embedded default) the bucket
 lives in Django's local-memory cache and is therefore PER PROCESS. When Redis cannot be
 reached the check fails open: the request is allowed, a warning is logged and
-`polyagents_rate_limit_backend_errors_total` is incremented.
+`polyagents_rate_limit_backend_errors_total` is incremented; for REDIS_BACKOFF seconds after
+a failure Redis is not tried again, so an unreachable server costs no timeout per request.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ return {allowed, string.format('%.6f', tokens)}
 """
 
 REDIS_TIMEOUT = 0.5  # seconds: a slow Redis must not stall every request
+REDIS_BACKOFF = 1.0  # seconds without trying Redis after a failure (each request fails open at once)
 _WARN_INTERVAL = 10.0
 
 
@@ -118,32 +120,42 @@ def _redis(url: str) -> tuple[redis.Redis, redis.commands.core.Script]:
     return conn, conn.register_script(TOKEN_BUCKET_LUA)
 
 
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
-    weakref.WeakKeyDictionary()
-)
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[str, redis.commands.core.AsyncScript]
+] = weakref.WeakKeyDictionary()
 
 
-def _aredis(url: str) -> aioredis.Redis:
-    """One async client per event loop (redis.asyncio pools are bound to their loop)."""
+def _ascript(url: str) -> redis.commands.core.AsyncScript:
+    """The bucket script bound to one async client per event loop (redis.asyncio pools are per loop)."""
     per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
     if url not in per_loop:
-        per_loop[url] = aioredis.Redis.from_url(
+        conn = aioredis.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
         )
+        per_loop[url] = conn.register_script(TOKEN_BUCKET_LUA)
     return per_loop[url]
 
 
 _last_warning = 0.0
+_down_until: dict[str, float] = {}
 
 
-def _fail_open(scope: str, policy: Policy, exc: Exception) -> Decision:
+def _backing_off(url: str) -> bool:
+    """True for REDIS_BACKOFF seconds after a failure of the Redis at `url`."""
+    return time.monotonic() < _down_until.get(url, 0.0)
+
+
+def _fail_open(scope: str, policy: Policy, exc: Exception | None, url: str) -> Decision:
     """Allow the request when Redis is unreachable; warn at most every few seconds."""
     global _last_warning
     RATE_LIMIT_BACKEND_ERRORS.labels(scope).inc()
     now = time.monotonic()
+    if exc is not None:
+        _down_until[url] = now + REDIS_BACKOFF
     if now - _last_warning >= _WARN_INTERVAL:
         _last_warning = now
-        logger.warning("rate limiter backend unavailable, failing open: %s", exc, extra={"scope": scope})
+        reason = exc or f"backing off after a failure less than {REDIS_BACKOFF}s ago"
+        logger.warning("rate limiter backend unavailable, failing open: %s", reason, extra={"scope": scope})
     return Decision(allowed=True, policy=policy, tokens=float(policy.capacity), degraded=True)
 
 
@@ -177,23 +189,27 @@ def take(url: str, key: str, policy: Policy, cost: int = 1) -> Decision:
 def check(scope: str, client: str, policy: Policy, cost: int = 1) -> Decision:
     """Take `cost` tokens from the bucket of `client` in `scope`."""
     key = bucket_key(scope, client)
-    if not settings.REDIS_URL:
+    url = settings.REDIS_URL
+    if not url:
         return _check_local(key, policy, cost)
+    if _backing_off(url):
+        return _fail_open(scope, policy, None, url)
     try:
-        return take(settings.REDIS_URL, key, policy, cost)
+        return take(url, key, policy, cost)
     except redis.RedisError as exc:
-        return _fail_open(scope, policy, exc)
+        return _fail_open(scope, policy, exc, url)
 
 
 async def acheck(scope: str, client: str, policy: Policy, cost: int = 1) -> Decision:
     """Async variant of `check` for consumers and async code paths."""
     key = bucket_key(scope, client)
-    if not settings.REDIS_URL:
+    url = settings.REDIS_URL
+    if not url:
         return _check_local(key, policy, cost)  # in-memory: no I/O, safe to run inline
+    if _backing_off(url):
+        return _fail_open(scope, policy, None, url)
     try:
-        conn = _aredis(settings.REDIS_URL)
-        script = conn.register_script(TOKEN_BUCKET_LUA)
-        result = await script(keys=[key], args=[policy.capacity, policy.rate, cost])
+        result = await _ascript(url)(keys=[key], args=[policy.capacity, policy.rate, cost])
     except redis.RedisError as exc:
-        return _fail_open(scope, policy, exc)
+        return _fail_open(scope, policy, exc, url)
     return _decision(policy, result)

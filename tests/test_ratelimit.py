@@ -221,6 +221,7 @@ def dead_redis(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point the rate limiter at a port where no Redis listens."""
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     monkeypatch.setattr(ratelimit, "_last_warning", 0.0)
+    monkeypatch.setattr(ratelimit, "_down_until", {})
 
 
 def test_redis_unavailable_fails_open(
