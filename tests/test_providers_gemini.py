@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -193,3 +194,11 @@ def test_parse_duration() -> None:
     assert parse_duration("0.2s") == 0.2
     assert parse_duration("soon") is None
     assert parse_duration(None) is None
+
+
+def test_a_cached_provider_works_from_another_event_loop(fake: FakeGemini) -> None:
+    provider = GeminiProvider(api_key="k", base_url=fake.base_url, timeout=5)
+    first = asyncio.run(provider.generate(request()))
+    second = asyncio.run(provider.generate(request()))  # a new loop: a new SDK client
+    assert first.text == second.text
+    assert len(fake.generate_calls) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -152,3 +153,11 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
     assert parse_retry_after({"retry-after": "later"}) is None
     assert parse_retry_after({}) is None
+
+
+def test_a_cached_provider_works_from_another_event_loop(fake: FakeOpenAI) -> None:
+    provider = OpenAICompatProvider(base_url=fake.api_url, api_key="k", timeout=5)
+    first = asyncio.run(provider.generate(request()))
+    second = asyncio.run(provider.generate(request()))
+    assert first.text == second.text
+    assert len(fake.requests) == 2

@@ -119,5 +119,9 @@ class Provider(abc.ABC):
             await on_delta(generation.text)
         return generation
 
+    async def list_models(self) -> list[str]:
+        """Model names the vendor offers (for the health check); [] when it cannot tell."""
+        return []
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release network resources."""

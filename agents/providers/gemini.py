@@ -25,6 +25,7 @@ from agents.providers.base import (
     ProviderError,
     Usage,
 )
+from agents.providers.loops import PerLoop
 
 SAFETY_FINISH_REASONS = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"})
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
@@ -149,7 +150,7 @@ class GeminiProvider(Provider):
             timeout=int(timeout * 1000),
             retry_options=None,  # one retry layer: ours (agents.resilience)
         )
-        self._client = genai.Client(api_key=api_key, http_options=http_options)
+        self._clients = PerLoop(lambda: genai.Client(api_key=api_key, http_options=http_options))
 
     def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
         timeout = request.timeout or self.timeout
@@ -164,7 +165,7 @@ class GeminiProvider(Provider):
         """One generateContent call."""
         started = time.monotonic()
         try:
-            response = await self._client.aio.models.generate_content(
+            response = await self._clients.get().aio.models.generate_content(
                 model=request.model, contents=request.prompt, config=self._config(request)
             )
         except Exception as exc:
@@ -216,7 +217,7 @@ class GeminiProvider(Provider):
     async def _chunks(self, request: GenerationRequest) -> AsyncIterator[types.GenerateContentResponse]:
         """The SDK's stream, with its failures classified (and only its failures)."""
         try:
-            stream = await self._client.aio.models.generate_content_stream(
+            stream = await self._clients.get().aio.models.generate_content_stream(
                 model=request.model, contents=request.prompt, config=self._config(request)
             )
             iterator = stream.__aiter__()
@@ -235,7 +236,7 @@ class GeminiProvider(Provider):
         """Model names the key can use (without the "models/" prefix), for the health check."""
         names: list[str] = []
         try:
-            pager = await self._client.aio.models.list(config={"page_size": 100})
+            pager = await self._clients.get().aio.models.list(config={"page_size": 100})
             async for model in pager:
                 if model.name:
                     names.append(model.name.removeprefix("models/"))
@@ -246,5 +247,7 @@ class GeminiProvider(Provider):
         return names
 
     async def aclose(self) -> None:
-        """Close the SDK's HTTP client."""
-        await self._client.aio.aclose()
+        """Close the SDK's HTTP client of the running loop."""
+        client = self._clients.pop()
+        if client is not None:
+            await client.aio.aclose()

@@ -25,6 +25,7 @@ from agents.providers.base import (
     ProviderError,
     Usage,
 )
+from agents.providers.loops import PerLoop
 
 SAFETY_FINISH_REASONS = frozenset({"content_filter"})
 
@@ -113,8 +114,8 @@ class OpenAICompatProvider(Provider):
     def __init__(self, *, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.timeout = timeout
         # Local servers accept any key; the SDK refuses to start without one.
-        self._client = AsyncOpenAI(
-            base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout
+        self._clients = PerLoop(
+            lambda: AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout)
         )
 
     def _arguments(self, request: GenerationRequest) -> dict[str, Any]:
@@ -142,7 +143,7 @@ class OpenAICompatProvider(Provider):
         """One chat completion."""
         started = time.monotonic()
         try:
-            completion = await self._client.chat.completions.create(**self._arguments(request))
+            completion = await self._clients.get().chat.completions.create(**self._arguments(request))
         except Exception as exc:
             raise classify(exc, model=request.model) from exc
         choice = completion.choices[0] if completion.choices else None
@@ -165,7 +166,7 @@ class OpenAICompatProvider(Provider):
         usage = None
         finish = None
         try:
-            stream = await self._client.chat.completions.create(
+            stream = await self._clients.get().chat.completions.create(
                 **self._arguments(request), stream=True, stream_options={"include_usage": True}
             )
             iterator = stream.__aiter__()
@@ -201,11 +202,13 @@ class OpenAICompatProvider(Provider):
     async def list_models(self) -> list[str]:
         """Model ids the server offers, for the health check."""
         try:
-            page = await self._client.models.list()
+            page = await self._clients.get().models.list()
         except Exception as exc:
             raise classify(exc, model="") from exc
         return [model.id for model in page.data]
 
     async def aclose(self) -> None:
-        """Close the SDK's HTTP client."""
-        await self._client.close()
+        """Close the SDK's HTTP client of the running loop."""
+        client = self._clients.pop()
+        if client is not None:
+            await client.close()

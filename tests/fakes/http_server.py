@@ -69,6 +69,8 @@ class FakeVendor:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, like the real vendors
+
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 return
 
@@ -130,6 +132,7 @@ class FakeVendor:
         if response.events is not None:
             handler.send_header("Content-Type", "text/event-stream")
             handler.send_header("Connection", "close")
+            handler.close_connection = True  # an SSE body ends when the connection closes
             handler.end_headers()
             for i, event in enumerate(response.events):
                 if i and response.event_delay:

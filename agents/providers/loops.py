@@ -1,0 +1,40 @@
+"""One SDK client per running event loop.
+
+httpx async clients (used by google-genai and openai) hold connections bound to the
+loop that opened them; a cached provider reused from another loop (`manage.py chat`,
+`async_to_sync` in a worker thread, each test's loop) would fail on a dead loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class PerLoop(Generic[T]):
+    """Builds a value lazily for each event loop and forgets it when the loop is collected."""
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self) -> T:
+        """The value of the running loop (built on first use)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            value = self._values.get(loop)
+            if value is None:
+                value = self._values[loop] = self._factory()
+            return value
+
+    def pop(self) -> T | None:
+        """Remove and return the running loop's value, if any."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            return self._values.pop(loop, None)
