@@ -47,11 +47,11 @@ class ApiKeySerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ApiKey
-        fields = (
+        fields: tuple[str, ...] = (
             "id", "name", "prefix", "permissions", "rate_limit_override", "source", "created_at",
             "expires_at", "revoked_at", "last_used_at", "replaced_by", "status",
         )
-        read_only_fields = fields
+        read_only_fields: tuple[str, ...] = fields
 
     def get_status(self, key: ApiKey) -> str:
         return key_status(key)
@@ -91,3 +91,33 @@ class RotateSerializer(serializers.Serializer):
     grace_seconds = serializers.IntegerField(
         min_value=0, max_value=90 * 86400, required=False, allow_null=True
     )
+
+
+class TokenPairSerializer(serializers.Serializer):
+    """Response of /auth/token and /auth/token/refresh (documentation only)."""
+
+    access = serializers.CharField()
+    refresh = serializers.CharField()
+    token_type = serializers.CharField(default="Bearer")
+    expires_in = serializers.IntegerField(help_text="Lifetime of the access token in seconds.")
+
+
+class WhoAmISerializer(serializers.Serializer):
+    """Response of /auth/whoami (documentation only)."""
+
+    kind = serializers.ChoiceField(choices=["api_key", "user", "anonymous"])
+    name = serializers.CharField()
+    owner = serializers.CharField()
+    permissions = serializers.ListField(child=serializers.CharField())
+    key_prefix = serializers.CharField(allow_null=True)
+    rate_limit_override = serializers.IntegerField(allow_null=True)
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    """A key with its raw secret, returned once on creation or rotation (documentation only)."""
+
+    key = serializers.CharField(help_text="The raw key: shown once, store it now.")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = (*ApiKeySerializer.Meta.fields, "key")
+        read_only_fields = fields

@@ -7,7 +7,8 @@ from typing import Any
 from django.contrib.auth import authenticate
 from django.db.models import Model
 from django.shortcuts import get_object_or_404
-from rest_framework import status
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers, status
 from rest_framework.exceptions import APIException
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -22,11 +23,14 @@ from gateway.permissions import CanRead, IsAdmin
 from gateway.principal import Principal
 from gateway.security import log_security_event
 from gateway.serializers import (
+    ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
     ApiKeySerializer,
     RefreshSerializer,
     RotateSerializer,
+    TokenPairSerializer,
     TokenRequestSerializer,
+    WhoAmISerializer,
 )
 from gateway.throttling import TokenEndpointThrottle
 from gateway.tokens import TokenRejected, issue_for_key, issue_for_user, refresh_revoke, refresh_rotate
@@ -60,6 +64,7 @@ class _PublicTokenView(APIView):
 class TokenView(_PublicTokenView):
     """POST /auth/token: an API key, or a Django user's credentials, for a JWT pair."""
 
+    @extend_schema(request=TokenRequestSerializer, responses={200: TokenPairSerializer})
     def post(self, request: Request) -> Response:
         body = TokenRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -79,6 +84,7 @@ class TokenView(_PublicTokenView):
 class TokenRefreshView(_PublicTokenView):
     """POST /auth/token/refresh: a new pair; the old refresh token is blacklisted."""
 
+    @extend_schema(request=RefreshSerializer, responses={200: TokenPairSerializer})
     def post(self, request: Request) -> Response:
         body = RefreshSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -92,6 +98,10 @@ class TokenRefreshView(_PublicTokenView):
 class TokenRevokeView(_PublicTokenView):
     """POST /auth/token/revoke: blacklist a refresh token."""
 
+    @extend_schema(
+        request=RefreshSerializer,
+        responses={200: inline_serializer("TokenRevoked", {"revoked": serializers.BooleanField()})},
+    )
     def post(self, request: Request) -> Response:
         body = RefreshSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -107,6 +117,7 @@ class WhoAmIView(APIView):
 
     permission_classes = [CanRead]
 
+    @extend_schema(responses={200: WhoAmISerializer})
     def get(self, request: Request) -> Response:
         principal: Principal = request.user  # type: ignore[assignment]
         prefix = None
@@ -131,10 +142,12 @@ class KeyListView(APIView):
 
     permission_classes = [IsAdmin]
 
+    @extend_schema(responses={200: inline_serializer("ApiKeyList", {"keys": ApiKeySerializer(many=True)})})
     def get(self, request: Request) -> Response:
         keys = ApiKey.objects.order_by("-created_at", "-id")[:1000]
         return Response({"keys": ApiKeySerializer(keys, many=True).data})
 
+    @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer})
     def post(self, request: Request) -> Response:
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -150,6 +163,7 @@ class KeyRevokeView(APIView):
 
     permission_classes = [IsAdmin]
 
+    @extend_schema(request=None, responses={200: ApiKeySerializer})
     def post(self, request: Request, key_id: int) -> Response:
         key = key_revoke(key=get_object_or_404(ApiKey, pk=key_id))
         log_security_event("key_revoked", ip=client_ip(request), path=request.path, api_key=key,
@@ -162,6 +176,7 @@ class KeyRotateView(APIView):
 
     permission_classes = [IsAdmin]
 
+    @extend_schema(request=RotateSerializer, responses={201: ApiKeyCreatedSerializer})
     def post(self, request: Request, key_id: int) -> Response:
         body = RotateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
