@@ -2,12 +2,21 @@
 
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 urlpatterns = [
     path("django-admin/", admin.site.urls),
     path("", include("gateway.urls")),
     path("", include("conversations.urls")),
     path("", include("monitoring.urls")),
+    # API docs: OpenAPI schema, Swagger UI and ReDoc (assets served locally by the sidecar).
+    path("schema", SpectacularAPIView.as_view(), name="schema"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path(
+        "redoc",
+        SpectacularRedocView.as_view(url_name="schema", template_name="monitoring/redoc.html"),
+        name="redoc",
+    ),
 ]
 
 # Unknown paths and unexpected errors answer JSON too, never an HTML page.

@@ -95,7 +95,7 @@ def test_cleanup_deletes_redis_streams(client_with):
     import redis
 
     old, recent = _conversation(40), _conversation(1)
-    conn = redis.Redis.from_url(settings.REDIS_URL)
+    conn = redis.Redis.from_url(str(settings.REDIS_URL))
     for conversation in (old, recent):
         conn.xadd(stream_key(conversation.pk), {"seq": "1"})
     try:
