@@ -103,6 +103,9 @@ class EventLog:
     def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0) -> None:
         self.conversation_id = conversation_id
         self.last_seq = last_seq
+        # Agents of a turn emit concurrently: store, append and publish strictly in seq order,
+        # or a follower could see seq N+1 before N is stored and then drop N as a duplicate.
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, conversation_id: uuid.UUID) -> EventLog:
@@ -112,24 +115,25 @@ class EventLog:
 
     async def emit(self, type: str, **data: Any) -> dict[str, Any]:
         """Store the event, then append it to the Redis Stream, then send it to the group."""
-        self.last_seq += 1
-        now = timezone.now()
-        event = {
-            "type": type,
-            "conversation_id": str(self.conversation_id),
-            "seq": self.last_seq,
-            "timestamp": now.isoformat().replace("+00:00", "Z"),
-            **data,
-        }
-        # Epoch seconds at emit time: lets clients (and bench/stream.py) measure delivery latency.
-        event.setdefault("emitted_at", time.time())
-        await Event.objects.acreate(
-            conversation_id=self.conversation_id, seq=self.last_seq, type=type, data=event, created_at=now
-        )
-        await Conversation.objects.filter(pk=self.conversation_id).aupdate(last_seq=self.last_seq)
-        await _append_to_stream(event)
-        await _publish(event)
-        return event
+        async with self._lock:
+            self.last_seq += 1
+            now = timezone.now()
+            event = {
+                "type": type,
+                "conversation_id": str(self.conversation_id),
+                "seq": self.last_seq,
+                "timestamp": now.isoformat().replace("+00:00", "Z"),
+                **data,
+            }
+            # Epoch seconds at emit time: lets clients (and bench/stream.py) measure delivery latency.
+            event.setdefault("emitted_at", time.time())
+            await Event.objects.acreate(
+                conversation_id=self.conversation_id, seq=self.last_seq, type=type, data=event, created_at=now
+            )
+            await Conversation.objects.filter(pk=self.conversation_id).aupdate(last_seq=self.last_seq)
+            await _append_to_stream(event)
+            await _publish(event)
+            return event
 
 
 async def _read_stream(conversation_id: uuid.UUID | str, after: int) -> list[dict[str, Any]] | None:
