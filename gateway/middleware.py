@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.core.signals import request_finished
+from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from gateway.blocking import ais_blocked, ashould_log_blocked_request, is_blocked, should_log_blocked_request
@@ -79,31 +81,35 @@ def _request_id(request: HttpRequest) -> str:
 
 
 class RequestIdMiddleware(_Middleware):
-    """Puts a request id on `request.request_id`, on the response and on every log record."""
+    """Puts a request id on `request.request_id`, on the response and on every log record.
+
+    The id stays set until `request_finished`, so Django's own "django.request" lines (logged
+    after the middleware chain returns, 500 tracebacks included) carry it too.
+    """
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.is_async:
             return self.__acall__(request)
         request_id = _request_id(request)
         request.request_id = request_id  # type: ignore[attr-defined]
-        token = request_id_var.set(request_id)
-        try:
-            response: HttpResponseBase = self.get_response(request)
-        finally:
-            request_id_var.reset(token)
+        request_id_var.set(request_id)
+        response: HttpResponseBase = self.get_response(request)
         response[REQUEST_ID_HEADER] = request_id
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         request_id = _request_id(request)
         request.request_id = request_id  # type: ignore[attr-defined]
-        token = request_id_var.set(request_id)
-        try:
-            response: HttpResponseBase = await self.get_response(request)
-        finally:
-            request_id_var.reset(token)
+        request_id_var.set(request_id)  # each ASGI request runs in its own context
+        response: HttpResponseBase = await self.get_response(request)
         response[REQUEST_ID_HEADER] = request_id
         return response
+
+
+@receiver(request_finished)
+def _forget_request_id(sender: Any, **kwargs: Any) -> None:
+    """Clear the id once the response is closed, so a reused thread does not log a stale one."""
+    request_id_var.set(None)
 
 
 def _add_rate_limit_headers(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:

@@ -20,7 +20,7 @@ from rest_framework.test import APIClient
 
 from gateway.blocking import ais_blocked, block_ip, is_blocked, record_auth_failure
 from gateway.models import ApiKey, BlockedIP, SecurityEvent
-from gateway.net import RequestIdFilter, client_ip
+from gateway.net import RequestIdFilter, client_ip, request_id_var
 from gateway.security import alog_security_event, log_security_event
 
 urlpatterns = [
@@ -121,6 +121,19 @@ def test_deleting_the_block_in_the_admin_restores_access_at_once(
     assert attacker.get("/auth/whoami").status_code == 401  # answered again, not 403
     good = client_with("read")
     assert good.get("/auth/whoami", REMOTE_ADDR=ATTACKER).status_code == 200
+
+
+@pytest.mark.urls("polyagents_site.urls")
+def test_health_of_the_real_site_is_refused_then_restored(db: None, client: Any) -> None:
+    block_ip(ATTACKER, seconds=600, reason="test")
+    refused = client.get("/health", REMOTE_ADDR=ATTACKER)
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "ip_blocked"
+    assert client.get("/health").status_code == 200  # other addresses are served
+    BlockedIP.objects.filter(ip=ATTACKER).delete()
+    restored = client.get("/health", REMOTE_ADDR=ATTACKER)
+    assert restored.status_code == 200
+    assert restored.has_header("X-Request-ID")
 
 
 def test_block_expires_after_its_duration(db: None, attacker: APIClient, config: Callable) -> None:
@@ -304,6 +317,19 @@ def test_request_id_is_echoed_only_when_valid(
         assert returned != sent
         assert len(returned) == 32
         assert returned.isalnum()
+
+
+def test_request_id_reaches_django_request_log_lines_then_is_cleared(db: None, attacker: APIClient) -> None:
+    handler = _Capture()
+    logger = logging.getLogger("django.request")
+    logger.addHandler(handler)
+    try:
+        response = attacker.get("/auth/whoami", HTTP_X_REQUEST_ID="trace-9")
+    finally:
+        logger.removeHandler(handler)
+    assert response.status_code == 401
+    assert [vars(r).get("request_id") for r in handler.records] == ["trace-9"]
+    assert request_id_var.get() is None
 
 
 def test_each_request_gets_its_own_id(db: None, api_client: APIClient) -> None:
