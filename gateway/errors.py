@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -26,6 +27,14 @@ def error_response(
 ) -> JsonResponse:
     """A JSON error for plain Django views (outside DRF)."""
     return JsonResponse(error_body(code, detail, errors), status=status)
+
+
+class PayloadTooLarge(exceptions.APIException):
+    """413: the request body exceeds DATA_UPLOAD_MAX_MEMORY_SIZE."""
+
+    status_code = 413
+    default_detail = "Request body too large."
+    default_code = "payload_too_large"
 
 
 def _flatten(detail: Any) -> list[str]:
@@ -62,6 +71,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):
+        exc = PayloadTooLarge()
+    elif isinstance(exc, SuspiciousOperation):
+        exc = exceptions.ParseError("Bad request.", code="bad_request")
 
     if not isinstance(exc, exceptions.APIException):
         view = context.get("view")

@@ -683,3 +683,41 @@ class TestValidation:
         with pytest.raises(serializers.ValidationError) as caught:
             parse_uuid("not-a-uuid", field="conversation_id")
         assert "conversation_id" in caught.value.detail
+
+
+class TestHostileBodies:
+    def test_oversized_body_is_4xx_json(self) -> None:
+        huge = '{"api_key": "' + "a" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10) + '"}'
+        response = APIClient().post("/auth/token", huge, content_type="application/json")
+        assert response.status_code in (400, 413), response.content
+        assert response.json()["code"] in ("invalid", "payload_too_large")
+        assert not ApiKey.objects.exists()
+
+    def test_django_body_limit_maps_to_413(self) -> None:
+        from django.core.exceptions import RequestDataTooBig
+
+        from gateway.errors import exception_handler
+
+        response = exception_handler(RequestDataTooBig("too big"), {})
+        assert response.status_code == 413
+        assert response.data == {"detail": "Request body too large.", "code": "payload_too_large"}
+
+    @pytest.mark.parametrize(
+        "payload",
+        [
+            {"api_key": "' OR 1=1 --0123456789"},
+            {"api_key": "<script>alert(1)</script>"},
+            {"username": "admin'--", "password": "x' OR '1'='1"},
+            {"username": "<img src=x onerror=alert(1)>", "password": "p"},
+        ],
+    )
+    def test_sql_and_html_credentials_are_plain_401(self, payload: dict[str, str]) -> None:
+        response = APIClient().post("/auth/token", payload, format="json")
+        assert response.status_code == 401
+        assert response["Content-Type"] == "application/json"
+        assert "<script>" not in response.content.decode()
+
+    def test_json_array_body_is_400(self) -> None:
+        response = APIClient().post("/auth/token", [1, 2], format="json")
+        assert response.status_code == 400
+        assert response.json()["code"] == "invalid"
