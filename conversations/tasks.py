@@ -17,6 +17,7 @@ from procrastinate import App, JobContext, RetryDecision, RetryStrategy
 from procrastinate.contrib.django import app
 from procrastinate.contrib.django.django_connector import DjangoConnector
 from procrastinate.jobs import Job
+from procrastinate.manager import JobManager
 
 logger = logging.getLogger("polyagents.tasks")
 
@@ -63,13 +64,15 @@ async def run_conversation(conversation_id: str, exchange: int) -> None:
     await conversation_run(conversation_id=uuid.UUID(conversation_id), exchange=exchange)
 
 
-async def retry_stalled_jobs(seconds_since_heartbeat: float = STALLED_JOB_SECONDS) -> int:
+async def retry_stalled_jobs(
+    manager: JobManager, seconds_since_heartbeat: float = STALLED_JOB_SECONDS
+) -> int:
     """Put back in the queue the jobs of workers that stopped sending heartbeats (killed, lost)."""
-    stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat)
+    stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat)
     count = 0
     for job in stalled:
         try:
-            await app.job_manager.retry_job(job)
+            await manager.retry_job(job)
         except Exception:  # e.g. a newer job already holds its queueing lock
             logger.exception("stalled job not retried", extra={"job_id": job.id, "task": job.task_name})
             continue
@@ -84,7 +87,7 @@ async def sweep(context: JobContext, timestamp: int) -> dict[str, Any]:
     """Every minute: retry stalled jobs, then re-enqueue or fail conversations with a dead heartbeat."""
     from conversations.jobs import sweep_stale_conversations
 
-    retried = await retry_stalled_jobs()
+    retried = await retry_stalled_jobs(context.app.job_manager)
     report = await sweep_stale_conversations()
     return {"stalled_jobs_retried": retried, "requeued": report.requeued, "failed": report.failed}
 
