@@ -721,3 +721,20 @@ class TestHostileBodies:
         response = APIClient().post("/auth/token", [1, 2], format="json")
         assert response.status_code == 400
         assert response.json()["code"] == "invalid"
+
+    def test_plain_django_handlers_answer_json(self, rf: Any) -> None:
+        import json
+
+        from gateway.errors import handler400, handler403, handler404, handler500
+
+        request = rf.get("/x")
+        for handler, status, code in [
+            (lambda r: handler400(r, None), 400, "bad_request"),
+            (lambda r: handler403(r, None), 403, "permission_denied"),
+            (lambda r: handler404(r, None), 404, "not_found"),
+            (handler500, 500, "server_error"),
+        ]:
+            response = handler(request)
+            assert response.status_code == status
+            assert response["Content-Type"] == "application/json"
+            assert json.loads(response.content)["code"] == code
