@@ -21,7 +21,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Literal
@@ -135,6 +135,7 @@ class CircuitBreaker:
 _breakers: dict[str, CircuitBreaker] = {}
 _breakers_lock = threading.Lock()
 _clock: Callable[[], float] = time.monotonic
+_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 def get_breaker(provider: str, model: str) -> CircuitBreaker:
@@ -239,6 +240,7 @@ async def _call_model(
         wait=wait,
         retry=retry_if_exception(should_retry),
         before_sleep=_log_retry,
+        sleep=lambda seconds: _sleep(seconds),  # looked up at call time so tests can record waits
         reraise=True,
     )
     async for attempt in retrying:

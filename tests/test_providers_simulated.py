@@ -166,3 +166,58 @@ def test_registry_refuses_an_unknown_name() -> None:
     with pytest.raises(ProviderError) as caught:
         get_provider("nope")
     assert caught.value.kind == "bad_request"
+
+
+async def test_a_simulated_panel_usually_converges_by_turn_two() -> None:
+    provider = SimulatedProvider(latency=0)
+    agents = ("a1", "a2", "a3")
+    split_at_first, unanimous_at_second = 0, 0
+    for i in range(30):
+        question = f"Should city {i} build more bike lanes?"
+        first = {}
+        for agent in agents:
+            match = REPLY.search((await provider.generate(answer_request(question, agent))).text)
+            assert match
+            first[agent] = match["position"]
+        split_at_first += len(set(first.values())) > 1
+        second = set()
+        for agent in agents:
+            peers = [p for other, p in first.items() if other != agent]
+            reply = await provider.generate(answer_request(question, agent, turn=2, peer_positions=peers))
+            match = REPLY.search(reply.text)
+            assert match
+            second.add(match["position"])
+        unanimous_at_second += len(second) == 1
+    assert split_at_first >= 5  # panels do not always agree at once
+    assert unanimous_at_second >= 22  # but discussion brings most of them together (24 of 30 now)
+
+
+def test_registry_builds_gemini_and_openai_from_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.providers.gemini import GeminiProvider
+    from agents.providers.openai_compat import OpenAICompatProvider
+
+    reset_providers()
+    monkeypatch.setattr(
+        settings,
+        "CONFIG",
+        settings.CONFIG.model_copy(
+            update={
+                "GEMINI_API_KEY": "g-key",
+                "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+                "AGENT_CALL_TIMEOUT": 7.0,
+            }
+        ),
+    )
+    gemini = get_provider("gemini")
+    assert isinstance(gemini, GeminiProvider)
+    assert gemini.timeout == 7.0
+    assert isinstance(get_provider("openai"), OpenAICompatProvider)
+    reset_providers()
+
+
+def test_registry_refuses_openai_without_a_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    reset_providers()
+    monkeypatch.setattr(settings, "CONFIG", settings.CONFIG.model_copy(update={"OPENAI_BASE_URL": None}))
+    with pytest.raises(ProviderError) as caught:
+        get_provider("openai")
+    assert caught.value.kind == "auth"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
@@ -10,6 +11,7 @@ import pytest
 from django.conf import settings
 from prometheus_client import REGISTRY
 
+from agents import resilience
 from agents.providers.base import DeltaCallback, Generation, GenerationRequest, ProviderError
 from agents.providers.gemini import GeminiProvider
 from agents.providers.simulated import SimulatedProvider
@@ -410,3 +412,69 @@ async def test_simulated_failures_are_retried_into_a_success(monkeypatch: pytest
     )
     assert generation.simulated is True
     assert "FINAL POSITION:" in generation.text
+
+
+async def test_a_cancelled_trial_call_frees_the_half_open_slot(
+    fake: FakeGemini, gemini: GeminiProvider, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, RETRY_MAX_ATTEMPTS=1)
+    breaker = get_breaker("gemini", "gemini-a")
+    fake.always(http_error(503))
+    for _ in range(THRESHOLD):
+        with pytest.raises(ProviderError):
+            await call_with_resilience(gemini, request())
+    clock.advance(OPEN_FOR)
+    fake.always(slow(3))
+    task = asyncio.create_task(call_with_resilience(gemini, request()))
+    for _ in range(200):  # until the trial request reached the server
+        if calls_to(fake, "gemini-a") == THRESHOLD + 1:
+            break
+        await asyncio.sleep(0.01)
+    assert not breaker.allow()  # the trial is running
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert breaker.state == "half_open"
+    assert breaker.allow()  # the slot is free again
+
+
+async def test_waits_without_retry_after_use_full_jitter(
+    fake: FakeGemini, gemini: GeminiProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(
+        monkeypatch,
+        RETRY_BASE_DELAY=1.0,
+        RETRY_MAX_DELAY=4.0,
+        RETRY_MAX_ATTEMPTS=4,
+        CIRCUIT_BREAKER_FAILURE_THRESHOLD=99,
+    )
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(resilience, "_sleep", record)
+    for _ in range(5):
+        fake.script(http_error(503), http_error(503), http_error(503), ok())
+        await call_with_resilience(gemini, request())
+    assert len(waits) == 15
+    first, second, third = waits[0::3], waits[1::3], waits[2::3]
+    assert all(0 <= w <= 1.0 for w in first)  # uniform in [0, base * 2^0]
+    assert all(0 <= w <= 2.0 for w in second)  # uniform in [0, base * 2^1]
+    assert all(0 <= w <= 4.0 for w in third)  # capped by RETRY_MAX_DELAY
+    assert len(set(waits)) == len(waits)  # random, not a fixed schedule
+
+
+async def test_retry_after_replaces_the_jitter_wait(
+    fake: FakeGemini, gemini: GeminiProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, RETRY_MAX_DELAY=60.0)
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(resilience, "_sleep", record)
+    fake.script(rate_limited("37s"), ok("done"))
+    assert (await call_with_resilience(gemini, request())).text == "done"
+    assert waits == [37.0]

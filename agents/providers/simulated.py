@@ -35,6 +35,7 @@ by at as into over under between after before during some any many much each eve
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 AGREE_FIRST_TURN = 0.7  # chance a fresh agent picks the question's favoured answer
 FOLLOW_MAJORITY = 0.85  # chance an agent adopts the peers' majority from turn 2
+FOLLOW_PLURALITY = 0.5  # chance it adopts the first of several equally supported answers
 CHUNKS = 5  # pieces a streamed answer is cut into
 SEEN_LIMIT = 10_000  # retry counters kept for the failure schedule
 
@@ -209,7 +210,9 @@ def _answer_text(request: GenerationRequest, meta: dict[str, Any], rng: random.R
         counts = Counter(normalize(p) for p in [*peers, position])
         top_key, top_count = max(counts.items(), key=lambda item: (item[1], item[0]))
         majority = next(p for p in [*peers, position] if normalize(p) == top_key)
-        if normalize(position) == top_key or (top_count > 1 and rng.random() < FOLLOW_MAJORITY):
+        # On a tie every agent sees the same answers, so "first by key" is a shared focal point.
+        follow = FOLLOW_MAJORITY if top_count > 1 else FOLLOW_PLURALITY
+        if normalize(position) == top_key or rng.random() < follow:
             position, agreeing = majority, True
     confidence = round(rng.uniform(0.7, 0.95) if agreeing else rng.uniform(0.5, 0.85), 2)
     sentences = [f"{rng.choice(OPENERS)}, my answer is {position}.", rng.choice(REASONS)]
