@@ -188,12 +188,14 @@
         if ($("final").hidden) showFinal(event.status || "completed", event.consensus || event.consensus_result, event.confidence);
         setStatus(`Finished: ${event.status || "completed"}.`);
         $("cancel-button").disabled = true;
+        loadRecent();
         break;
       case "conversation_failed":
         state.finished = true;
         showFinal(event.status || "failed", event.reason || event.error || "failed", null);
         setStatus(`Ended: ${event.status || "failed"} — ${event.reason || event.error || ""}`, event.status !== "cancelled");
         $("cancel-button").disabled = true;
+        loadRecent();
         break;
       default:
         break;
@@ -276,6 +278,7 @@
       state.lastSeq = 0;
       state.finished = false;
       $("cancel-button").disabled = false;
+      history.replaceState(null, "", `#${conversationId}`); // reload or share to replay it
       setStatus("Started; waiting for the first turn…");
       follow(result.data.conversation_id, 0);
       loadRecent();
@@ -287,6 +290,7 @@
   }
 
   function replay(conversationId) {
+    history.replaceState(null, "", `#${conversationId}`);
     resetBoard(conversationId);
     state.lastSeq = 0;
     state.finished = false;
@@ -359,6 +363,8 @@
     $("refresh-recent").addEventListener("click", loadRecent);
     showKeyState();
     loadRecent();
+    const fromUrl = location.hash.slice(1);
+    if (apiKey() && /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(fromUrl)) replay(fromUrl);
   }
 
   document.addEventListener("DOMContentLoaded", init);
