@@ -113,6 +113,11 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Json
     return error_response(404, "not_found", f"No route for {request.path}.")
 
 
+def not_found(request: HttpRequest, *args: object, **kwargs: object) -> JsonResponse:
+    """Catch-all route: JSON 404 even in DEBUG, where Django would render its HTML 404 page."""
+    return handler404(request)
+
+
 def handler500(request: HttpRequest) -> JsonResponse:
     """JSON 500 for errors outside DRF views."""
     return error_response(500, "server_error", "Internal server error.")

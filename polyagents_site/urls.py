@@ -1,8 +1,10 @@
 """Root URL map. Paths follow the product brief exactly (no trailing slashes)."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from gateway.errors import not_found
 
 urlpatterns = [
     path("django-admin/", admin.site.urls),
@@ -18,6 +20,9 @@ urlpatterns = [
         name="redoc",
     ),
 ]
+
+# Last route: any other path answers a JSON 404, in DEBUG too (the admin keeps its own pages).
+urlpatterns.append(re_path(r"^(?!django-admin(?:/|$)).*$", not_found))
 
 # Unknown paths and unexpected errors answer JSON too, never an HTML page.
 handler400 = "gateway.errors.handler400"

@@ -617,10 +617,18 @@ class TestErrors:
         assert response.json() == {"detail": "Internal server error.", "code": "server_error"}
 
     @pytest.mark.urls("polyagents_site.urls")
-    def test_unknown_path_is_404_json(self) -> None:
-        response = APIClient().get("/no/such/path")
-        assert response.status_code == 404
-        assert response.json()["code"] == "not_found"
+    @pytest.mark.parametrize("debug", [False, True])
+    def test_unknown_path_is_404_json(self, debug: bool, settings: Any) -> None:
+        settings.DEBUG = debug  # in DEBUG Django would render its HTML 404 page
+        for method in ("get", "post", "delete"):
+            response = getattr(APIClient(), method)("/no/such/path")
+            assert response.status_code == 404
+            assert response.json()["code"] == "not_found"
+
+    @pytest.mark.urls("polyagents_site.urls")
+    def test_admin_paths_are_not_swallowed(self) -> None:
+        assert APIClient().get("/django-admin").status_code == 301
+        assert APIClient().get("/django-admin/").status_code == 302  # to the login page
 
     def test_error_response_helper(self) -> None:
         import json
