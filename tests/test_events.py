@@ -1,0 +1,124 @@
+"""The event log: stored first, appended to the Redis Stream, published in order; replay by seq."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+import redis.asyncio as aioredis
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.test import override_settings
+
+from conversations.events import EventLog, group_name, read_events, stream_key
+from conversations.models import Conversation, Event
+from tests.conftest import requires_redis
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def new_log() -> EventLog:
+    conversation = await Conversation.objects.acreate(owner="key:1", status="running", exchanges=1)
+    return await EventLog.open(conversation.pk)
+
+
+async def test_events_are_stored_before_they_are_published() -> None:
+    log = await new_log()
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(group_name(log.conversation_id), channel)
+    emitted = await log.emit("turn_started", turn=1)
+    message = await asyncio.wait_for(layer.receive(channel), timeout=5)
+    assert message["event"] == emitted
+    row = await Event.objects.aget(conversation_id=log.conversation_id, seq=1)
+    assert row.data == emitted
+    assert set(emitted) >= {"type", "conversation_id", "seq", "timestamp", "emitted_at", "turn"}
+    assert emitted["timestamp"].endswith("Z")
+    conversation = await Conversation.objects.aget(pk=log.conversation_id)
+    assert conversation.last_seq == 1
+
+
+async def test_open_continues_after_the_last_stored_seq() -> None:
+    log = await new_log()
+    for turn in range(3):
+        await log.emit("turn_started", turn=turn)
+    reopened = await EventLog.open(log.conversation_id)
+    assert (await reopened.emit("turn_completed", turn=3))["seq"] == 4
+
+
+async def test_concurrent_emitters_store_and_publish_in_seq_order() -> None:
+    log = await new_log()
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(group_name(log.conversation_id), channel)
+    await asyncio.gather(
+        *(log.emit("agent_delta", agent_id=f"agent_{n % 3}", turn=1, delta="x") for n in range(20))
+    )
+    received = [
+        (await asyncio.wait_for(layer.receive(channel), timeout=5))["event"]["seq"] for _ in range(20)
+    ]
+    assert received == list(range(1, 21))
+    assert [e["seq"] for e in await read_events(log.conversation_id, 0)] == list(range(1, 21))
+
+
+async def test_read_events_after_n_is_exact() -> None:
+    log = await new_log()
+    for n in range(6):
+        await log.emit("agent_delta", agent_id="agent_0", turn=1, delta=str(n))
+    assert [e["seq"] for e in await read_events(log.conversation_id, 4)] == [5, 6]
+    assert await read_events(log.conversation_id, 6) == []
+    assert [e["delta"] for e in await read_events(log.conversation_id, 0)] == [str(n) for n in range(6)]
+
+
+@requires_redis
+async def test_events_are_appended_to_a_bounded_expiring_stream() -> None:
+    log = await new_log()
+    for n in range(3):
+        await log.emit("agent_delta", agent_id="agent_0", turn=1, delta=str(n))
+    client = aioredis.Redis.from_url(str(settings.REDIS_URL))
+    key = stream_key(log.conversation_id)
+    entries = await client.xrange(key)
+    ttl = await client.ttl(key)
+    await client.aclose()
+    assert [entry_id for entry_id, _ in entries] == [b"1-0", b"2-0", b"3-0"]
+    assert [json.loads(fields[b"e"])["delta"] for _, fields in entries] == ["0", "1", "2"]
+    assert 0 < ttl <= settings.CONFIG.STREAM_TTL
+
+
+@requires_redis
+async def test_a_gap_in_the_stream_falls_back_to_the_database() -> None:
+    log = await new_log()
+    for n in range(5):
+        await log.emit("agent_delta", agent_id="agent_0", turn=1, delta=str(n))
+    client = aioredis.Redis.from_url(str(settings.REDIS_URL))
+    await client.xdel(stream_key(log.conversation_id), "2-0")  # trimmed or lost
+    await client.aclose()
+    assert [e["seq"] for e in await read_events(log.conversation_id, 0)] == [1, 2, 3, 4, 5]
+
+
+@requires_redis
+async def test_events_missing_from_the_stream_tail_are_read_from_the_database() -> None:
+    log = await new_log()
+    for n in range(3):
+        await log.emit("agent_delta", agent_id="agent_0", turn=1, delta=str(n))
+    # Seq 4 stored while Redis was away: only the database has it.
+    await Event.objects.acreate(
+        conversation_id=log.conversation_id, seq=4, type="turn_completed", data={"seq": 4}
+    )
+    assert [e["seq"] for e in await read_events(log.conversation_id, 1)] == [2, 3, 4]
+
+
+async def test_redis_down_the_event_is_still_stored_and_replayed(caplog: pytest.LogCaptureFixture) -> None:
+    log = await new_log()
+    with (
+        override_settings(REDIS_URL="redis://127.0.0.1:1/0"),
+        caplog.at_level(logging.WARNING, "polyagents.events"),
+    ):
+        emitted = await log.emit("turn_started", turn=1)
+        replayed = await read_events(log.conversation_id, 0)
+    assert emitted["seq"] == 1
+    assert await Event.objects.filter(conversation_id=log.conversation_id, seq=1).aexists()
+    assert replayed == [emitted]
+    assert any("Redis Stream" in record.getMessage() for record in caplog.records)
