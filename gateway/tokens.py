@@ -128,7 +128,10 @@ def refresh_rotate(raw: str) -> TokenPair:
     """Exchange a refresh token for a new pair; the old refresh token is blacklisted."""
     old = _load_refresh(raw)
     principal = principal_from_claims(old.payload)
-    old.blacklist()
+    # get_or_create on a unique row: of two concurrent refreshes with one token, only one wins.
+    outcome: tuple[object, bool] = old.blacklist()  # type: ignore[assignment]
+    if not outcome[1]:
+        raise TokenRejected("invalid_token", "Token is blacklisted")
     if principal.api_key_id is not None:
         return issue_for_key(ApiKey.objects.get(pk=principal.api_key_id))
     return issue_for_user(get_user_model().objects.get(pk=str(principal.user_id)))

@@ -23,6 +23,7 @@ from gateway.keys import key_authenticate, key_create, key_revoke, key_rotate, k
 from gateway.models import ApiKey, SecurityEvent, hash_key
 from gateway.permissions import CanWrite
 from polyagents_site.config import ApiKeySpec
+from tests.conftest import requires_postgres
 
 
 class WriteOnlyView(APIView):
@@ -558,6 +559,35 @@ class TestJWT:
         again = APIClient().post("/auth/token/refresh", {"refresh": first["refresh"]}, format="json")
         assert_401(again, "invalid_token")
         assert "blacklisted" in again.json()["detail"]
+
+    @requires_postgres
+    @pytest.mark.django_db(transaction=True)
+    def test_concurrent_refreshes_of_one_token_only_one_wins(
+        self, key_of: Callable[..., tuple[ApiKey, str]]
+    ) -> None:
+        import threading
+
+        from django.db import connection
+
+        _, raw = key_of("read")
+        refresh = APIClient().post("/auth/token", {"api_key": raw}, format="json").json()["refresh"]
+        barrier = threading.Barrier(4)
+        statuses: list[int] = []
+
+        def attempt() -> None:
+            barrier.wait()
+            try:
+                response = APIClient().post("/auth/token/refresh", {"refresh": refresh}, format="json")
+                statuses.append(response.status_code)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=attempt) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(statuses) == [200, 401, 401, 401]
 
     def test_revoked_refresh_cannot_be_used(self, key_of: Callable[..., tuple[ApiKey, str]]) -> None:
         _, raw = key_of("read")
