@@ -227,7 +227,12 @@ class Orchestrator:
             for aid, r in sorted(previous.items())
             if aid != profile.agent_id and r.proposal is not None
         ]
-        metadata = {"kind": "answer", "peer_positions": peer_positions}
+        own = previous.get(profile.agent_id)
+        metadata = {
+            "kind": "answer",
+            "peer_positions": peer_positions,
+            "previous_position": own.proposal.position if own is not None and own.proposal else "",
+        }
         try:
             generation = await self._call(
                 profile, self.answer_prompt(profile, turn), turn, metadata, self.stream

@@ -95,7 +95,7 @@ else:
 if _db["ENGINE"].endswith("sqlite3"):
     _db.setdefault("OPTIONS", {})
     _db["OPTIONS"].update(
-        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
     )
 # Parallel test runs on one machine get their own test database.
 _db["TEST"] = {"NAME": f"test_polyagents{os.environ.get('TEST_DB_SUFFIX', '')}"}
