@@ -3,15 +3,18 @@
 Failures are counted in the Django cache (Redis when REDIS_URL is set, else local memory)
 with an atomic increment over a fixed window of IP_BLOCK_WINDOW seconds that starts at the
 first failure. Blocks are BlockedIP rows, read with one indexed query per request, so
-deleting a row in the admin lifts the block at once in every process.
+deleting a row in the admin lifts the block at once in every process. When the database
+cannot answer, the check fails open (logged) rather than failing every request.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db import DatabaseError
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -76,16 +79,39 @@ def _active_blocks(ip: str) -> QuerySet[BlockedIP]:
     )
 
 
+_last_db_warning = 0.0
+
+
+def _db_unavailable(exc: DatabaseError) -> bool:
+    """Fail open when the database cannot answer: a liveness probe must not turn into a 500."""
+    global _last_db_warning
+    now = time.monotonic()
+    if now - _last_db_warning >= 10.0:
+        _last_db_warning = now
+        logger.warning("IP block check failed, letting the request through: %s", exc)
+    return False
+
+
 def is_blocked(ip: str | None) -> bool:
     """True while `ip` has an unexpired BlockedIP row (one indexed query)."""
     address = normalize_ip(ip)
-    return address is not None and _active_blocks(address).exists()
+    if address is None:
+        return False
+    try:
+        return _active_blocks(address).exists()
+    except DatabaseError as exc:
+        return _db_unavailable(exc)
 
 
 async def ais_blocked(ip: str | None) -> bool:
     """Async variant of `is_blocked`."""
     address = normalize_ip(ip)
-    return address is not None and await _active_blocks(address).aexists()
+    if address is None:
+        return False
+    try:
+        return await _active_blocks(address).aexists()
+    except DatabaseError as exc:
+        return _db_unavailable(exc)
 
 
 def should_log_blocked_request(ip: str) -> bool:

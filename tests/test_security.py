@@ -12,7 +12,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib import admin
 from django.contrib.auth.models import User
-from django.db import connections
+from django.db import connection, connections
 from django.test import AsyncClient, RequestFactory
 from django.urls import include, path
 from rest_framework.request import Request
@@ -134,6 +134,18 @@ def test_health_of_the_real_site_is_refused_then_restored(db: None, client: Any)
     restored = client.get("/health", REMOTE_ADDR=ATTACKER)
     assert restored.status_code == 200
     assert restored.has_header("X-Request-ID")
+
+
+@pytest.mark.urls("polyagents_site.urls")
+def test_block_check_fails_open_when_the_database_cannot_answer(
+    db: None, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with connection.cursor() as cursor:  # inside the test transaction: rolled back afterwards
+        cursor.execute(f"DROP TABLE {BlockedIP._meta.db_table}")
+    with caplog.at_level(logging.WARNING, logger="polyagents.security"):
+        response = client.get("/health", REMOTE_ADDR=ATTACKER)
+    assert response.status_code == 200
+    assert any("IP block check failed" in r.getMessage() for r in caplog.records)
 
 
 def test_block_expires_after_its_duration(db: None, attacker: APIClient, config: Callable) -> None:
