@@ -12,6 +12,15 @@ from gateway.validation import SafeCharField
 MAX_MESSAGE_CHARS = 8000
 
 
+class StrictUUIDField(serializers.UUIDField):
+    """A UUID given as text in its usual 36-character form; numbers and other spellings are refused."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str) or len(data) != 36:
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
 class StrictSerializer(serializers.Serializer):
     """Refuses fields it does not know, so a typo is an error rather than a silent default."""
 
@@ -27,7 +36,7 @@ class ChatRequestSerializer(StrictSerializer):
     """Body of POST /chat and POST /stream/{conversation_id}."""
 
     message = SafeCharField(max_length=MAX_MESSAGE_CHARS)
-    conversation_id = serializers.UUIDField(required=False, allow_null=True)
+    conversation_id = StrictUUIDField(required=False, allow_null=True)
     num_agents = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     turns = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     strategy = serializers.ChoiceField(choices=["majority", "weighted"], required=False, default="majority")
