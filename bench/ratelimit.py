@@ -136,8 +136,7 @@ def main() -> None:
         f"{args.requests}/{args.window}s, {run.elapsed:.2f}s run"
     )
     print(
-        f"allowed {run.allowed} / expected {run.expected:.2f} (error {run.error:+.2f}), "
-        f"{run.checks} checks"
+        f"allowed {run.allowed} / expected {run.expected:.2f} (error {run.error:+.2f}), {run.checks} checks"
     )
     print(f"per-check latency (Lua script, round trip): p50 {run.p50_ms:.3f} ms, p99 {run.p99_ms:.3f} ms")
 
