@@ -16,11 +16,14 @@ import logging
 import time
 import uuid
 import weakref
+from datetime import datetime
 from typing import Any
 
 import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import connection
 from django.db.models import Max
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -99,6 +102,29 @@ async def _publish(event: dict[str, Any]) -> None:
         )
 
 
+def _store_sync(conversation_id: uuid.UUID, event: dict[str, Any], now: datetime) -> None:
+    try:
+        Event.objects.create(
+            conversation_id=conversation_id, seq=event["seq"], type=event["type"], data=event, created_at=now
+        )
+        Conversation.objects.filter(pk=conversation_id).update(last_seq=event["seq"])
+    finally:
+        if settings.USING_POSTGRES:
+            connection.close()  # back to the pool: pool threads never hold a connection
+
+
+async def _store(conversation_id: uuid.UUID, event: dict[str, Any], now: datetime) -> None:
+    """Write the Event row and the conversation's last_seq.
+
+    On PostgreSQL this runs in the thread pool (each thread has its own pooled connection),
+    so many conversations of one process store their events in parallel instead of queueing
+    behind Django's single thread-sensitive executor; SQLite keeps one writer thread.
+    """
+    await sync_to_async(_store_sync, thread_sensitive=not settings.USING_POSTGRES)(
+        conversation_id, event, now
+    )
+
+
 class EventLog:
     def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0) -> None:
         self.conversation_id = conversation_id
@@ -127,10 +153,7 @@ class EventLog:
             }
             # Epoch seconds at emit time: lets clients (and bench/stream.py) measure delivery latency.
             event.setdefault("emitted_at", time.time())
-            await Event.objects.acreate(
-                conversation_id=self.conversation_id, seq=self.last_seq, type=type, data=event, created_at=now
-            )
-            await Conversation.objects.filter(pk=self.conversation_id).aupdate(last_seq=self.last_seq)
+            await _store(self.conversation_id, event, now)
             await _append_to_stream(event)
             await _publish(event)
             return event
