@@ -95,7 +95,11 @@ else:
 if _db["ENGINE"].endswith("sqlite3"):
     _db.setdefault("OPTIONS", {})
     _db["OPTIONS"].update(
-        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
     )
 # Parallel test runs on one machine get their own test database.
 _db["TEST"] = {"NAME": f"test_polyagents{os.environ.get('TEST_DB_SUFFIX', '')}"}
@@ -168,7 +172,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["gateway.permissions.CanRead"],
     "DEFAULT_THROTTLE_CLASSES": ["gateway.throttling.TokenBucketThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["gateway.parsers.SafeJSONParser"],
     "EXCEPTION_HANDLER": "gateway.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,

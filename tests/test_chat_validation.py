@@ -87,3 +87,19 @@ def test_sql_and_html_payloads_are_stored_inert_and_returned_escaped(client_with
     # JSON never carries raw markup: '<' is escaped when the body is rendered for HTML contexts.
     assert response["Content-Type"].startswith("application/json")
     assert json.loads(response.content)["conversation_id"]
+
+
+@pytest.mark.django_db
+def test_an_oversized_body_is_a_413_before_it_is_parsed(client_with):
+    body = b'{"message": "' + b"a" * (1024 * 1024 + 10) + b'"}'
+    response = client_with("read", "write").generic("POST", "/chat", body, content_type="application/json")
+    assert response.status_code == 413
+    assert response.json()["code"] == "payload_too_large"
+    assert Conversation.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_deeply_nested_json_is_a_400_not_a_500(client_with):
+    body = ("[" * 100_000 + "]" * 100_000).encode()
+    response = client_with("read", "write").generic("POST", "/chat", body, content_type="application/json")
+    assert response.status_code == 400
