@@ -1,0 +1,95 @@
+"""The Dockerfile and compose files line up with the services and the settings."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from polyagents_site.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.prod.yml"]
+SERVICES = {"web", "worker", "postgres", "redis", "qdrant"}
+OUR_SERVICES = ("web", "worker")
+
+
+def _compose(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_has_every_service_with_a_healthcheck(name):
+    services = _compose(name)["services"]
+    assert set(services) == SERVICES
+    for service, spec in services.items():
+        assert spec.get("healthcheck", {}).get("test"), f"{service} has no healthcheck"
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_app_services_set_only_known_settings(name):
+    services = _compose(name)["services"]
+    for service in OUR_SERVICES:
+        environment = services[service]["environment"]
+        assert isinstance(environment, dict)
+        unknown = set(environment) - set(Config.model_fields)
+        assert not unknown, f"{name}: {service} sets {sorted(unknown)}, which settings do not read"
+        assert environment["DATABASE_URL"].startswith("postgresql://")
+        assert environment["DATABASE_URL"].split("@", 1)[1].startswith("postgres:5432/")
+        assert environment["REDIS_URL"] == "redis://redis:6379/0"
+        assert environment["QDRANT_URL"] == "http://qdrant:6333"
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_app_waits_for_healthy_backends(name):
+    services = _compose(name)["services"]
+    web_deps = services["web"]["depends_on"]
+    for backend in ("postgres", "redis", "qdrant"):
+        assert web_deps[backend]["condition"] == "service_healthy"
+    assert "daphne" in services["web"]["command"]
+    assert "migrate" in services["web"]["command"]
+    assert services["worker"]["command"] == "python manage.py procrastinate worker"
+
+
+def test_prod_requires_secrets_and_turns_debug_off():
+    environment = _compose("docker-compose.prod.yml")["services"]["web"]["environment"]
+    assert environment["DEBUG"] == "false"
+    for secret in ("SECRET_KEY", "JWT_SECRET_KEY"):
+        assert re.fullmatch(r"\$\{" + secret + r":\?[^}]+\}", environment[secret]), secret
+    prod = _compose("docker-compose.prod.yml")["services"]
+    for backend in ("postgres", "redis", "qdrant"):
+        assert "ports" not in prod[backend], f"{backend} must not be published in production"
+
+
+def test_compose_values_are_valid_settings():
+    """The literal values the dev stack sets pass the same validation as at start-up."""
+    environment = _compose("docker-compose.yml")["services"]["web"]["environment"]
+    literal = {k: v for k, v in environment.items() if "${" not in str(v)}
+    config = Config(_env_file=None, **literal)  # type: ignore[call-arg]
+    assert config.DEBUG is True
+    assert config.REDIS_URL == "redis://redis:6379/0"
+
+
+def test_dockerfile_runs_daphne_as_non_root_on_python_311_slim():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.MULTILINE)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
+    assert users
+    assert users[-1] not in ("root", "0")
+    assert re.search(r'^CMD \["daphne", .*"polyagents_site\.asgi:application"\]', dockerfile, re.MULTILINE)
+    assert "HEALTHCHECK" in dockerfile
+    assert "requirements.txt" in dockerfile
+
+
+def test_dockerignore_keeps_secrets_and_local_state_out():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".env", ".venv", ".git", "db.sqlite3"):
+        assert entry in ignored
+
+
+def test_pre_commit_runs_ruff_and_mypy():
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = {hook["id"] for repo in config["repos"] for hook in repo["hooks"]}
+    assert {"ruff", "mypy"} <= hooks
