@@ -7,7 +7,6 @@ detailed view can report degraded and unknown states that a plain pass/fail cann
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -149,28 +148,20 @@ class QdrantCheck(ComponentCheck):
             return CheckResult("unhealthy", {"error": f"{type(exc).__name__}: {exc}"[:300]})
 
 
-def _gemini_list_models() -> Any:
-    """The provider's model list, if the Gemini provider offers one (None otherwise)."""
-    try:
-        from agents.providers import gemini
-    except ImportError:
-        return None
-    lister = getattr(gemini, "list_models", None)
-    if lister is None:
-        from agents.providers.registry import get_provider
+def _gemini_list_models() -> list[str]:
+    """The Gemini provider's model list, bounded by HEALTH_CHECK_TIMEOUT (runs its own event loop)."""
+    from agents.providers.registry import get_provider
 
-        lister = getattr(get_provider("gemini"), "list_models", None)
-    if lister is None:
-        return None
-    result = lister()
-    if inspect.isawaitable(result):
-        timeout = settings.CONFIG.HEALTH_CHECK_TIMEOUT
+    provider = get_provider("gemini")
+    timeout = settings.CONFIG.HEALTH_CHECK_TIMEOUT
 
-        async def bounded() -> Any:
-            return await asyncio.wait_for(result, timeout)
+    async def bounded() -> list[str]:
+        try:
+            return list(await asyncio.wait_for(provider.list_models(), timeout))
+        finally:
+            await provider.aclose()  # the SDK client of this short-lived loop
 
-        return asyncio.run(bounded())
-    return result
+    return asyncio.run(bounded())
 
 
 class GeminiCheck(ComponentCheck):
@@ -198,21 +189,15 @@ class GeminiCheck(ComponentCheck):
         if cached is not None:
             return CheckResult(cached["status"], {**cached["details"], "cached": True})
         try:
-            models = _gemini_list_models()
-            if models is None:
-                result = CheckResult(
-                    "unknown", {"api_key_configured": True, "reason": "provider cannot list models"}
-                )
-            else:
-                names = [getattr(m, "name", m) for m in models]
-                result = CheckResult(
-                    "healthy" if names else "degraded",
-                    {
-                        "available_models": len(names),
-                        "api_key_configured": True,
-                        **({} if names else {"warning": "no models listed"}),
-                    },
-                )
+            names = _gemini_list_models()
+            result = CheckResult(
+                "healthy" if names else "degraded",
+                {
+                    "available_models": len(names),
+                    "api_key_configured": True,
+                    **({} if names else {"warning": "no models listed"}),
+                },
+            )
         except Exception as exc:
             result = CheckResult(
                 "unhealthy",

@@ -25,7 +25,9 @@ BREAKER_STATE = Gauge(
     "polyagents_circuit_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)", ["breaker"]
 )
 OPEN_WEBSOCKETS = Gauge("polyagents_open_websockets", "WebSocket connections open in this process")
-RATE_LIMIT_REJECTIONS = Counter("polyagents_rate_limit_rejections_total", "Requests refused with 429", ["scope"])
+RATE_LIMIT_REJECTIONS = Counter(
+    "polyagents_rate_limit_rejections_total", "Requests refused with 429", ["scope"]
+)
 RATE_LIMIT_BACKEND_ERRORS = Counter(
     "polyagents_rate_limit_backend_errors_total", "Rate-limit checks that failed open (Redis down)", ["scope"]
 )

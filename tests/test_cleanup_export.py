@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -224,3 +225,19 @@ def test_django_admin_lists_searches_and_exports(client):
     data = json.loads(exported.content)
     assert data[0]["conversation_id"] == str(conversation.pk)
     assert data[0]["votes"][0]["voter"] == "agent_0"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_export_streams_asynchronously_under_asgi(make_key):
+    from asgiref.sync import sync_to_async
+    from django.test import AsyncClient
+
+    await sync_to_async(_conversation)(1, "streamed?")
+    _, raw = await sync_to_async(make_key)(["admin"])
+    response: Any = await AsyncClient().get(
+        "/admin/export?format=jsonl", headers={"Authorization": f"Bearer {raw}"}
+    )
+    assert response.status_code == 200
+    assert response.is_async  # an async iterator: Django does not buffer the export whole
+    chunks = [chunk async for chunk in response.streaming_content]
+    assert json.loads(b"".join(chunks))["title"] == "streamed?"

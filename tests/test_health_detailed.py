@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 from django.conf import settings
 from django.core.cache import cache
 
+from agents.providers.registry import reset_providers
 from monitoring import checks
 from monitoring.checks import CheckResult, ComponentCheck
 from monitoring.health import overall_status
@@ -154,3 +160,92 @@ def test_component_check_maps_to_health_check_errors():
     plugin.run_check()
     assert plugin.status == 0
     assert str(plugin.errors[0]) == "unavailable: down"
+
+
+class _FakeGeminiModels(BaseHTTPRequestHandler):
+    """Speaks Gemini's models.list wire format (GET /v1beta/models); 403 for a wrong key."""
+
+    def do_GET(self) -> None:
+        body: dict[str, object]
+        if self.headers.get("x-goog-api-key") != "good-gemini-key-1234":
+            status, body = (
+                403,
+                {"error": {"code": 403, "message": "API key not valid", "status": "PERMISSION_DENIED"}},
+            )
+        elif self.path.startswith("/v1beta/models"):
+            names = ["gemini-2.5-flash", "gemini-2.5-pro", "gemini-embedding-001"]
+            status, body = 200, {"models": [{"name": f"models/{n}", "displayName": n} for n in names]}
+        else:
+            status, body = 404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_gemini(settings) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeGeminiModels)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    cache.delete(checks.GEMINI_CACHE_KEY)
+    reset_providers()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    reset_providers()
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("key", "status"), [("good-gemini-key-1234", "healthy"), ("bad-gemini-key-12345", "unhealthy")]
+)
+def test_gemini_models_listed_through_the_provider(client_with, settings, fake_gemini, key, status):
+    settings.CONFIG = settings.CONFIG.model_copy(
+        update={"GEMINI_API_KEY": key, "GEMINI_BASE_URL": fake_gemini}
+    )
+    body = client_with("read").get("/health/detailed").json()
+    gemini = body["components"]["gemini_api"]
+    assert gemini["status"] == status
+    assert gemini["details"]["api_key_configured"] is True
+    if status == "healthy":
+        assert gemini["details"]["available_models"] == 3
+    else:
+        assert "error" in gemini["details"]
+        assert body["status"] != "unhealthy"  # Gemini is not critical: the simulated/fallback path remains
+
+
+def test_checks_run_concurrently(client_with, monkeypatch):
+    import time
+
+    def slow(result: CheckResult) -> object:
+        def probe(self: ComponentCheck) -> CheckResult:
+            time.sleep(0.4)
+            return result
+
+        return probe
+
+    monkeypatch.setattr(checks.SystemCheck, "probe", slow(CheckResult("healthy")))
+    monkeypatch.setattr(checks.WorkersCheck, "probe", slow(CheckResult("healthy")))
+    monkeypatch.setattr(checks.QdrantCheck, "probe", slow(CheckResult("unknown")))
+    started = time.perf_counter()
+    body = client_with("read").get("/health/detailed").json()
+    assert time.perf_counter() - started < 1.0  # three 0.4 s checks, not 1.2 s in a row
+    assert body["components"]["workers"]["response_time_ms"] >= 400
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)  # the checks read from their own threads and connections
+def test_procrastinate_worker_heartbeats(client_with):
+    from django.db import connection
+
+    client = client_with("read")
+    assert client.get("/health/detailed").json()["components"]["workers"]["status"] == "degraded"
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now())")
+    workers = client.get("/health/detailed").json()["components"]["workers"]
+    assert workers["status"] == "healthy"
+    assert workers["details"]["alive_workers"] == 1
