@@ -8,7 +8,9 @@ event exactly once, in order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -84,11 +86,17 @@ async def authenticate(token: str | None, ip: str | None, path: str) -> Principa
 class ConversationConsumer(AsyncJsonWebsocketConsumer):
     """One WebSocket follower of one conversation."""
 
+    # An idle follower re-reads the log this often: a live message lost by the channel
+    # layer (or never published while Redis was away) still arrives, even the last one.
+    catch_up_seconds = 5.0
+
     conversation_id: uuid.UUID
     principal: Principal | None = None
     last_sent = 0
+    last_activity = 0.0
     joined = False
     counted = False
+    catch_up_task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         from gateway.blocking import ais_blocked
@@ -136,8 +144,24 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         await self.channel_layer.group_add(group_name(self.conversation_id), self.channel_name)
         self.joined = True
         await self.replay(_after_param(self.scope))
+        self.catch_up_task = asyncio.ensure_future(self._catch_up_loop())
+
+    async def _catch_up_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.catch_up_seconds)
+            if time.monotonic() - self.last_activity < self.catch_up_seconds:
+                continue
+            try:
+                for event in await read_events(self.conversation_id, self.last_sent):
+                    await self._send_event(event)
+            except Exception:
+                logger.exception("catch-up read failed", extra={"conversation_id": str(self.conversation_id)})
+            self.last_activity = time.monotonic()
 
     async def disconnect(self, code: int) -> None:
+        if self.catch_up_task is not None:
+            self.catch_up_task.cancel()
+            self.catch_up_task = None
         if self.joined:
             await self.channel_layer.group_discard(group_name(self.conversation_id), self.channel_name)
             self.joined = False
@@ -152,9 +176,11 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             await self._send_event(event)
 
     async def _send_event(self, event: dict[str, Any]) -> None:
+        # Check and update without an await in between: every path sends strictly increasing seqs.
         if event["seq"] <= self.last_sent:
             return
         self.last_sent = event["seq"]
+        self.last_activity = time.monotonic()
         await self.send_json(event)
 
     async def conversation_event(self, message: dict[str, Any]) -> None:

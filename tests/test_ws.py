@@ -257,3 +257,43 @@ async def test_open_websockets_gauge_counts_connections(make_key: KeyMaker) -> N
     assert OPEN_WEBSOCKETS._value.get() == before + 1
     await comm.disconnect()
     assert OPEN_WEBSOCKETS._value.get() == before
+
+
+async def test_jwt_access_token_in_the_query_string_is_accepted(make_key: KeyMaker) -> None:
+    from gateway.tokens import issue_for_key
+
+    row, _ = await new_key(make_key)
+    pair = await sync_to_async(issue_for_key)(row)
+    conversation = await new_conversation(f"key:{row.pk}", events=2)
+    comm = communicator(f"/ws/{conversation.pk}?token={pair.access}&after=1")
+    assert (await comm.connect())[0]
+    assert await receive_seqs(comm, 1) == [2]
+    await comm.disconnect()
+
+
+async def test_tampered_jwt_closes_4401(make_key: KeyMaker) -> None:
+    from gateway.tokens import issue_for_key
+
+    row, _ = await new_key(make_key)
+    pair = await sync_to_async(issue_for_key)(row)
+    conversation = await new_conversation(f"key:{row.pk}")
+    await expect_close(communicator(f"/ws/{conversation.pk}", subprotocols=[f"bearer.{pair.access}x"]), 4401)
+
+
+async def test_an_event_never_published_live_still_arrives_by_catch_up(
+    make_key: KeyMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conversations.consumers import ConversationConsumer
+
+    monkeypatch.setattr(ConversationConsumer, "catch_up_seconds", 0.2)
+    row, raw = await new_key(make_key)
+    conversation = await new_conversation(f"key:{row.pk}", events=2)
+    comm = communicator(f"/ws/{conversation.pk}?token={raw}")
+    assert (await comm.connect())[0]
+    assert await receive_seqs(comm, 2) == [1, 2]
+    # The final event is stored, but its live message is lost (no later event fills the gap).
+    final = {"type": "conversation_completed", "conversation_id": str(conversation.pk), "seq": 3}
+    await Event.objects.acreate(conversation=conversation, seq=3, type="conversation_completed", data=final)
+    assert await comm.receive_json_from(timeout=3) == final
+    assert await comm.receive_nothing(timeout=0.5)
+    await comm.disconnect()
