@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from conversations import vectors
 from conversations.models import Conversation, Message
@@ -83,6 +84,24 @@ def test_postgres_search_index_exists():
         (indexdef,) = cursor.fetchone()
     assert "gin" in indexdef.lower()
     assert "to_tsvector" in indexdef
+
+
+@requires_postgres
+def test_postgres_search_query_can_use_the_index(reader):
+    """The ORM's SearchVector compiles to the indexed expression (checked with seq scans off)."""
+    from conversations.search import fulltext
+    from gateway.principal import Principal
+
+    _conversation(reader.owner, "renewable energy")
+    admin = Principal(kind="api_key", permissions=frozenset({"admin"}), api_key_id=1)
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+    with CaptureQueriesContext(connection) as queries:
+        assert len(fulltext(admin, "renewable", 5)) == 1
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + queries.captured_queries[-1]["sql"])
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "conv_message_fts_idx" in plan
 
 
 def test_search_validation(reader):
