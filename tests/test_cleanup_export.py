@@ -241,3 +241,14 @@ async def test_export_streams_asynchronously_under_asgi(make_key):
     assert response.is_async  # an async iterator: Django does not buffer the export whole
     chunks = [chunk async for chunk in response.streaming_content]
     assert json.loads(b"".join(chunks))["title"] == "streamed?"
+
+
+def test_periodic_retention_uses_retention_days(settings):
+    from conversations.retention import retention_apply
+
+    settings.CONFIG = settings.CONFIG.model_copy(update={"RETENTION_DAYS": 10})
+    _conversation(11)
+    keep = _conversation(9)
+    result = retention_apply()
+    assert result["days_threshold"] == 10
+    assert list(Conversation.objects.values_list("pk", flat=True)) == [keep.pk]
