@@ -66,6 +66,10 @@ class StatisticsView(APIView):
 
 
 class MetricsView(PublicOrRead):
+    # A scraper polls every few seconds, beyond any sensible per-key request budget;
+    # the endpoint is cheap (no database access), so it is not throttled.
+    throttle_classes: list[Any] = []
+
     @extend_schema(
         operation_id="metrics",
         summary="Prometheus metrics (text exposition format)",

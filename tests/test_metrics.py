@@ -57,3 +57,10 @@ def test_route_label_of_an_unresolved_request():
     from monitoring.middleware import UNMATCHED, route_of
 
     assert route_of(RequestFactory().get("/anything/at/all")) == UNMATCHED
+
+
+def test_metrics_are_not_rate_limited(client_with, settings):
+    settings.CONFIG = settings.CONFIG.model_copy(update={"RATE_LIMIT_BURST": 2, "RATE_LIMIT_REQUESTS": 2})
+    client = client_with("read")
+    assert [client.get("/metrics").status_code for _ in range(5)] == [200] * 5
+    assert 429 in [client.get("/statistics").status_code for _ in range(5)]  # the limit is in force
