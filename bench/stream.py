@@ -150,13 +150,18 @@ async def follow(
             await asyncio.sleep(min(5.0, 0.2 * 2**attempt) * random.random())
 
 
-async def emit_conversation(conversation_id: uuid.UUID, events: int, interval: float) -> None:
+async def emit_conversation(
+    conversation_id: uuid.UUID, events: int, interval: float, calls: list[float]
+) -> None:
+    """Emit like the orchestrator; `calls` gets each emit's duration (store + XADD + group_send), ms."""
     from conversations.events import EventLog
 
     log = await EventLog.open(conversation_id)
     chunk = "token " * 16
     for n in range(events):
+        started = time.perf_counter()
         await log.emit("agent_delta", agent_id=f"agent_{n % 3}", turn=1 + n // 10, delta=chunk)
+        calls.append((time.perf_counter() - started) * 1000)
         await asyncio.sleep(interval)
 
 
@@ -191,7 +196,8 @@ async def scenario(
     await asyncio.wait_for(ready.wait(), 180)
     connect_seconds = time.monotonic() - connect_started
     emit_started = time.monotonic()
-    await asyncio.gather(*(emit_conversation(cid, events, interval) for cid in ids))
+    calls: list[float] = []
+    await asyncio.gather(*(emit_conversation(cid, events, interval, calls) for cid in ids))
     emit_seconds = time.monotonic() - emit_started
     await asyncio.gather(*tasks)
     total_seconds = time.monotonic() - emit_started
@@ -220,6 +226,8 @@ async def scenario(
         "latency_ms_p99": round(pct(0.99), 2),
         "latency_ms_max": round(latencies[-1], 2) if latencies else None,
         "latency_ms_mean": round(statistics.fmean(latencies), 2) if latencies else None,
+        "emit_call_ms_p50": round(statistics.median(calls), 2),
+        "emit_call_ms_p99": round(sorted(calls)[int(0.99 * (len(calls) - 1))], 2),
         "connect_seconds": round(connect_seconds, 2),
         "emit_seconds": round(emit_seconds, 2),
         "deliveries_per_second": round(received / total_seconds) if total_seconds else None,

@@ -25,6 +25,7 @@ from monitoring.metrics import OPEN_WEBSOCKETS
 
 logger = logging.getLogger("polyagents.ws")
 
+FINAL_TYPES = frozenset({"conversation_completed", "conversation_failed"})
 CLOSE_BAD_CREDENTIALS = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
@@ -94,6 +95,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
     principal: Principal | None = None
     last_sent = 0
     last_activity = 0.0
+    last_type = ""
     joined = False
     counted = False
     catch_up_task: asyncio.Task[None] | None = None
@@ -148,12 +150,21 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
 
     async def _catch_up_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.catch_up_seconds)
-            if time.monotonic() - self.last_activity < self.catch_up_seconds:
+            # After the run's final event only a new exchange can bring more: look rarely.
+            interval = self.catch_up_seconds * (12 if self.last_type in FINAL_TYPES else 1)
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.last_activity < interval:
                 continue
             try:
-                for event in await read_events(self.conversation_id, self.last_sent):
-                    await self._send_event(event)
+                # One primary-key read; the log itself only when something is missing.
+                stored = (
+                    await Conversation.objects.filter(pk=self.conversation_id)
+                    .values_list("last_seq", flat=True)
+                    .afirst()
+                )
+                if stored is not None and stored > self.last_sent:
+                    for event in await read_events(self.conversation_id, self.last_sent):
+                        await self._send_event(event)
             except Exception:
                 logger.exception("catch-up read failed", extra={"conversation_id": str(self.conversation_id)})
             self.last_activity = time.monotonic()
@@ -180,6 +191,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         if event["seq"] <= self.last_sent:
             return
         self.last_sent = event["seq"]
+        self.last_type = event.get("type", "")
         self.last_activity = time.monotonic()
         await self.send_json(event)
 

@@ -134,11 +134,13 @@ if REDIS_URL:
             "KEY_PREFIX": REDIS_KEY_PREFIX,
         }
     }
+    # Redis pub/sub: a group_send is one PUBLISH that each web process receives once and fans
+    # out locally (the list-based RedisChannelLayer pops every copy from Redis one by one).
+    # Lossy like any channel layer: completeness comes from replay by seq (conversations/consumers.py).
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # redis-py 8 reads with a 5 s socket timeout by default, the same as channels-redis's
-            # BZPOPMIN wait: idle WebSocket consumers then crash with TimeoutError. Read longer.
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            # redis-py 8 reads with a 5 s socket timeout by default; read longer.
             "CONFIG": {
                 "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
                 "prefix": f"{REDIS_KEY_PREFIX}:asgi",

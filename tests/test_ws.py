@@ -294,6 +294,7 @@ async def test_an_event_never_published_live_still_arrives_by_catch_up(
     # The final event is stored, but its live message is lost (no later event fills the gap).
     final = {"type": "conversation_completed", "conversation_id": str(conversation.pk), "seq": 3}
     await Event.objects.acreate(conversation=conversation, seq=3, type="conversation_completed", data=final)
+    await Conversation.objects.filter(pk=conversation.pk).aupdate(last_seq=3)
     assert await comm.receive_json_from(timeout=3) == final
     assert await comm.receive_nothing(timeout=0.5)
     await comm.disconnect()
