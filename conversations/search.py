@@ -14,6 +14,7 @@ from gateway.principal import Principal
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant
 FTS_CONFIG = "english"
+RANK_CANDIDATES = 2000
 
 
 def fulltext(principal: Principal, query: str, limit: int) -> list[str]:
@@ -29,10 +30,17 @@ def fulltext(principal: Principal, query: str, limit: int) -> list[str]:
 
         vector = SearchVector("content", config=FTS_CONFIG)
         ts_query = SearchQuery(query, config=FTS_CONFIG, search_type="websearch")
-        rows = (
+        # The index finds the matches; ranking re-parses each matched text, so only the
+        # newest RANK_CANDIDATES matches are ranked (a bound on work for very common words).
+        candidates = (
             Message.objects.filter(conversation__in=visible.values("pk"))
             .annotate(document=vector)
             .filter(document=ts_query)
+            .order_by("-id")
+            .values("id")[:RANK_CANDIDATES]
+        )
+        rows = (
+            Message.objects.filter(pk__in=candidates)
             .values("conversation_id")
             .annotate(rank=Max(SearchRank(vector, ts_query)))
             .order_by("-rank", "conversation_id")[:limit]
