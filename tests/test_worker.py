@@ -203,3 +203,17 @@ async def test_killed_worker_the_run_resumes_on_another_without_duplicates(
     assert len(messages) == len(set(messages)) == len(answers)
     assert len(messages) >= stored_before
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_periodic_retention_deletes_conversations_older_than_retention_days() -> None:
+    from conversations.tasks import retention
+
+    days = settings.CONFIG.RETENTION_DAYS
+    old = await Conversation.objects.acreate(
+        owner="key:1", status="completed", created_at=timezone.now() - timedelta(days=days + 1)
+    )
+    recent = await Conversation.objects.acreate(owner="key:1", status="completed")
+    result = await retention.func(timestamp=int(time.time()))
+    assert result["days_threshold"] == days
+    assert not await Conversation.objects.filter(pk=old.pk).aexists()
+    assert await Conversation.objects.filter(pk=recent.pk).aexists()
