@@ -249,3 +249,25 @@ def test_procrastinate_worker_heartbeats(client_with):
     workers = client.get("/health/detailed").json()["components"]["workers"]
     assert workers["status"] == "healthy"
     assert workers["details"]["alive_workers"] == 1
+
+
+def test_qdrant_collections_and_vectors(client_with, settings):
+    from conversations import vectors
+    from conversations.models import Conversation, Message
+
+    client = client_with("read")
+    assert client.get("/health/detailed").json()["components"]["qdrant"]["status"] == "unknown"
+    settings.CONFIG = settings.CONFIG.model_copy(
+        update={"QDRANT_LOCAL_PATH": ":memory:", "QDRANT_URL": None, "GEMINI_API_KEY": None}
+    )
+    vectors.reset_client()
+    try:
+        conversation = Conversation.objects.create(title="wind power")
+        Message.objects.create(conversation=conversation, role=Message.Role.USER, content="wind power?")
+        assert vectors.index_conversation(conversation.pk)
+        qdrant = client.get("/health/detailed").json()["components"]["qdrant"]
+        assert qdrant["status"] == "healthy"
+        assert qdrant["details"]["collections"] == 1
+        assert qdrant["details"]["vectors"] == 1
+    finally:
+        vectors.reset_client()
