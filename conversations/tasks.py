@@ -97,7 +97,7 @@ async def sweep(context: JobContext, timestamp: int) -> dict[str, Any]:
 async def retention(timestamp: int) -> Any:
     """Daily: delete what is older than RETENTION_DAYS (conversations.retention, when installed)."""
     try:
-        from conversations.retention import retention_apply  # type: ignore[attr-defined,unused-ignore]
+        from conversations.retention import retention_apply
     except ImportError:
         logger.info("conversations.retention is not installed; nothing to do")
         return None

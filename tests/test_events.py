@@ -79,11 +79,11 @@ async def test_events_are_appended_to_a_bounded_expiring_stream() -> None:
         await log.emit("agent_delta", agent_id="agent_0", turn=1, delta=str(n))
     client = aioredis.Redis.from_url(str(settings.REDIS_URL))
     key = stream_key(log.conversation_id)
-    entries = await client.xrange(key)
+    entries = await client.xrange(key) or []
     ttl = await client.ttl(key)
     await client.aclose()
     assert [entry_id for entry_id, _ in entries] == [b"1-0", b"2-0", b"3-0"]
-    assert [json.loads(fields[b"e"])["delta"] for _, fields in entries] == ["0", "1", "2"]
+    assert [json.loads((fields or {})[b"e"])["delta"] for _, fields in entries] == ["0", "1", "2"]
     assert 0 < ttl <= settings.CONFIG.STREAM_TTL
 
 
