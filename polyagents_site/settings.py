@@ -144,7 +144,6 @@ if REDIS_URL:
             "CONFIG": {
                 "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
                 "prefix": f"{REDIS_KEY_PREFIX}:asgi",
-                "capacity": 1000,
             },
         }
     }
