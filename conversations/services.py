@@ -25,12 +25,22 @@ from consensus import parse_reply
 from conversations.events import EventLog
 from conversations.models import ConsensusResult, Conversation, Message, Vote
 from gateway.principal import Principal
+from monitoring.errors import arecord_error
 from monitoring.metrics import CONVERSATIONS
 
 logger = logging.getLogger("polyagents.conversations")
 
 HEARTBEAT_SECONDS = 2.0
 TITLE_CHARS = 200
+
+# Fire-and-forget work (search indexing) is kept referenced until it finishes.
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def _in_background(coro: Any) -> None:
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 class ConversationError(Exception):
@@ -170,6 +180,14 @@ class RunRecorder:
         )
 
     async def _on_agent_error(self, data: dict[str, Any]) -> None:
+        await arecord_error(
+            "agent_call",
+            f"{data.get('kind', 'unknown')}: {data.get('error', '')}",
+            agent_id=data["agent_id"],
+            model=data.get("model", ""),
+            provider=data.get("provider", ""),
+            conversation_id=str(self.conversation.pk),
+        )
         await self._store_message(
             agent_id=data["agent_id"],
             turn=data["turn"],
@@ -404,6 +422,12 @@ async def _finish(
     }
     await conversation.asave()
     CONVERSATIONS.labels(status).inc()
+    if status == "failed":
+        await arecord_error("chat_conversation", outcome.reason, conversation_id=str(conversation_id))
+    else:
+        from conversations.vectors import aindex_conversation
+
+        _in_background(aindex_conversation(conversation_id))
     if status == "failed":
         await recorder(
             "conversation_failed",

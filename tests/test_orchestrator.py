@@ -300,3 +300,18 @@ class TestOrchestratorUnit:
 
     def test_quorum_is_a_strict_majority(self):
         assert [quorum_size(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_agents_feed_the_error_statistics(client_with, config, monkeypatch):
+    from monitoring.models import ErrorRecord
+
+    monkeypatch.setattr(config, "SIMULATED_FAILURE_RATE", 1.0)
+    monkeypatch.setattr(config, "RETRY_MAX_ATTEMPTS", 1)
+    reset_providers()
+    assert chat(client_with("read", "write"), num_agents=2, turns=1).status_code == 503
+    kinds = set(ErrorRecord.objects.values_list("kind", flat=True))
+    assert {"agent_call", "chat_conversation"} <= kinds
+    stats = client_with("read").get("/statistics").json()
+    assert stats["errors"]["agent_call"]["total_24h"] >= 2
+    assert stats["errors"]["chat_conversation"]["total_24h"] == 1
