@@ -16,13 +16,14 @@ from django.conf import settings
 from procrastinate import App, JobContext, RetryDecision, RetryStrategy
 from procrastinate.contrib.django import app
 from procrastinate.contrib.django.django_connector import DjangoConnector
-from procrastinate.jobs import Job
+from procrastinate.jobs import Job, Status
 from procrastinate.manager import JobManager
 
 logger = logging.getLogger("polyagents.tasks")
 
 RUN_MAX_ATTEMPTS = 4
 STALLED_JOB_SECONDS = 30.0
+STALLED_MAX_ATTEMPTS = RUN_MAX_ATTEMPTS
 
 
 def worker_app() -> App:
@@ -71,6 +72,13 @@ async def retry_stalled_jobs(
     stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat)
     count = 0
     for job in stalled:
+        if job.attempts + 1 >= STALLED_MAX_ATTEMPTS:
+            # A job that keeps killing its worker must not loop forever: fail it. The
+            # conversation's own sweep then re-enqueues it (bounded) or marks it failed.
+            if job.id is not None:
+                await manager.finish_job_by_id_async(job.id, status=Status.FAILED, delete_job=False)
+            logger.error("stalled job failed after too many attempts", extra={"job_id": job.id})
+            continue
         try:
             await manager.retry_job(job)
         except Exception:  # e.g. a newer job already holds its queueing lock

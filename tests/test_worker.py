@@ -24,6 +24,7 @@ from conversations.jobs import (
 )
 from conversations.models import Conversation, Event, Message
 from conversations.services import conversation_start
+from conversations.tasks import STALLED_MAX_ATTEMPTS as RUN_ATTEMPTS_LIMIT
 from gateway.models import ApiKey
 from gateway.principal import Principal
 from tests.conftest import requires_postgres, requires_redis
@@ -217,3 +218,35 @@ async def test_periodic_retention_deletes_conversations_older_than_retention_day
     assert result["days_threshold"] == days
     assert not await Conversation.objects.filter(pk=old.pk).aexists()
     assert await Conversation.objects.filter(pk=recent.pk).aexists()
+
+
+@requires_postgres
+@pytest.mark.parametrize(("attempts", "expected"), [(0, "todo"), (RUN_ATTEMPTS_LIMIT - 1, "failed")])
+async def test_stalled_jobs_are_retried_until_the_attempt_limit(attempts: int, expected: str) -> None:
+    from conversations.tasks import retry_stalled_jobs, run_conversation, worker_app
+
+    async with worker_app().open_async() as app:
+        manager = app.job_manager
+        queue = f"test-{uuid.uuid4().hex[:8]}"  # only this test's job, whatever else is queued
+        job_id = await run_conversation.configure(queue=queue).defer_async(
+            conversation_id=str(uuid.uuid4()), exchange=1
+        )
+        worker_id = await manager.register_worker()
+        job = await manager.fetch_job(queues=[queue], worker_id=worker_id)
+        assert job is not None
+        assert job.id == job_id
+        # The worker died an hour ago, after `attempts` earlier tries of this job.
+        await app.connector.execute_query_async(
+            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' WHERE id = %(id)s",
+            id=worker_id,
+        )
+        await app.connector.execute_query_async(
+            "UPDATE procrastinate_jobs SET attempts = %(n)s WHERE id = %(id)s", n=attempts, id=job_id
+        )
+        await retry_stalled_jobs(manager, seconds_since_heartbeat=30)
+        row = await app.connector.execute_query_one_async(
+            "SELECT status FROM procrastinate_jobs WHERE id = %(id)s", id=job_id
+        )
+        await manager.cancel_job_by_id_async(job_id)  # leave nothing for other tests' workers
+        await manager.unregister_worker(worker_id)
+    assert row["status"] == expected
