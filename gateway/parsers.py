@@ -22,7 +22,9 @@ class PayloadTooLarge(APIException):
 class SafeJSONParser(JSONParser):
     """DRF's JSON parser with a size cap (read before decoding) and a guard on nesting depth."""
 
-    def parse(self, stream: IO[bytes] | None, media_type: str | None = None, parser_context: Any = None) -> Any:
+    def parse(
+        self, stream: IO[bytes] | None, media_type: str | None = None, parser_context: Any = None
+    ) -> Any:
         limit = getattr(settings, "MAX_JSON_BODY_BYTES", MAX_JSON_BODY_BYTES)
         raw = stream.read(limit + 1) if stream is not None else b""
         if len(raw) > limit:

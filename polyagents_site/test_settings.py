@@ -15,6 +15,6 @@ os.environ.setdefault("RETRY_MAX_DELAY", "0.05")
 # Every test session writes under its own Redis prefix, so parallel runs never collide.
 os.environ.setdefault("REDIS_KEY_PREFIX", "test:" + uuid.uuid4().hex[:12])
 
-from polyagents_site.settings import *  # noqa: E402,F403
+from polyagents_site.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

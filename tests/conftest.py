@@ -18,7 +18,9 @@ requires_postgres = pytest.mark.skipif(not settings.USING_POSTGRES, reason="need
 def make_key(db: None) -> Callable[..., tuple[ApiKey, str]]:
     """Create a real API key row; returns (row, raw key)."""
 
-    def _make(permissions: list[str] | None = None, name: str = "test", **fields: object) -> tuple[ApiKey, str]:
+    def _make(
+        permissions: list[str] | None = None, name: str = "test", **fields: object
+    ) -> tuple[ApiKey, str]:
         raw = generate_key()
         row = ApiKey.objects.create(
             name=name,
@@ -88,6 +90,7 @@ def _close_connection_pools(django_db_setup: None, django_db_blocker: object) ->
         name = connections["default"].settings_dict["NAME"]
         with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
             admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
                 [name],
             )
