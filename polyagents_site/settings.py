@@ -115,13 +115,13 @@ if USING_POSTGRES:
     INSTALLED_APPS.append("procrastinate.contrib.django")
 PROCRASTINATE_AUTODISCOVER_MODULE_NAME = "tasks"
 PROCRASTINATE_WORKER_DEFAULTS = {
-    "concurrency": int(os.environ.get("WORKER_CONCURRENCY", "10")),
+    "concurrency": CONFIG.WORKER_CONCURRENCY,
     "delete_jobs": "successful",
     "update_heartbeat_interval": 5.0,
     "stalled_worker_timeout": 30.0,
 }
 # A "running" conversation whose heartbeat is older than this is re-enqueued or failed.
-CONVERSATION_STALE_SECONDS = int(os.environ.get("CONVERSATION_STALE_SECONDS", "90"))
+CONVERSATION_STALE_SECONDS = CONFIG.CONVERSATION_STALE_SECONDS
 
 # --- Redis: cache, channel layer and streams when REDIS_URL is set.
 REDIS_URL = CONFIG.REDIS_URL
