@@ -41,8 +41,8 @@ from consensus import (
 Emit = Callable[..., Awaitable[Any]]
 
 PEER_ANSWER_CHARS = 1200  # how much of each peer's previous answer the others see
-DELTA_FLUSH_SECONDS = 0.1  # agent_delta events are batched: at most ~10 per second per agent
-DELTA_FLUSH_CHARS = 400
+DELTA_FLUSH_SECONDS = 0.2  # agent_delta events are batched: at most ~5 per second per agent
+DELTA_FLUSH_CHARS = 600
 
 
 @dataclass

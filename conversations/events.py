@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -62,27 +62,28 @@ def redis_client() -> aioredis.Redis | None:
     return client
 
 
-async def _append_to_stream(event: dict[str, Any]) -> None:
-    """XADD the event under id `<seq>-0`, trimmed to STREAM_MAXLEN and expiring after STREAM_TTL."""
+async def _append_to_stream(batch: list[dict[str, Any]]) -> None:
+    """XADD events under ids `<seq>-0`, trimmed to STREAM_MAXLEN and expiring after STREAM_TTL."""
     client = redis_client()
-    if client is None:
+    if client is None or not batch:
         return
-    key = stream_key(event["conversation_id"])
+    key = stream_key(batch[0]["conversation_id"])
     try:
         async with client.pipeline(transaction=False) as pipe:
-            pipe.xadd(
-                key,
-                {"e": json.dumps(event, separators=(",", ":"))},
-                id=f"{event['seq']}-0",
-                maxlen=settings.CONFIG.STREAM_MAXLEN,
-                approximate=True,
-            )
+            for event in batch:
+                pipe.xadd(
+                    key,
+                    {"e": json.dumps(event, separators=(",", ":"))},
+                    id=f"{event['seq']}-0",
+                    maxlen=settings.CONFIG.STREAM_MAXLEN,
+                    approximate=True,
+                )
             pipe.expire(key, settings.CONFIG.STREAM_TTL)
             await pipe.execute()
     except (RedisError, OSError) as exc:
         logger.warning(
-            "event not appended to the Redis Stream; replay will serve it from the database",
-            extra={"conversation_id": event["conversation_id"], "seq": event["seq"], "error": str(exc)},
+            "events not appended to the Redis Stream; replay will serve them from the database",
+            extra={"conversation_id": batch[0]["conversation_id"], "seq": batch[0]["seq"], "error": str(exc)},
         )
 
 
@@ -102,61 +103,109 @@ async def _publish(event: dict[str, Any]) -> None:
         )
 
 
-def _store_sync(conversation_id: uuid.UUID, event: dict[str, Any], now: datetime) -> None:
+def _store_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:
     try:
-        Event.objects.create(
-            conversation_id=conversation_id, seq=event["seq"], type=event["type"], data=event, created_at=now
-        )
-        Conversation.objects.filter(pk=conversation_id).update(last_seq=event["seq"])
+        with transaction.atomic():
+            Event.objects.bulk_create(
+                Event(
+                    conversation_id=conversation_id,
+                    seq=event["seq"],
+                    type=event["type"],
+                    data=event,
+                    created_at=now,
+                )
+                for event in batch
+            )
+            Conversation.objects.filter(pk=conversation_id).update(last_seq=batch[-1]["seq"])
     finally:
         if settings.USING_POSTGRES:
             connection.close()  # back to the pool: pool threads never hold a connection
 
 
-async def _store(conversation_id: uuid.UUID, event: dict[str, Any], now: datetime) -> None:
-    """Write the Event row and the conversation's last_seq.
+async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:
+    """Write the Event rows of a batch and the conversation's last_seq, in one transaction.
 
     On PostgreSQL this runs in the thread pool (each thread has its own pooled connection),
     so many conversations of one process store their events in parallel instead of queueing
     behind Django's single thread-sensitive executor; SQLite keeps one writer thread.
     """
     await sync_to_async(_store_sync, thread_sensitive=not settings.USING_POSTGRES)(
-        conversation_id, event, now
+        conversation_id, batch, now
     )
 
 
 class EventLog:
-    def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0) -> None:
+    """Assigns `seq`, stores, appends to the stream and publishes, strictly in `seq` order.
+
+    By default `emit` returns once its event is stored and sent. A `buffered` log (the one a
+    conversation run writes through) returns at once and lets a single writer task store and
+    send queued events in batches, so agents never wait on I/O between turns; `flush()` waits
+    for everything emitted so far, and terminal events flush by themselves.
+    """
+
+    FLUSH_ON = frozenset({"conversation_completed", "conversation_failed"})
+
+    def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0, *, buffered: bool = False) -> None:
         self.conversation_id = conversation_id
         self.last_seq = last_seq
-        # Agents of a turn emit concurrently: store, append and publish strictly in seq order,
-        # or a follower could see seq N+1 before N is stored and then drop N as a duplicate.
+        self.buffered = buffered
+        self._pending: list[dict[str, Any]] = []
+        self._writer: asyncio.Task[None] | None = None
+        # One writer at a time: a follower must never see seq N+1 before N is stored.
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, conversation_id: uuid.UUID) -> EventLog:
+    async def open(cls, conversation_id: uuid.UUID, *, buffered: bool = False) -> EventLog:
         """Continue the log of a conversation after its last stored event."""
         result = await Event.objects.filter(conversation_id=conversation_id).aaggregate(m=Max("seq"))
-        return cls(conversation_id, result["m"] or 0)
+        return cls(conversation_id, result["m"] or 0, buffered=buffered)
 
     async def emit(self, type: str, **data: Any) -> dict[str, Any]:
-        """Store the event, then append it to the Redis Stream, then send it to the group."""
+        """Queue the event under the next seq; unless buffered, wait until it is stored and sent."""
+        self.last_seq += 1
+        now = timezone.now()
+        event = {
+            "type": type,
+            "conversation_id": str(self.conversation_id),
+            "seq": self.last_seq,
+            "timestamp": now.isoformat().replace("+00:00", "Z"),
+            **data,
+        }
+        # Epoch seconds at emit time: lets clients (and bench/stream.py) measure delivery latency.
+        event.setdefault("emitted_at", time.time())
+        self._pending.append(event)
+        if not self.buffered or type in self.FLUSH_ON:
+            await self.flush()
+        elif self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        return event
+
+    async def flush(self) -> None:
+        """Wait until every event emitted so far is stored, appended and published."""
+        while self._pending or (self._writer is not None and not self._writer.done()):
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.get_running_loop().create_task(self._drain())
+            await asyncio.shield(self._writer)
+
+    async def _drain(self) -> None:
         async with self._lock:
-            self.last_seq += 1
-            now = timezone.now()
-            event = {
-                "type": type,
-                "conversation_id": str(self.conversation_id),
-                "seq": self.last_seq,
-                "timestamp": now.isoformat().replace("+00:00", "Z"),
-                **data,
-            }
-            # Epoch seconds at emit time: lets clients (and bench/stream.py) measure delivery latency.
-            event.setdefault("emitted_at", time.time())
-            await _store(self.conversation_id, event, now)
-            await _append_to_stream(event)
-            await _publish(event)
-            return event
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await _store(self.conversation_id, batch, timezone.now())
+                except Exception:
+                    # Never publish what is not stored; the run goes on and says so in the log.
+                    logger.exception(
+                        "events not stored; dropped from the live path",
+                        extra={
+                            "conversation_id": str(self.conversation_id),
+                            "seqs": [e["seq"] for e in batch],
+                        },
+                    )
+                    continue
+                await _append_to_stream(batch)
+                for event in batch:
+                    await _publish(event)
 
 
 async def _read_stream(conversation_id: uuid.UUID | str, after: int) -> list[dict[str, Any]] | None:

@@ -294,7 +294,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
     config = settings.CONFIG
     question, prior, history = await sync_to_async(_load_prior)(conversation, exchange)
     panel = build_panel(conversation.num_agents)
-    log = await EventLog.open(conversation.pk)
+    log = await EventLog.open(conversation.pk, buffered=True)
     recorder = RunRecorder(conversation, exchange, log)
     recorder.personality = {p.agent_id: p.personality for p in panel}
     started = time.monotonic()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 from adrf.views import APIView
+from asgiref.sync import sync_to_async
+from django.db import connection
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
@@ -23,6 +26,10 @@ from gateway.permissions import CanWrite
 
 # Runs started by /chat are kept here so a client that disconnects does not cancel them.
 _RUNNING: set[asyncio.Task[Any]] = set()
+
+
+def _release_connection() -> None:
+    connection.close()  # resolved in the calling thread: its own connection goes back to the pool
 
 
 def problem(status_code: int, code: str, detail: str, **extra: Any) -> Response:
@@ -64,7 +71,16 @@ class ChatView(APIView):
             return problem(status.HTTP_404_NOT_FOUND, exc.code, str(exc))
         except ConversationBusy as exc:
             return problem(status.HTTP_409_CONFLICT, exc.code, str(exc))
-        task = asyncio.ensure_future(conversation_run(conversation_id=conversation.pk, exchange=exchange))
+        # Under ASGI each request gets its own thread for thread-sensitive ORM calls, and that
+        # thread keeps its pooled connection until the request ends. A /chat request lasts a
+        # whole conversation, so hand the connection back now and run the conversation in a
+        # fresh context: its ORM calls then share the process's sync thread instead of holding
+        # one connection per waiting client (200 clients would otherwise drain the pool).
+        await sync_to_async(_release_connection)()
+        task = asyncio.get_running_loop().create_task(
+            conversation_run(conversation_id=conversation.pk, exchange=exchange),
+            context=contextvars.Context(),
+        )
         _RUNNING.add(task)
         task.add_done_callback(_RUNNING.discard)
         conversation = await asyncio.shield(task)

@@ -13,6 +13,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import AsyncClient
 
+from agents.providers.registry import reset_providers
 from conversations.jobs import wait_for_background_runs
 from conversations.models import Conversation, Event, Message
 from gateway.models import ApiKey
@@ -117,7 +118,12 @@ async def test_no_key_is_401_and_read_only_key_is_403(make_key: KeyMaker) -> Non
     assert not await Conversation.objects.filter(pk=conversation_id).aexists()
 
 
-async def test_second_post_while_running_is_409_and_never_a_second_run(make_key: KeyMaker) -> None:
+async def test_second_post_while_running_is_409_and_never_a_second_run(
+    make_key: KeyMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Slow agents, so the first run is certainly still going when the second POST arrives.
+    monkeypatch.setattr(settings.CONFIG, "SIMULATED_LATENCY", 0.3)
+    reset_providers()
     _, raw = await new_key(make_key)
     conversation_id = uuid.uuid4()
     first = await post_stream(
@@ -135,6 +141,7 @@ async def test_second_post_while_running_is_409_and_never_a_second_run(make_key:
     assert await Message.objects.filter(conversation=conversation, role="user").acount() == 1
     starts = await Event.objects.filter(conversation=conversation, type="conversation_started").acount()
     assert starts == 1
+    reset_providers()
 
 
 async def test_a_finished_conversation_continues_with_a_new_exchange(make_key: KeyMaker) -> None:
