@@ -19,14 +19,18 @@ PREFIX_LENGTH = 10
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
-class KeyRejected(Exception):
-    """A presented key is unknown, revoked or expired; `code` says which."""
+class CredentialRejected(Exception):
+    """A presented credential is refused; `code` is machine-readable, `detail` for people."""
 
     def __init__(self, code: str, detail: str, key: ApiKey | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.key = key
+
+
+class KeyRejected(CredentialRejected):
+    """A presented key is unknown, revoked or expired; `code` says which."""
 
 
 @dataclass(frozen=True)

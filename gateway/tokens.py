@@ -11,7 +11,7 @@ from rest_framework_simplejwt.exceptions import ExpiredTokenError, TokenError
 from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
-from gateway.keys import KeyRejected, check_usable, principal_for_key
+from gateway.keys import CredentialRejected, KeyRejected, check_usable, principal_for_key
 from gateway.models import ApiKey
 from gateway.principal import Principal
 
@@ -20,14 +20,8 @@ KIND_CLAIM = "kind"
 KEY_CLAIM = "key_id"
 
 
-class TokenRejected(Exception):
+class TokenRejected(CredentialRejected):
     """A JWT is malformed, expired, blacklisted, of the wrong type or of a revoked principal."""
-
-    def __init__(self, code: str, detail: str, key: ApiKey | None = None) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-        self.key = key
 
 
 @dataclass(frozen=True)
