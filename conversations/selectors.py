@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 
 from conversations.models import ConsensusResult, Conversation, Message, Vote
@@ -109,3 +110,95 @@ def conversation_detail(principal: Principal, conversation_id: uuid.UUID) -> dic
         "votes": [vote_body(v) for v in conversation.votes.all()],
         "consensus_results": [result_body(r) for r in conversation.results.order_by("exchange")],
     }
+
+
+def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
+    messages = list(
+        Message.objects.filter(
+            conversation=conversation, exchange=exchange, role=Message.Role.AGENT
+        ).order_by("turn", "agent_id")
+    )
+    final: dict[str, Message] = {}
+    for message in messages:
+        if message.status != Message.Status.FAILED:
+            final[message.agent_id] = message  # the latest turn wins
+    result = ConsensusResult.objects.filter(conversation=conversation, exchange=exchange).first()
+    votes = list(Vote.objects.filter(conversation=conversation, exchange=exchange).order_by("voter"))
+    positions = (result.details.get("options") or {}) if result else {}
+
+    def agent(message: Message) -> dict[str, Any]:
+        return {
+            "agent_id": message.agent_id,
+            "response": message.content,
+            "model": message.model,
+            "temperature": message.temperature,
+            "provider": message.provider,
+            "personality": message.personality,
+            "turn": message.turn,
+            "position": message.position or None,
+            "confidence": message.confidence,
+            "abstained": message.status == Message.Status.ABSTAINED,
+            "latency_ms": message.latency_ms,
+            "tokens": {
+                "prompt": message.prompt_tokens,
+                "completion": message.completion_tokens,
+                "total": message.prompt_tokens + message.completion_tokens,
+            },
+            "simulated": message.simulated,
+        }
+
+    tokens = conversation.metadata.get("tokens") or {"prompt": 0, "completion": 0, "total": 0}
+    return {
+        "conversation_id": str(conversation.pk),
+        "exchange": exchange,
+        "agent_responses": [agent(m) for _, m in sorted(final.items())],
+        "consensus_result": conversation.consensus_result or None,
+        "confidence": conversation.confidence,
+        "consensus": (
+            {
+                "reached": result.reached,
+                "method": result.method,
+                "winner": result.winner or None,
+                "position": result.details.get("position", ""),
+                "confidence": result.confidence,
+                "tallies": result.tallies,
+                "tie_break": result.tie_break or None,
+                "dissent": result.dissent,
+            }
+            if result
+            else None
+        ),
+        "votes": [
+            {
+                "voter": v.voter,
+                "choice": v.choice or None,
+                "position": positions.get(v.choice, None) if isinstance(positions, dict) else None,
+                "confidence": v.confidence,
+                "reason": v.reason,
+            }
+            for v in votes
+        ],
+        "failed_agents": [
+            {"agent_id": m.agent_id, "turn": m.turn, "error": m.error, "model": m.model}
+            for m in messages
+            if m.status == Message.Status.FAILED
+        ],
+        "transcript": [agent(m) for m in messages if m.status != Message.Status.FAILED],
+        "usage": tokens,
+        "metadata": {
+            "status": conversation.status,
+            "duration": conversation.duration,
+            "turns_completed": conversation.turns_completed,
+            "turns_requested": conversation.turns_requested,
+            "num_agents": conversation.num_agents,
+            "early_stop": bool(conversation.metadata.get("early_stop")),
+            "strategy": conversation.metadata.get("strategy", "majority"),
+            "simulated": any(m.simulated for m in messages),
+            "error": conversation.error or None,
+        },
+    }
+
+
+async def achat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
+    """The /chat response body: the brief's fields plus confidence, votes and usage."""
+    return await sync_to_async(chat_result)(conversation, exchange)

@@ -14,13 +14,13 @@ from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from conversations.selectors import achat_result
 from conversations.serializers import ChatRequestSerializer
 from conversations.services import (
     ConversationBusy,
     ConversationNotFound,
     conversation_run,
     conversation_start,
-    serialize_chat_result,
 )
 from gateway.permissions import CanWrite
 
@@ -84,7 +84,7 @@ class ChatView(APIView):
         _RUNNING.add(task)
         task.add_done_callback(_RUNNING.discard)
         conversation = await asyncio.shield(task)
-        body = await serialize_chat_result(conversation, exchange)
+        body = await achat_result(conversation, exchange)
         if conversation.status == "failed":
             return problem(
                 status.HTTP_503_SERVICE_UNAVAILABLE,

@@ -8,7 +8,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from conversations.services import conversation_run, conversation_start, serialize_chat_result
+from conversations.selectors import achat_result
+from conversations.services import conversation_run, conversation_start
 from gateway.principal import Principal
 
 
@@ -68,4 +69,4 @@ class Command(BaseCommand):
             strategy=options["strategy"],
         )
         conversation = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
-        return await serialize_chat_result(conversation, exchange)
+        return await achat_result(conversation, exchange)
