@@ -43,6 +43,8 @@ from gateway.principal import Principal  # noqa: E402
 
 QUESTIONS = [
     "Should a city invest first in solar or in wind power?",
+    "Which colour should the new logo use: red, blue or green?",
+    "What is the best database for analytics?",
     "Is it better to rent or to buy a home in a big city?",
     "Which is the better first programming language: Python or JavaScript?",
     "Should a startup build on PostgreSQL or MongoDB?",
@@ -67,6 +69,11 @@ def set_latency(latency: float) -> None:
 async def bench_wall(latency: float) -> None:
     set_latency(latency)
     print(f"\n1. One conversation, 3 agents, 2 turns, L = {latency:.2f} s (full path: storage + event log)")
+    # One unmeasured run first: imports, the first database connection, the provider's client.
+    warm, warm_exchange = await conversation_start(
+        principal=PRINCIPAL, message="warm-up", num_agents=3, turns=1
+    )
+    await conversation_run(conversation_id=warm.pk, exchange=warm_exchange)
     ratios = []
     for question in QUESTIONS:
         conversation, exchange = await conversation_start(
