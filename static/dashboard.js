@@ -153,6 +153,7 @@
         if (typeof event.confidence === "number") meta.push(`confidence ${percent(event.confidence)}`);
         if (typeof event.latency_ms === "number") meta.push(`${Math.round(event.latency_ms)} ms`);
         if (event.model) meta.push(event.model);
+        if (event.simulated) meta.push("simulated (offline, no LLM)");
         block.querySelector(".meta").textContent = meta.join(" · ");
         break;
       }
