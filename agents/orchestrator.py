@@ -313,7 +313,7 @@ class Orchestrator:
                     answered=len(answered),
                     failed=sum(1 for r in stored.values() if not r.ok),
                     abstained=sum(1 for r in stored.values() if r.ok and r.proposal is None),
-                    tokens=_tokens(usage),
+                    tokens=usage_dict(usage),
                 )
                 turns_completed = turn
                 if len(answered) < quorum_size(electorate):
@@ -455,7 +455,8 @@ def _retry_hint(results: Mapping[str, AgentResult]) -> float | None:
     return None
 
 
-def _tokens(usage: Usage) -> dict[str, int]:
+def usage_dict(usage: Usage) -> dict[str, int]:
+    """Token counts as the API and the events report them."""
     return {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens, "total": usage.total_tokens}
 
 
@@ -473,6 +474,6 @@ def response_payload(result: AgentResult, personality: str = "") -> dict[str, An
         "temperature": result.temperature,
         "personality": personality,
         "latency_ms": result.latency_ms,
-        "tokens": _tokens(result.usage),
+        "tokens": usage_dict(result.usage),
         "simulated": result.simulated,
     }

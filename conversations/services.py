@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from agents.orchestrator import AgentResult, Orchestrator, RunOutcome
+from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, usage_dict
 from agents.profiles import build_panel
 from agents.providers.base import Usage
 from consensus import parse_reply
@@ -362,11 +362,7 @@ async def _finish(
     conversation_id: uuid.UUID, exchange: int, recorder: RunRecorder, outcome: RunOutcome, duration: float
 ) -> Conversation:
     duration = round(duration, 3)
-    tokens = {
-        "prompt": outcome.usage.prompt_tokens,
-        "completion": outcome.usage.completion_tokens,
-        "total": outcome.usage.total_tokens,
-    }
+    tokens = usage_dict(outcome.usage)
     conversation = await Conversation.objects.aget(pk=conversation_id)
     if outcome.decision is not None:
         decision = outcome.decision
