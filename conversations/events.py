@@ -138,12 +138,14 @@ class EventLog:
     """Assigns `seq`, stores, appends to the stream and publishes, strictly in `seq` order.
 
     By default `emit` returns once its event is stored and sent. A `buffered` log (the one a
-    conversation run writes through) returns at once and lets a single writer task store and
-    send queued events in batches, so agents never wait on I/O between turns; `flush()` waits
-    for everything emitted so far, and terminal events flush by themselves.
+    conversation run writes through) does not wait for `agent_delta` events: a single writer
+    task stores and sends them in batches, so streaming agents never wait on I/O per chunk.
+    Every other event waits for its batch, because it stands beside a stored row (a message,
+    a ballot) that a resumed run reuses without emitting again: if the process dies, only
+    deltas can be lost, and each is superseded by its `agent_response`.
     """
 
-    FLUSH_ON = frozenset({"conversation_completed", "conversation_failed"})
+    BUFFERED_TYPES = frozenset({"agent_delta"})
 
     def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0, *, buffered: bool = False) -> None:
         self.conversation_id = conversation_id
@@ -174,7 +176,7 @@ class EventLog:
         # Epoch seconds at emit time: lets clients (and bench/stream.py) measure delivery latency.
         event.setdefault("emitted_at", time.time())
         self._pending.append(event)
-        if not self.buffered or type in self.FLUSH_ON:
+        if not self.buffered or type not in self.BUFFERED_TYPES:
             await self.flush()
         elif self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._drain())

@@ -122,3 +122,19 @@ async def test_redis_down_the_event_is_still_stored_and_replayed(caplog: pytest.
     assert await Event.objects.filter(conversation_id=log.conversation_id, seq=1).aexists()
     assert replayed == [emitted]
     assert any("Redis Stream" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_buffered_log_stores_every_event_but_deltas_before_emit_returns() -> None:
+    conversation = await Conversation.objects.acreate(owner="key:1")
+    log = EventLog(conversation.pk, buffered=True)
+    await log.emit("agent_delta", agent_id="agent_0", turn=1, delta="Hel")
+    await log.emit("agent_delta", agent_id="agent_0", turn=1, delta="lo")
+    # The response stands beside a stored message, so it (and the deltas before it) are stored now.
+    await log.emit("agent_response", agent_id="agent_0", turn=1, content="Hello")
+    rows = [(e.seq, e.type) async for e in Event.objects.filter(conversation=conversation).order_by("seq")]
+    assert rows == [(1, "agent_delta"), (2, "agent_delta"), (3, "agent_response")]
+    await log.emit("agent_delta", agent_id="agent_0", turn=2, delta="Bye")
+    await log.flush()
+    assert await Event.objects.filter(conversation=conversation).acount() == 4
+    refreshed = await Conversation.objects.aget(pk=conversation.pk)
+    assert refreshed.last_seq == 4
