@@ -7,18 +7,9 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
-from gateway.validation import SafeCharField
+from gateway.validation import SafeCharField, StrictUUIDField
 
 MAX_MESSAGE_CHARS = 8000
-
-
-class StrictUUIDField(serializers.UUIDField):
-    """A UUID given as text in its usual 36-character form; numbers and other spellings are refused."""
-
-    def to_internal_value(self, data: Any) -> Any:
-        if not isinstance(data, str) or len(data) != 36:
-            self.fail("invalid", value=data)
-        return super().to_internal_value(data)
 
 
 class StrictSerializer(serializers.Serializer):

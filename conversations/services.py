@@ -45,14 +45,17 @@ def _in_background(coro: Any) -> None:
 
 class ConversationError(Exception):
     code = "conversation_error"
+    status_code = 400
 
 
 class ConversationNotFound(ConversationError):
     code = "not_found"
+    status_code = 404
 
 
 class ConversationBusy(ConversationError):
     code = "conversation_running"
+    status_code = 409
 
 
 def _can_access(principal: Principal, conversation: Conversation) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 from adrf.views import APIView
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import status
@@ -13,16 +11,10 @@ from rest_framework.response import Response
 
 from conversations.jobs import enqueue_run
 from conversations.serializers import ChatRequestSerializer
-from conversations.services import ConversationBusy, ConversationNotFound, conversation_start
-from gateway.errors import error_body
+from conversations.services import ConversationError, conversation_start
+from conversations.views import conversation_problem
 from gateway.permissions import CanWrite
-
-
-def _conversation_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise ValidationError({"conversation_id": ["Must be a valid UUID."]}) from None
+from gateway.validation import parse_uuid
 
 
 class StreamView(APIView):
@@ -43,7 +35,7 @@ class StreamView(APIView):
         summary="Start a streamed conversation; follow it on websocket_url",
     )
     async def post(self, request: Request, conversation_id: str) -> Response:
-        conv_id = _conversation_id(conversation_id)
+        conv_id = parse_uuid(conversation_id, field="conversation_id")
         serializer = ChatRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -60,10 +52,8 @@ class StreamView(APIView):
                 strategy=data["strategy"],
                 create_with_id=True,
             )
-        except ConversationNotFound as exc:
-            return Response(error_body(exc.code, str(exc)), status=status.HTTP_404_NOT_FOUND)
-        except ConversationBusy as exc:
-            return Response(error_body(exc.code, str(exc)), status=status.HTTP_409_CONFLICT)
+        except ConversationError as exc:
+            return conversation_problem(exc)
         await enqueue_run(conversation.pk, exchange)
         return Response(
             {

@@ -17,11 +17,11 @@ from rest_framework.response import Response
 from conversations.selectors import achat_result
 from conversations.serializers import ChatRequestSerializer
 from conversations.services import (
-    ConversationBusy,
-    ConversationNotFound,
+    ConversationError,
     conversation_run,
     conversation_start,
 )
+from gateway.errors import error_body
 from gateway.permissions import CanWrite
 
 # Runs started by /chat are kept here so a client that disconnects does not cancel them.
@@ -36,7 +36,12 @@ def problem(status_code: int, code: str, detail: str, **extra: Any) -> Response:
     headers = {}
     if extra.get("retry_after"):
         headers["Retry-After"] = str(int(extra["retry_after"]))
-    return Response({"detail": detail, "code": code, **extra}, status=status_code, headers=headers)
+    return Response({**error_body(code, detail), **extra}, status=status_code, headers=headers)
+
+
+def conversation_problem(exc: ConversationError) -> Response:
+    """A service refusal (unknown or foreign conversation, already running) as a JSON error."""
+    return problem(exc.status_code, exc.code, str(exc))
 
 
 class ChatView(APIView):
@@ -67,10 +72,8 @@ class ChatView(APIView):
                 turns=data.get("turns"),
                 strategy=data["strategy"],
             )
-        except ConversationNotFound as exc:
-            return problem(status.HTTP_404_NOT_FOUND, exc.code, str(exc))
-        except ConversationBusy as exc:
-            return problem(status.HTTP_409_CONFLICT, exc.code, str(exc))
+        except ConversationError as exc:
+            return conversation_problem(exc)
         # Under ASGI each request gets its own thread for thread-sensitive ORM calls, and that
         # thread keeps its pooled connection until the request ends. A /chat request lasts a
         # whole conversation, so hand the connection back now and run the conversation in a

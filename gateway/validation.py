@@ -41,12 +41,17 @@ class SafeCharField(serializers.CharField):
         return value
 
 
-class UUIDPathField(serializers.UUIDField):
-    """A UUID in canonical hex-with-hyphens form."""
+class StrictUUIDField(serializers.UUIDField):
+    """A UUID given as text in its usual 36-character form; numbers and other spellings are refused."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("format", "hex_verbose")
         super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str) or len(data) != 36:
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
 
 
 def parse_uuid(value: object, *, field: str = "id") -> uuid.UUID:
