@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connections
 from rest_framework.test import APIClient
 
 from gateway.models import ApiKey, generate_key, hash_key
@@ -76,7 +78,6 @@ def _clear_cache() -> None:
 def _close_connection_pools(django_db_setup: None, django_db_blocker: object) -> object:
     """Close psycopg pools before the test database is dropped (pooled connections hold it open)."""
     yield
-    from django.db import connections
 
     for conn in connections.all(initialized_only=True):
         close_pool = getattr(conn, "close_pool", None)
@@ -94,3 +95,17 @@ def _close_connection_pools(django_db_setup: None, django_db_blocker: object) ->
                 " WHERE datname = %s AND pid <> pg_backend_pid()",
                 [name],
             )
+
+
+@pytest.fixture
+async def thread_connections_closed() -> AsyncIterator[None]:
+    """Close the database connections (and pools) opened by the async handler's worker thread."""
+    yield
+
+    def close() -> None:
+        for conn in connections.all(initialized_only=True):
+            conn.close()
+            if hasattr(conn, "close_pool"):
+                conn.close_pool()
+
+    await sync_to_async(close)()

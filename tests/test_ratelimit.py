@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from adrf.views import APIView as AsyncAPIView
-from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
-from django.db import connections
 from django.test import AsyncClient
 from django.urls import include, path
 from prometheus_client import REGISTRY
@@ -162,20 +160,6 @@ def test_token_endpoint_is_limited_per_ip(db: None, api_client: APIClient, limit
     assert refused["RateLimit-Policy"] == "2;w=3600;burst=2"
     other_ip = api_client.post("/auth/token", {}, format="json", REMOTE_ADDR="10.40.0.1")
     assert other_ip.status_code == 400
-
-
-@pytest.fixture
-async def thread_connections_closed() -> AsyncIterator[None]:
-    """Close the database connections (and pools) opened by the async handler's worker thread."""
-    yield
-
-    def close() -> None:
-        for conn in connections.all(initialized_only=True):
-            conn.close()
-            if hasattr(conn, "close_pool"):
-                conn.close_pool()
-
-    await sync_to_async(close)()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib import admin
 from django.contrib.auth.models import User
-from django.db import connection, connections
+from django.db import connection
 from django.test import AsyncClient, RequestFactory
 from django.urls import include, path
 from rest_framework.request import Request
@@ -179,20 +179,6 @@ def test_bad_addresses_are_never_counted_or_blocked(db: None, config: Callable) 
     assert not record_auth_failure("not-an-ip'; DROP TABLE gateway_blockedip;--", reason="x", path="/")
     assert not is_blocked("not-an-ip")
     assert BlockedIP.objects.count() == 0
-
-
-@pytest.fixture
-async def thread_connections_closed() -> AsyncIterator[None]:
-    """Close the database connections (and pools) opened by the async handler's worker thread."""
-    yield
-
-    def close() -> None:
-        for conn in connections.all(initialized_only=True):
-            conn.close()
-            if hasattr(conn, "close_pool"):
-                conn.close_pool()
-
-    await sync_to_async(close)()
 
 
 @pytest.mark.django_db(transaction=True)
