@@ -419,7 +419,13 @@ async def _finish(
         "tokens": tokens,
         **({"retry_after": outcome.retry_after} if outcome.retry_after else {}),
     }
-    await conversation.asave()
+    # Only the fields set here: the event log keeps `last_seq` current meanwhile.
+    await conversation.asave(
+        update_fields=[
+            "status", "turns_completed", "consensus_result", "confidence", "error", "duration",
+            "completed_at", "prompt_tokens", "completion_tokens", "metadata", "updated_at",
+        ]
+    )  # fmt: skip
     CONVERSATIONS.labels(status).inc()
     if status == "failed":
         await arecord_error("chat_conversation", outcome.reason, conversation_id=str(conversation_id))

@@ -78,6 +78,7 @@ class TestIntegration:
         body = chat(writer, num_agents=2, turns=2).json()
         events = list(Event.objects.filter(conversation_id=body["conversation_id"]).order_by("seq"))
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert Conversation.objects.get(pk=body["conversation_id"]).last_seq == len(events)
         types = [e.type for e in events]
         assert types[0] == "conversation_started"
         assert types[-1] == "conversation_completed"
