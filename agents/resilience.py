@@ -38,7 +38,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from agents.providers.base import DeltaCallback, Generation, GenerationRequest, Provider, ProviderError
-from monitoring.metrics import BREAKER_STATE, LLM_CALLS, LLM_LATENCY, LLM_TOKENS
+from telemetry.metrics import BREAKER_STATE, LLM_CALLS, LLM_LATENCY, LLM_TOKENS
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from agents.providers.base import Usage
 from consensus import parse_reply
 from conversations.events import EventLog
 from conversations.models import ConsensusResult, Conversation, Message, Vote
+from conversations.signals import conversation_completed
 from gateway.principal import Principal
-from monitoring.errors import arecord_error
-from monitoring.metrics import CONVERSATIONS
+from telemetry.errors import arecord_error
+from telemetry.metrics import CONVERSATIONS
 
 logger = logging.getLogger("polyagents.conversations")
 
@@ -430,9 +431,11 @@ async def _finish(
     if status == "failed":
         await arecord_error("chat_conversation", outcome.reason, conversation_id=str(conversation_id))
     else:
-        from conversations.vectors import aindex_conversation
-
-        _in_background(aindex_conversation(conversation_id))
+        _in_background(
+            conversation_completed.asend_robust(
+                sender=Conversation, conversation_id=conversation_id, status=status
+            )
+        )
     if status == "failed":
         await recorder(
             "conversation_failed",

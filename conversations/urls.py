@@ -1,7 +1,15 @@
-"""Routes of the conversations app; each feature keeps its own route module."""
+"""Routes of the conversations app: POST /chat and reading past conversations."""
 
-from conversations import urls_chat, urls_history, urls_stream
+from django.urls import URLPattern, URLResolver, path
 
-# urls_chat: POST /chat. urls_stream: POST /stream/{id}, dashboard.
-# urls_history: /conversations/*, /admin/cleanup, /admin/export.
-urlpatterns = urls_chat.urlpatterns + urls_stream.urlpatterns + urls_history.urlpatterns
+from conversations import views
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("chat", views.ChatView.as_view(), name="chat"),
+    path("conversations/recent", views.RecentConversationsView.as_view(), name="conversations-recent"),
+    path(
+        "conversations/<str:conversation_id>",
+        views.ConversationDetailView.as_view(),
+        name="conversation-detail",
+    ),
+]

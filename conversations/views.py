@@ -1,20 +1,23 @@
-"""POST /chat: ask the panel and wait for its consensus."""
+"""POST /chat (ask the panel and wait for its consensus), and reading past conversations."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import uuid
 from typing import Any
 
 from adrf.views import APIView
 from asgiref.sync import sync_to_async
 from django.db import connection
-from drf_spectacular.utils import OpenApiExample, extend_schema
-from rest_framework import status
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from conversations.selectors import achat_result
+from conversations.selectors import achat_result, conversation_detail, recent_conversations
 from conversations.serializers import ChatRequestSerializer
 from conversations.services import (
     ConversationError,
@@ -23,6 +26,8 @@ from conversations.services import (
 )
 from gateway.errors import error_body
 from gateway.permissions import CanWrite
+from gateway.principal import principal_of
+from gateway.validation import query_params
 
 # Runs started by /chat are kept here so a client that disconnects does not cancel them.
 _RUNNING: set[asyncio.Task[Any]] = set()
@@ -99,3 +104,72 @@ class ChatView(APIView):
                 failed_agents=body["failed_agents"],
             )
         return Response(body, status=status.HTTP_200_OK)
+
+
+class RecentQuery(serializers.Serializer):
+    limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
+
+
+CONVERSATION_EXAMPLE = {
+    "conversation_id": "6f1c1f0e-4c5b-4a1e-9a7e-1f2d3c4b5a69",
+    "title": "Benefits of renewable energy",
+    "status": "completed",
+    "num_agents": 3,
+    "turns_requested": 2,
+    "turns_completed": 2,
+    "exchanges": 1,
+    "consensus_result": "Renewables cut emissions and running costs.",
+    "confidence": 0.67,
+    "duration": 2.5,
+    "created_at": "2026-01-01T12:00:00Z",
+    "completed_at": "2026-01-01T12:00:02.5Z",
+}
+
+
+class RecentConversationsView(APIView):
+    @extend_schema(
+        operation_id="conversations_recent",
+        summary="Recent conversations (newest first)",
+        parameters=[OpenApiParameter("limit", int, description="1..100, default 10")],
+        responses={200: OpenApiResponse(OpenApiTypes.OBJECT)},
+        examples=[
+            OpenApiExample(
+                "recent", value={"conversations": [CONVERSATION_EXAMPLE], "count": 1}, response_only=True
+            )
+        ],
+    )
+    def get(self, request: Request) -> Response:
+        limit = query_params(RecentQuery, request)["limit"]
+        rows = recent_conversations(principal_of(request), limit)
+        return Response({"conversations": rows, "count": len(rows)})
+
+
+class ConversationDetailView(APIView):
+    @extend_schema(
+        operation_id="conversations_detail",
+        summary="A conversation with its messages, ballots and consensus results",
+        responses={200: OpenApiResponse(OpenApiTypes.OBJECT), 404: OpenApiResponse(OpenApiTypes.OBJECT)},
+        examples=[
+            OpenApiExample(
+                "detail",
+                response_only=True,
+                value={
+                    **CONVERSATION_EXAMPLE,
+                    "messages": [{"role": "user", "turn": 0, "content": "Benefits of renewables?"}],
+                    "votes": [{"voter": "agent_0", "choice": "A", "confidence": 0.8}],
+                    "consensus_results": [
+                        {"method": "majority", "reached": True, "winner": "A", "confidence": 0.67}
+                    ],
+                },
+            )
+        ],
+    )
+    def get(self, request: Request, conversation_id: str) -> Response:
+        try:
+            pk = uuid.UUID(conversation_id)
+        except ValueError:
+            raise NotFound("Conversation not found.") from None
+        detail = conversation_detail(principal_of(request), pk)
+        if detail is None:
+            raise NotFound("Conversation not found.")
+        return Response(detail)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 PrincipalKind = Literal["api_key", "user", "anonymous"]
 
@@ -46,3 +46,10 @@ class Principal:
     @property
     def pk(self) -> str:  # some DRF and Django helpers expect a pk
         return self.owner
+
+
+def principal_of(request: Any) -> Principal:
+    """The Principal of an authenticated DRF request (guaranteed by the permission classes)."""
+    user = request.user
+    assert isinstance(user, Principal), "a permission class must authenticate the request first"
+    return user

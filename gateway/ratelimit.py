@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from django.core.cache import cache
 
-from monitoring.metrics import RATE_LIMIT_BACKEND_ERRORS
+from telemetry.metrics import RATE_LIMIT_BACKEND_ERRORS
 
 logger = logging.getLogger("polyagents.ratelimit")
 

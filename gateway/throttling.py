@@ -21,7 +21,7 @@ from gateway.net import client_ip
 from gateway.principal import Principal
 from gateway.ratelimit import Decision, Policy, check
 from gateway.security import log_security_event
-from monitoring.metrics import RATE_LIMIT_REJECTIONS
+from telemetry.metrics import RATE_LIMIT_REJECTIONS
 
 STATE_ATTR = "rate_limit_decision"
 

@@ -62,3 +62,10 @@ def parse_uuid(value: object, *, field: str = "id") -> uuid.UUID:
         return uuid.UUID(str(value))
     except (TypeError, ValueError):
         raise serializers.ValidationError({field: [f"{str(value)[:64]!r} is not a valid UUID."]}) from None
+
+
+def query_params(serializer_class: type[serializers.Serializer], request: Any) -> dict[str, Any]:
+    """Validate a request's query string with a serializer; invalid values answer 400 naming the field."""
+    serializer = serializer_class(data=request.query_params.dict())
+    serializer.is_valid(raise_exception=True)
+    return dict(serializer.validated_data)

@@ -136,7 +136,7 @@ class QdrantCheck(ComponentCheck):
     critical_service = False
 
     def probe(self) -> CheckResult:
-        from conversations import vectors
+        from archive import vectors
 
         if not vectors.is_enabled():
             return CheckResult(

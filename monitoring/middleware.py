@@ -9,7 +9,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
 
-from monitoring.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from telemetry.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 UNMATCHED = "<unmatched>"
 

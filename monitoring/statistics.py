@@ -11,7 +11,7 @@ from django.db.models import Avg, Count, Q, QuerySet
 from django.utils import timezone
 
 from conversations.models import Conversation, Message
-from monitoring.errors import error_rates
+from telemetry.errors import error_rates
 
 PERCENTILES = (0.5, 0.95, 0.99)
 SUCCESS = (Conversation.Status.COMPLETED, Conversation.Status.NO_CONSENSUS)

@@ -17,8 +17,8 @@ from rest_framework.views import APIView
 from gateway.permissions import CanRead
 from monitoring import schemas
 from monitoring.health import detailed_report
-from monitoring.metrics import BREAKER_STATE
 from monitoring.statistics import breaker_snapshot, statistics
+from telemetry.metrics import BREAKER_STATE
 
 BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
 

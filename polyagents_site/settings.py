@@ -39,9 +39,12 @@ INSTALLED_APPS = [
     "rest_framework_simplejwt.token_blacklist",
     "drf_spectacular",
     "channels",
+    "telemetry",
+    "agents",
     "gateway",
     "conversations",
-    "agents",
+    "streaming",
+    "archive",
     "monitoring",
     "health_check",
     "health_check.cache",
@@ -110,7 +113,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USING_POSTGRES = DATABASES["default"]["ENGINE"].endswith("postgresql")
 
 # --- Background jobs: procrastinate on PostgreSQL (`manage.py procrastinate worker`, any number of
-# workers); with SQLite conversations run as in-process asyncio tasks (conversations/jobs.py).
+# workers); with SQLite conversations run as in-process asyncio tasks (streaming/jobs.py).
 if USING_POSTGRES:
     INSTALLED_APPS.append("procrastinate.contrib.django")
 PROCRASTINATE_AUTODISCOVER_MODULE_NAME = "tasks"
@@ -136,7 +139,7 @@ if REDIS_URL:
     }
     # Redis pub/sub: a group_send is one PUBLISH that each web process receives once and fans
     # out locally (the list-based RedisChannelLayer pops every copy from Redis one by one).
-    # Lossy like any channel layer: completeness comes from replay by seq (conversations/consumers.py).
+    # Lossy like any channel layer: completeness comes from replay by seq (streaming/consumers.py).
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",

@@ -9,7 +9,9 @@ from gateway.errors import not_found
 urlpatterns = [
     path("django-admin/", admin.site.urls),
     path("", include("gateway.urls")),
+    path("", include("archive.urls")),  # before conversations: conversations/search is not an id
     path("", include("conversations.urls")),
+    path("", include("streaming.urls")),
     path("", include("monitoring.urls")),
     # API docs: OpenAPI schema, Swagger UI and ReDoc (assets served locally by the sidecar).
     path("schema", SpectacularAPIView.as_view(), name="schema"),

@@ -14,7 +14,7 @@ from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from conversations import vectors
+from archive import vectors
 from conversations.events import stream_key
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 from tests.conftest import requires_redis
@@ -244,7 +244,7 @@ async def test_export_streams_asynchronously_under_asgi(make_key):
 
 
 def test_periodic_retention_uses_retention_days(settings):
-    from conversations.retention import retention_apply
+    from archive.retention import retention_apply
 
     settings.CONFIG = settings.CONFIG.model_copy(update={"RETENTION_DAYS": 10})
     _conversation(11)

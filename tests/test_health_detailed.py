@@ -252,7 +252,7 @@ def test_procrastinate_worker_heartbeats(client_with):
 
 
 def test_qdrant_collections_and_vectors(client_with, settings):
-    from conversations import vectors
+    from archive import vectors
     from conversations.models import Conversation, Message
 
     client = client_with("read")

@@ -305,7 +305,7 @@ class TestOrchestratorUnit:
 
 @pytest.mark.django_db(transaction=True)
 def test_failed_agents_feed_the_error_statistics(client_with, config, monkeypatch):
-    from monitoring.models import ErrorRecord
+    from telemetry.models import ErrorRecord
 
     monkeypatch.setattr(config, "SIMULATED_FAILURE_RATE", 1.0)
     monkeypatch.setattr(config, "RETRY_MAX_ATTEMPTS", 1)

@@ -11,9 +11,9 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from conversations import vectors
+from archive import vectors
+from archive.search import rrf
 from conversations.models import Conversation, Message
-from conversations.search import rrf
 from gateway.models import ApiKey, generate_key, hash_key
 from tests.conftest import requires_postgres
 
@@ -89,7 +89,7 @@ def test_postgres_search_index_exists():
 @requires_postgres
 def test_postgres_search_query_can_use_the_index(reader):
     """The ORM's SearchVector compiles to the indexed expression (checked with seq scans off)."""
-    from conversations.search import fulltext
+    from archive.search import fulltext
     from gateway.principal import Principal
 
     _conversation(reader.owner, "renewable energy")

@@ -10,9 +10,9 @@ from django.db import connections
 from django.utils import timezone
 
 from conversations.models import Conversation, Message
-from monitoring.errors import arecord_error, error_rates, fingerprint, prune_buckets, record_error
-from monitoring.models import ErrorBucket, ErrorRecord
 from monitoring.statistics import percentiles
+from telemetry.errors import arecord_error, error_rates, fingerprint, prune_buckets, record_error
+from telemetry.models import ErrorBucket, ErrorRecord
 
 pytestmark = pytest.mark.django_db
 

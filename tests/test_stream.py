@@ -14,10 +14,10 @@ from django.conf import settings
 from django.test import AsyncClient
 
 from agents.providers.registry import reset_providers
-from conversations.jobs import wait_for_background_runs
 from conversations.models import Conversation, Event, Message
 from gateway.models import ApiKey
 from polyagents_site.asgi import application
+from streaming.jobs import wait_for_background_runs
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,7 +38,7 @@ async def post_stream(raw: str | None, conversation_id: object, body: Any) -> An
 async def drain_runs() -> None:
     """Let the background run finish: in-process on SQLite, a burst worker on PostgreSQL."""
     if settings.USING_POSTGRES:
-        from conversations.tasks import run_worker_until_idle
+        from streaming.tasks import run_worker_until_idle
 
         await run_worker_until_idle()
     else:

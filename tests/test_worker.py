@@ -16,17 +16,17 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from conversations.jobs import (
+from conversations.models import Conversation, Event, Message
+from conversations.services import conversation_start
+from gateway.models import ApiKey
+from gateway.principal import Principal
+from streaming.jobs import (
     SWEEP_MAX_REQUEUES,
     enqueue_run,
     run_in_process,
     sweep_stale_conversations,
 )
-from conversations.models import Conversation, Event, Message
-from conversations.services import conversation_start
-from conversations.tasks import STALLED_MAX_ATTEMPTS as RUN_ATTEMPTS_LIMIT
-from gateway.models import ApiKey
-from gateway.principal import Principal
+from streaming.tasks import STALLED_MAX_ATTEMPTS as RUN_ATTEMPTS_LIMIT
 from tests.conftest import requires_postgres, requires_redis
 from tests.test_stream_live import live_env, start_worker
 
@@ -89,7 +89,7 @@ async def test_in_process_run_sweeps_runs_a_dead_process_left_behind(make_key: K
 async def test_sweep_requeues_a_bounded_number_of_times_then_fails() -> None:
     from procrastinate.contrib.django.models import ProcrastinateJob
 
-    from conversations.tasks import worker_app
+    from streaming.tasks import worker_app
 
     stale = await stale_conversation()
     for attempt in range(1, SWEEP_MAX_REQUEUES + 1):
@@ -120,7 +120,7 @@ async def test_sweep_requeues_a_bounded_number_of_times_then_fails() -> None:
 def test_retry_strategy_is_bounded_and_jittered() -> None:
     from procrastinate.jobs import Job
 
-    from conversations.tasks import RUN_MAX_ATTEMPTS, run_conversation
+    from streaming.tasks import RUN_MAX_ATTEMPTS, run_conversation
 
     strategy = run_conversation.retry_strategy
     assert strategy is not None
@@ -154,7 +154,7 @@ async def wait_until(predicate: Callable[[], object], timeout: float, what: str)
 async def test_killed_worker_the_run_resumes_on_another_without_duplicates(
     make_key: KeyMaker, tmp_path: Path
 ) -> None:
-    from conversations.tasks import retry_stalled_jobs, worker_app
+    from streaming.tasks import retry_stalled_jobs, worker_app
 
     row, _ = await sync_to_async(make_key)(["read", "write"])
     principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=row.pk)
@@ -207,7 +207,7 @@ async def test_killed_worker_the_run_resumes_on_another_without_duplicates(
 
 
 async def test_periodic_retention_deletes_conversations_older_than_retention_days() -> None:
-    from conversations.tasks import retention
+    from archive.tasks import retention
 
     days = settings.CONFIG.RETENTION_DAYS
     old = await Conversation.objects.acreate(
@@ -223,7 +223,7 @@ async def test_periodic_retention_deletes_conversations_older_than_retention_day
 @requires_postgres
 @pytest.mark.parametrize(("attempts", "expected"), [(0, "todo"), (RUN_ATTEMPTS_LIMIT - 1, "failed")])
 async def test_stalled_jobs_are_retried_until_the_attempt_limit(attempts: int, expected: str) -> None:
-    from conversations.tasks import retry_stalled_jobs, run_conversation, worker_app
+    from streaming.tasks import retry_stalled_jobs, run_conversation, worker_app
 
     async with worker_app().open_async() as app:
         manager = app.job_manager

@@ -15,8 +15,8 @@ from django.test import override_settings
 from conversations.events import EventLog, group_name
 from conversations.models import Conversation, Event
 from gateway.models import ApiKey, BlockedIP
-from monitoring.metrics import OPEN_WEBSOCKETS
 from polyagents_site.asgi import application
+from telemetry.metrics import OPEN_WEBSOCKETS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -283,7 +283,7 @@ async def test_tampered_jwt_closes_4401(make_key: KeyMaker) -> None:
 async def test_an_event_never_published_live_still_arrives_by_catch_up(
     make_key: KeyMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conversations.consumers import ConversationConsumer
+    from streaming.consumers import ConversationConsumer
 
     monkeypatch.setattr(ConversationConsumer, "catch_up_seconds", 0.2)
     row, raw = await new_key(make_key)

@@ -5,14 +5,12 @@ Workers: `python manage.py procrastinate worker` (PostgreSQL deployments only).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 import uuid
 from typing import Any, cast
 
 import attr
-from django.conf import settings
 from procrastinate import App, JobContext, RetryDecision, RetryStrategy
 from procrastinate.contrib.django import app
 from procrastinate.contrib.django.django_connector import DjangoConnector
@@ -93,25 +91,8 @@ async def retry_stalled_jobs(
 @app.task(name="conversations.sweep", queueing_lock="conversations.sweep", pass_context=True)
 async def sweep(context: JobContext, timestamp: int) -> dict[str, Any]:
     """Every minute: retry stalled jobs, then re-enqueue or fail conversations with a dead heartbeat."""
-    from conversations.jobs import sweep_stale_conversations
+    from streaming.jobs import sweep_stale_conversations
 
     retried = await retry_stalled_jobs(context.app.job_manager)
     report = await sweep_stale_conversations()
     return {"stalled_jobs_retried": retried, "requeued": report.requeued, "failed": report.failed}
-
-
-@app.periodic(cron="17 3 * * *")
-@app.task(name="conversations.retention", queueing_lock="conversations.retention")
-async def retention(timestamp: int) -> Any:
-    """Daily: delete what is older than RETENTION_DAYS (conversations.retention, when installed)."""
-    try:
-        from conversations.retention import retention_apply
-    except ImportError:
-        logger.info("conversations.retention is not installed; nothing to do")
-        return None
-    from asgiref.sync import sync_to_async
-
-    days = settings.CONFIG.RETENTION_DAYS
-    if inspect.iscoroutinefunction(retention_apply):
-        return await retention_apply(days=days)
-    return await sync_to_async(retention_apply)(days=days)

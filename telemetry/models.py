@@ -18,6 +18,7 @@ class ErrorRecord(models.Model):
     last_seen = models.DateTimeField(default=timezone.now)
 
     class Meta:
+        db_table = "monitoring_errorrecord"  # created by monitoring's migration 0001; kept on the move
         ordering = ["-last_seen"]
         constraints = [models.UniqueConstraint(fields=["kind", "fingerprint"], name="error_record_unique")]
         indexes = [models.Index(fields=["last_seen"], name="error_record_last_seen_idx")]
@@ -34,6 +35,7 @@ class ErrorBucket(models.Model):
     count = models.PositiveIntegerField(default=0)
 
     class Meta:
+        db_table = "monitoring_errorbucket"  # created by monitoring's migration 0001; kept on the move
         constraints = [models.UniqueConstraint(fields=["kind", "minute"], name="error_bucket_unique")]
         indexes = [models.Index(fields=["minute"], name="error_bucket_minute_idx")]
 

@@ -7,7 +7,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import Max, Q
 
-from conversations import vectors
+from archive import vectors
 from conversations.models import Conversation, Message
 from conversations.selectors import _iso, visible_conversations
 from gateway.principal import Principal

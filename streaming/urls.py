@@ -3,7 +3,7 @@
 from django.urls import URLPattern, URLResolver, path
 from django.views.generic import TemplateView
 
-from conversations.streaming import StreamView
+from streaming.views import StreamView
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("stream/<str:conversation_id>", StreamView.as_view(), name="stream"),

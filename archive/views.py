@@ -1,8 +1,7 @@
-"""Conversation history, search, and the admin cleanup and export endpoints."""
+"""Search over past conversations, and the admin cleanup and export endpoints."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -12,23 +11,18 @@ from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
-from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from conversations import export, retention
-from conversations.search import search_conversations
-from conversations.selectors import conversation_detail, recent_conversations
+from archive import export, retention
+from archive.search import search_conversations
+from conversations.views import CONVERSATION_EXAMPLE
 from gateway.permissions import IsAdmin
-from gateway.principal import Principal
-from gateway.validation import SafeCharField
+from gateway.principal import principal_of
+from gateway.validation import SafeCharField, query_params
 
 STREAM_PIECE_BYTES = 64 * 1024
-
-
-class RecentQuery(serializers.Serializer):
-    limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
 
 
 class SearchBody(serializers.Serializer):
@@ -52,82 +46,6 @@ class CleanupQuery(serializers.Serializer):
 class ExportQuery(serializers.Serializer):
     format = serializers.ChoiceField(choices=list(export.FORMATS), default="json")
     days = serializers.IntegerField(min_value=1, max_value=export.MAX_DAYS, default=7)
-
-
-def _principal(request: Request) -> Principal:
-    assert isinstance(request.user, Principal)  # guaranteed by the permission classes
-    return request.user
-
-
-def _query(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    serializer = serializer_class(data=request.query_params.dict())
-    serializer.is_valid(raise_exception=True)
-    return dict(serializer.validated_data)
-
-
-CONVERSATION_EXAMPLE = {
-    "conversation_id": "6f1c1f0e-4c5b-4a1e-9a7e-1f2d3c4b5a69",
-    "title": "Benefits of renewable energy",
-    "status": "completed",
-    "num_agents": 3,
-    "turns_requested": 2,
-    "turns_completed": 2,
-    "exchanges": 1,
-    "consensus_result": "Renewables cut emissions and running costs.",
-    "confidence": 0.67,
-    "duration": 2.5,
-    "created_at": "2026-01-01T12:00:00Z",
-    "completed_at": "2026-01-01T12:00:02.5Z",
-}
-
-
-class RecentConversationsView(APIView):
-    @extend_schema(
-        operation_id="conversations_recent",
-        summary="Recent conversations (newest first)",
-        parameters=[OpenApiParameter("limit", int, description="1..100, default 10")],
-        responses={200: OpenApiResponse(OpenApiTypes.OBJECT)},
-        examples=[
-            OpenApiExample(
-                "recent", value={"conversations": [CONVERSATION_EXAMPLE], "count": 1}, response_only=True
-            )
-        ],
-    )
-    def get(self, request: Request) -> Response:
-        limit = _query(RecentQuery, request)["limit"]
-        rows = recent_conversations(_principal(request), limit)
-        return Response({"conversations": rows, "count": len(rows)})
-
-
-class ConversationDetailView(APIView):
-    @extend_schema(
-        operation_id="conversations_detail",
-        summary="A conversation with its messages, ballots and consensus results",
-        responses={200: OpenApiResponse(OpenApiTypes.OBJECT), 404: OpenApiResponse(OpenApiTypes.OBJECT)},
-        examples=[
-            OpenApiExample(
-                "detail",
-                response_only=True,
-                value={
-                    **CONVERSATION_EXAMPLE,
-                    "messages": [{"role": "user", "turn": 0, "content": "Benefits of renewables?"}],
-                    "votes": [{"voter": "agent_0", "choice": "A", "confidence": 0.8}],
-                    "consensus_results": [
-                        {"method": "majority", "reached": True, "winner": "A", "confidence": 0.67}
-                    ],
-                },
-            )
-        ],
-    )
-    def get(self, request: Request, conversation_id: str) -> Response:
-        try:
-            pk = uuid.UUID(conversation_id)
-        except ValueError:
-            raise NotFound("Conversation not found.") from None
-        detail = conversation_detail(_principal(request), pk)
-        if detail is None:
-            raise NotFound("Conversation not found.")
-        return Response(detail)
 
 
 class SearchConversationsView(APIView):
@@ -165,7 +83,7 @@ class SearchConversationsView(APIView):
         body = SearchBody(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
-        return Response(search_conversations(_principal(request), data["query"], data["limit"]))
+        return Response(search_conversations(principal_of(request), data["query"], data["limit"]))
 
 
 class CleanupView(APIView):
@@ -204,7 +122,7 @@ class CleanupView(APIView):
         ],
     )
     def post(self, request: Request) -> Response:
-        params = _query(CleanupQuery, request)
+        params = query_params(CleanupQuery, request)
         return Response(retention.cleanup(days=params["days"], dry_run=params["dry_run"]))
 
 
@@ -254,7 +172,7 @@ class ExportView(APIView):
         },
     )
     def get(self, request: Request) -> StreamingHttpResponse:
-        params = _query(ExportQuery, request)
+        params = query_params(ExportQuery, request)
         fmt = params["format"]
         response = StreamingHttpResponse(
             _body(export.iter_export(fmt, params["days"]), request), content_type=export.FORMATS[fmt][0]

@@ -2,7 +2,7 @@
 
 from django.urls import URLPattern, path
 
-from conversations.consumers import ConversationConsumer
+from streaming.consumers import ConversationConsumer
 
 websocket_urlpatterns: list[URLPattern] = [
     path("ws/<str:conversation_id>", ConversationConsumer.as_asgi()),

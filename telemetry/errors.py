@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
-from monitoring.models import ErrorBucket, ErrorRecord
+from telemetry.models import ErrorBucket, ErrorRecord
 
 logger = logging.getLogger("polyagents.errors")
 

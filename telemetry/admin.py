@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from monitoring.models import ErrorRecord
+from telemetry.models import ErrorRecord
 
 
 @admin.register(ErrorRecord)

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from conversations.retention import MAX_DAYS, cleanup
+from archive.retention import MAX_DAYS, cleanup
 
 
 class Command(BaseCommand):

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from conversations.export import FORMATS, MAX_DAYS, iter_export
+from archive.export import FORMATS, MAX_DAYS, iter_export
 
 
 class Command(BaseCommand):

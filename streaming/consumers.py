@@ -21,7 +21,7 @@ from django.conf import settings
 from conversations.events import group_name, read_events
 from conversations.models import Conversation
 from gateway.principal import Principal
-from monitoring.metrics import OPEN_WEBSOCKETS
+from telemetry.metrics import OPEN_WEBSOCKETS
 
 logger = logging.getLogger("polyagents.ws")
 

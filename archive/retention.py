@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from conversations import vectors
+from archive import vectors
 from conversations.events import stream_key
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 
@@ -84,7 +84,7 @@ def cleanup(*, days: int, dry_run: bool = False, now: datetime | None = None) ->
         "cutoff": cutoff.isoformat().replace("+00:00", "Z"),
     }
     if not dry_run:
-        from monitoring.errors import prune_buckets
+        from telemetry.errors import prune_buckets
 
         prune_buckets()
     logger.info("cleanup done", extra={"days": days, "dry_run": dry_run, **counts})

@@ -1,6 +1,6 @@
 """Running conversations in the background, and sweeping the ones whose run died.
 
-On PostgreSQL a run is a procrastinate job (`conversations.tasks.run_conversation`) that
+On PostgreSQL a run is a procrastinate job (`streaming.tasks.run_conversation`) that
 any `manage.py procrastinate worker` on any machine picks up; on the embedded SQLite
 default it is an asyncio task of the web process.
 """
@@ -38,7 +38,7 @@ async def enqueue_run(conversation_id: uuid.UUID, exchange: int) -> str:
     if settings.USING_POSTGRES:
         from procrastinate.exceptions import AlreadyEnqueued
 
-        from conversations.tasks import run_conversation
+        from streaming.tasks import run_conversation
 
         lock = job_lock(conversation_id)
         try:

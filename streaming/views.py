@@ -9,12 +9,12 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from conversations.jobs import enqueue_run
 from conversations.serializers import ChatRequestSerializer
 from conversations.services import ConversationError, conversation_start
 from conversations.views import conversation_problem
 from gateway.permissions import CanWrite
 from gateway.validation import parse_uuid
+from streaming.jobs import enqueue_run
 
 
 class StreamView(APIView):
