@@ -184,12 +184,13 @@ async def test_slow_answer_times_out_at_agent_call_timeout(
 
 
 async def test_deadline_bounds_the_call_and_its_retries(fake: FakeGemini, gemini: GeminiProvider) -> None:
-    fake.always(slow(3))
+    fake.always(slow(10))
     started = time.monotonic()
     with pytest.raises(ProviderError) as caught:
         await call_with_resilience(gemini, request(), deadline=started + 0.4)
     assert caught.value.kind == "timeout"
-    assert time.monotonic() - started < 1.2
+    # Cut by the deadline, long before the 10 s answer (the margin absorbs a loaded machine).
+    assert time.monotonic() - started < 3
     assert calls_to(fake, "gemini-a") == 1
     assert get_breaker("gemini", "gemini-a").failure_count == 0  # cut by the deadline: no verdict
 
