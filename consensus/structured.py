@@ -198,7 +198,7 @@ def _is_machine_line(line: str) -> bool:
 
 def clean_answer(text: str) -> str:
     """The reply without its trailing machine lines (FINAL POSITION / CONFIDENCE and their values)."""
-    lines = text.rstrip().splitlines()
+    lines = text.rstrip().splitlines(keepends=True)
     cut = len(lines)
     index = len(lines) - 1
     while index >= 0:
@@ -219,7 +219,7 @@ def clean_answer(text: str) -> str:
             index -= 1
             continue
         break
-    return "\n".join(lines[:cut]).rstrip()
+    return "".join(lines[:cut]).rstrip()
 
 
 def last_sentence_position(text: str) -> str | None:

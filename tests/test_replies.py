@@ -205,6 +205,43 @@ class TestCauses:
         assert (sources.count("repair"), sources.count("structured")) == (3, 7)
 
 
+class TestCallCount:
+    def test_structured_output_adds_no_call(self, writer: Any, gemini: FakeGemini) -> None:
+        body = chat(writer, num_agents=3, turns=2).json()
+        assert body["metadata"]["status"] == "completed"
+        assert body["metadata"]["early_stop"] is True  # unanimous after turn 1: no second turn, no vote round
+        assert len(gemini.generate_calls) == 3  # one call per agent, the schema rides along
+        assert all("responseSchema" in r.body["generationConfig"] for _, r in gemini.generate_calls)
+        assert {a["position_source"] for a in body["agent_responses"]} == {"structured"}
+        assert body["metadata"]["extra_calls"] == {"repair": 0, "synthesis": 0}
+
+    def test_a_split_panel_votes_with_structured_ballots(self, writer: Any, gemini: FakeGemini) -> None:
+        answers = itertools.cycle(["42", "42", "24"])
+        lock = threading.Lock()
+
+        def respond(model: str, body: dict[str, Any]) -> Any:
+            if "vote" in body["generationConfig"]["responseSchema"]["properties"]:
+                return None  # the default ballot: the first label
+            with lock:
+                position = next(answers)
+            return ok(json.dumps({"answer": f"It is {position}.", "position": position, "confidence": 0.8}))
+
+        gemini.respond(respond)
+        body = chat(writer, num_agents=3, turns=1).json()
+        ballots = [
+            r.body
+            for _, r in gemini.generate_calls
+            if "vote" in r.body["generationConfig"]["responseSchema"]["properties"]
+        ]
+        assert len(ballots) == 3  # 3 answers + 3 ballots, nothing more
+        assert len(gemini.generate_calls) == 6
+        assert ballots[0]["generationConfig"]["responseSchema"]["properties"]["vote"]["enum"] == ["A", "B"]
+        assert {v["choice"] for v in body["votes"]} == {"A"}
+        assert {v["reason"] for v in body["votes"]} == {"It is the best supported proposal."}
+        assert body["consensus"]["position"] == "24"  # label A: the fake's default ballot
+        assert body["consensus_result"] == "It is 24."
+
+
 class TestCleanAnswer:
     def test_consensus_result_is_the_clean_answer_and_the_raw_reply_is_kept(
         self, writer: Any, config: Any
