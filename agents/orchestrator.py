@@ -9,6 +9,16 @@ conversation). From turn 2 each agent also sees its own previous answer and the 
 agents' previous answers, each labelled `[<agent_id>, <personality>]`. In the vote
 round the final proposals are anonymised: grouped by normalised position and
 labelled A, B, C… so that no agent votes for a name.
+
+Replies. Each reply is asked for as structured output where the provider takes it (a JSON
+object: answer, position, confidence; ballots: reason, vote, confidence), else in the
+text format (FINAL POSITION / CONFIDENCE lines); see `Provider.complete`. A reply with no
+readable position gets one short repair call asking for the position and confidence;
+a short reply then falls back to its final sentence; only then is it an abstention.
+What agents and users read is the clean answer, without the machine lines.
+
+The final answer is the winning option's best supporter (`representative`) or a
+chairman's synthesis (`chairman`, one extra streamed call); see `agents.synthesis`.
 """
 
 from __future__ import annotations
@@ -19,23 +29,44 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import jiter
+
 from agents.profiles import AgentProfile
-from agents.providers.base import Generation, GenerationRequest, ProviderError, Usage
+from agents.providers.base import Generation, GenerationRequest, OutputFormat, ProviderError, Usage
 from agents.providers.registry import get_provider
 from agents.resilience import call_with_resilience
+from agents.synthesis import (
+    SYNTHESIS_MODES,
+    Argument,
+    chairman_profile,
+    chairman_prompt,
+    reasons_by_voter,
+)
 from consensus import (
+    ANSWER_SCHEMA,
     BALLOT_INSTRUCTIONS,
+    BALLOT_JSON_INSTRUCTIONS,
+    REPAIR_INSTRUCTIONS,
+    REPAIR_JSON_INSTRUCTIONS,
+    REPAIR_SCHEMA,
+    REPAIR_TEXT_INSTRUCTIONS,
     REPLY_INSTRUCTIONS,
+    REPLY_JSON_INSTRUCTIONS,
     STRATEGIES,
     Ballot,
     Decision,
     Option,
     Proposal,
+    ballot_schema,
     build_options,
+    clean_answer,
     interim_agreement,
     is_unanimous,
+    last_sentence_position,
     parse_ballot,
     parse_reply,
+    parse_structured_ballot,
+    parse_structured_reply,
 )
 
 Emit = Callable[..., Awaitable[Any]]
@@ -43,6 +74,30 @@ Emit = Callable[..., Awaitable[Any]]
 PEER_ANSWER_CHARS = 1200  # how much of each peer's previous answer the others see
 DELTA_FLUSH_SECONDS = 0.2  # agent_delta events are batched: at most ~5 per second per agent
 DELTA_FLUSH_CHARS = 600
+
+ANSWER_OUTPUT = OutputFormat(
+    name="panel_answer",
+    schema=ANSWER_SCHEMA,
+    json_instructions=REPLY_JSON_INSTRUCTIONS,
+    text_instructions=REPLY_INSTRUCTIONS,
+    stream_field="answer",
+)
+REPAIR_OUTPUT = OutputFormat(
+    name="panel_position",
+    schema=REPAIR_SCHEMA,
+    json_instructions=REPAIR_JSON_INSTRUCTIONS,
+    text_instructions=REPAIR_TEXT_INSTRUCTIONS,
+)
+
+
+def ballot_output(labels: Sequence[str]) -> OutputFormat:
+    """The ballot's output format; as structured output the vote is one of `labels`."""
+    return OutputFormat(
+        name="panel_ballot",
+        schema=ballot_schema(labels),
+        json_instructions=BALLOT_JSON_INSTRUCTIONS,
+        text_instructions=BALLOT_INSTRUCTIONS,
+    )
 
 
 @dataclass
@@ -52,8 +107,13 @@ class AgentResult:
     agent_id: str
     turn: int
     ok: bool
-    text: str = ""
+    text: str = ""  # the raw reply as the provider returned it (JSON for a structured reply)
     proposal: Proposal | None = None
+    answer: str = ""  # the clean answer text (no machine lines, no JSON)
+    # How the position was read: structured | text | repair | final_sentence ("" when abstained).
+    position_source: str = ""
+    repair_calls: int = 0
+    repair_usage: Usage = field(default_factory=Usage)
     model: str = ""
     provider: str = ""
     temperature: float = 0.0
@@ -62,6 +122,10 @@ class AgentResult:
     simulated: bool = False
     error: str = ""
     error_kind: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ok and not self.answer and self.text:
+            self.answer = clean_answer(self.text)
 
     @property
     def answered(self) -> bool:
@@ -82,19 +146,45 @@ class RunOutcome:
     usage: Usage = field(default_factory=Usage)
     options: dict[str, str] = field(default_factory=dict)  # vote label -> position
     vote_round: bool = False  # whether the agents were asked to vote (more than one proposal)
+    # Why there is no consensus: "no_usable_positions" (agents answered, none readable enough)
+    # or "vote_below_quorum"; "" otherwise.
+    cause: str = ""
+    synthesis: dict[str, Any] = field(default_factory=lambda: {"mode": "representative"})
+    synthesis_usage: Usage = field(default_factory=Usage)
+
+    @property
+    def repair_usage(self) -> Usage:
+        """Tokens of the repair calls of every turn (already included in `usage`)."""
+        return sum((r.repair_usage for turn in self.results.values() for r in turn.values()), Usage())
+
+
+def extra_calls(
+    results: Mapping[int, Mapping[str, AgentResult]], synthesis: Mapping[str, Any]
+) -> dict[str, int]:
+    """Calls beyond one per agent per turn and one ballot: repair requests and the chairman."""
+    repairs = sum(r.repair_calls for turn in results.values() for r in turn.values())
+    return {"repair": repairs, "synthesis": 1 if synthesis.get("calls") else 0}
 
 
 class QuorumLost(Exception):
     """Too few agents answered a turn for the panel to go on."""
 
 
+class NoUsablePositions(Exception):
+    """Enough agents answered a turn, but too few replies had a usable position (even after repair)."""
+
+
 class DeltaBatcher:
     """Collects token chunks of one agent's turn and emits them as few `agent_delta` events."""
 
-    def __init__(self, emit: Emit, agent_id: str, turn: int) -> None:
+    def __init__(
+        self, emit: Emit, agent_id: str, turn: int, *, type: str = "agent_delta", **fields: Any
+    ) -> None:
         self.emit = emit
         self.agent_id = agent_id
         self.turn = turn
+        self.type = type
+        self.fields = fields if type != "agent_delta" else {"agent_id": agent_id, "turn": turn}
         self.buffer: list[str] = []
         self.size = 0
         self.last_flush = time.monotonic()
@@ -110,7 +200,7 @@ class DeltaBatcher:
             text = "".join(self.buffer)
             self.buffer.clear()
             self.size = 0
-            await self.emit("agent_delta", agent_id=self.agent_id, turn=self.turn, delta=text)
+            await self.emit(self.type, **self.fields, delta=text)
         self.last_flush = time.monotonic()
 
 
@@ -135,9 +225,15 @@ class Orchestrator:
         stream: bool = True,
         max_output_tokens: int | None = None,
         prior: Mapping[int, Mapping[str, AgentResult]] | None = None,
+        synthesis: str = "representative",
+        chairman: AgentProfile | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
+        if synthesis not in SYNTHESIS_MODES:
+            raise ValueError(f"unknown synthesis {synthesis!r}")
+        self.synthesis = synthesis
+        self.chairman = chairman
         self.panel = list(panel)
         self.question = question
         self.turns = turns
@@ -165,35 +261,48 @@ class Orchestrator:
         if turn > 1 and previous:
             own = previous.get(profile.agent_id)
             if own is not None and own.ok:
-                parts.append(f"\nYour previous answer (turn {turn - 1}):\n{own.text[:PEER_ANSWER_CHARS]}\n")
+                parts.append(f"\nYour previous answer (turn {turn - 1}):\n{_shown(own)}\n")
             peers = [r for aid, r in sorted(previous.items()) if aid != profile.agent_id and r.ok]
             if peers:
                 parts.append(f"\nThe other panelists answered in turn {turn - 1}:\n")
                 labels = {p.agent_id: p.personality for p in self.panel}
                 for result in peers:
                     label = f"[{result.agent_id}, {labels.get(result.agent_id, 'panelist')}]"
-                    parts.append(f"{label}\n{result.text[:PEER_ANSWER_CHARS]}\n")
+                    parts.append(f"{label}\n{_shown(result)}\n")
             parts.append(
                 "\nWeigh their arguments against yours. Keep your position if you still think it is right, "
                 "or change it if they convinced you.\n"
             )
         else:
             parts.append("\nGive your answer.\n")
-        parts.append(REPLY_INSTRUCTIONS)
+        # The reply format (JSON or FINAL POSITION lines) is appended by Provider.complete.
         return "".join(parts)
+
+    def repair_prompt(self, answer: str) -> str:
+        """The short follow-up for a reply without a readable position."""
+        reply = answer[:PEER_ANSWER_CHARS]
+        return f"Question: {self.question}\n\nYour reply:\n{reply}\n\n{REPAIR_INSTRUCTIONS}"
 
     def ballot_prompt(self, options: Sequence[Option], representative: Mapping[str, str]) -> str:
         lines = [self._history_block(), f"Question: {self.question}\n", "\nThe panel's final proposals:\n"]
         for option in options:
             summary = representative.get(option.label, "")[:PEER_ANSWER_CHARS]
             lines.append(f"\nProposal {option.label}: {option.position}\n{summary}\n")
-        lines.append("\nVote for the proposal you judge best supported. ")
-        lines.append(BALLOT_INSTRUCTIONS)
+        lines.append("\nVote for the proposal you judge best supported.")
+        # The ballot format (JSON or VOTE lines) is appended by Provider.complete.
         return "".join(lines)
 
     # --- one agent call ------------------------------------------------------------------
     async def _call(
-        self, profile: AgentProfile, prompt: str, turn: int, metadata: dict[str, Any], stream: bool
+        self,
+        profile: AgentProfile,
+        prompt: str,
+        turn: int,
+        metadata: dict[str, Any],
+        stream: bool,
+        *,
+        output: OutputFormat | None = None,
+        batcher: DeltaBatcher | None = None,
     ) -> Generation:
         provider = get_provider(profile.provider)
         request = GenerationRequest(
@@ -203,12 +312,13 @@ class Orchestrator:
             temperature=profile.temperature,
             max_output_tokens=self.max_output_tokens,
             metadata={"agent_id": profile.agent_id, "turn": turn, "question": self.question, **metadata},
+            output=output,
         )
         if not stream:
             return await call_with_resilience(
                 provider, request, fallback_models=profile.fallback_models, deadline=self.deadline
             )
-        batcher = DeltaBatcher(self.emit, profile.agent_id, turn)
+        batcher = batcher or DeltaBatcher(self.emit, profile.agent_id, turn)
         try:
             return await call_with_resilience(
                 provider,
@@ -235,7 +345,7 @@ class Orchestrator:
         }
         try:
             generation = await self._call(
-                profile, self.answer_prompt(profile, turn), turn, metadata, self.stream
+                profile, self.answer_prompt(profile, turn), turn, metadata, self.stream, output=ANSWER_OUTPUT
             )
         except ProviderError as exc:
             result = AgentResult(
@@ -259,13 +369,15 @@ class Orchestrator:
                 retry_after=exc.retry_after,
             )
             return result
-        proposal = parse_reply(profile.agent_id, generation.text)
+        answer, proposal, source = read_reply(profile.agent_id, generation)
         result = AgentResult(
             agent_id=profile.agent_id,
             turn=turn,
             ok=True,
             text=generation.text,
             proposal=proposal,
+            answer=answer,
+            position_source=source if proposal is not None else "",
             model=generation.model,
             provider=generation.provider,
             temperature=profile.temperature,
@@ -273,8 +385,45 @@ class Orchestrator:
             usage=generation.usage,
             simulated=generation.simulated,
         )
+        if proposal is None:
+            await self._repair(profile, result)
         await self.emit("agent_response", **response_payload(result, profile.personality))
         return result
+
+    async def _repair(self, profile: AgentProfile, result: AgentResult) -> None:
+        """One short call asking for the position and confidence; then the final sentence; else abstain."""
+        result.repair_calls = 1
+        try:
+            generation = await self._call(
+                profile,
+                self.repair_prompt(result.answer),
+                result.turn,
+                {"kind": "repair", "reply": result.answer},
+                stream=False,
+                output=REPAIR_OUTPUT,
+            )
+        except ProviderError as exc:
+            generation = None
+            result.error = f"repair failed: {exc.kind}"
+        if generation is not None:
+            result.repair_usage = generation.usage
+            result.usage = result.usage + generation.usage
+            _, restated, _ = read_reply(profile.agent_id, generation)
+            if restated is not None:
+                result.proposal = Proposal(
+                    agent_id=profile.agent_id,
+                    text=result.answer,
+                    position=restated.position,
+                    confidence=restated.confidence,
+                )
+                result.position_source = "repair"
+                return
+        position = last_sentence_position(result.answer)
+        if position is not None:
+            result.proposal = Proposal(
+                agent_id=profile.agent_id, text=result.answer, position=position, confidence=None
+            )
+            result.position_source = "final_sentence"
 
     # --- the run -------------------------------------------------------------------------
     async def run(self) -> RunOutcome:
@@ -316,10 +465,17 @@ class Orchestrator:
                     tokens=usage_dict(usage),
                 )
                 turns_completed = turn
-                if len(answered) < quorum_size(electorate):
+                needed = quorum_size(electorate)
+                if len(answered) < needed:
+                    responded = sum(1 for r in stored.values() if r.ok)
+                    if responded >= needed:
+                        raise NoUsablePositions(
+                            f"the agents answered turn {turn}, but only {len(answered)} of {responded} "
+                            "replies stated a usable position, even after a repair request; "
+                            f"{needed} are needed"
+                        )
                     raise QuorumLost(
-                        f"only {len(answered)} of {electorate} agents answered turn {turn}; "
-                        f"{quorum_size(electorate)} are needed"
+                        f"only {responded} of {electorate} agents answered turn {turn}; {needed} are needed"
                     )
                 proposals = _proposals(stored)
                 agreement = interim_agreement(proposals, electorate)
@@ -335,6 +491,15 @@ class Orchestrator:
                 if is_unanimous(proposals, electorate) and turn < self.turns:
                     early_stop = True
                     break
+        except NoUsablePositions as exc:
+            return RunOutcome(
+                status="no_consensus",
+                turns_completed=turns_completed,
+                results=self.results,
+                reason=str(exc),
+                cause="no_usable_positions",
+                usage=self.total_usage(),
+            )
         except QuorumLost as exc:
             return RunOutcome(
                 status="failed",
@@ -346,8 +511,13 @@ class Orchestrator:
             )
 
         final_turn = max(t for t, r in self.results.items() if r)
-        decision, answer, options = await self._vote(self.results[final_turn], previous_leader)
+        final = self.results[final_turn]
+        decision, answer, options = await self._vote(final, previous_leader)
         status = "completed" if decision.reached else "no_consensus"
+        synthesis: dict[str, Any] = {"mode": "representative"}
+        synthesis_usage = Usage()
+        if decision.reached and self.synthesis == "chairman":
+            answer, synthesis, synthesis_usage = await self._synthesise(decision, final, answer)
         return RunOutcome(
             options=options,
             vote_round=len(options) > 1,
@@ -357,8 +527,66 @@ class Orchestrator:
             decision=decision,
             answer=answer,
             early_stop=early_stop,
-            usage=self.total_usage(),
+            cause="" if decision.reached else "vote_below_quorum",
+            reason="" if decision.reached else _below_quorum(decision),
+            synthesis=synthesis,
+            synthesis_usage=synthesis_usage,
+            usage=self.total_usage() + synthesis_usage,
         )
+
+    async def _synthesise(
+        self, decision: Decision, final: Mapping[str, AgentResult], representative: str
+    ) -> tuple[str, dict[str, Any], Usage]:
+        """The chairman's answer (streamed as synthesis_delta events), or the representative on failure."""
+        chairman = self.chairman or chairman_profile()
+        winner = next(o for o in decision.options if o.label == decision.winner)
+        reasons = reasons_by_voter(decision.ballots)
+        by_label: dict[str, list[Argument]] = {}
+        for option in decision.options:
+            by_label[option.label] = [
+                Argument(aid, final[aid].answer, reasons.get(aid, ""))
+                for aid in option.supporters
+                if aid in final and final[aid].ok
+            ]
+        votes = sum(1 for b in decision.ballots if b.choice == decision.winner)
+        prompt = chairman_prompt(
+            question=self.question,
+            winner=winner,
+            options=decision.options,
+            supporters=by_label.get(winner.label, []),
+            dissent=by_label,
+            electorate=decision.electorate,
+            votes_for_winner=votes,
+        )
+        batcher = DeltaBatcher(self.emit, chairman.agent_id, self.turns + 1, type="synthesis_delta")
+        metadata = {"kind": "synthesis", "position": winner.position, "options": len(decision.options)}
+        try:
+            generation = await self._call(
+                chairman, prompt, self.turns + 1, metadata, self.stream, batcher=batcher
+            )
+        except ProviderError as exc:
+            info = {
+                "mode": "representative",
+                "requested": "chairman",
+                "error": f"{exc.kind}: {exc}",
+                "model": exc.model or chairman.model,
+                "provider": exc.provider or chairman.provider,
+                "calls": 1,
+            }
+            await self.emit("synthesis", **info, content=representative, tokens=usage_dict(Usage()))
+            return representative, info, Usage()
+        text = clean_answer(generation.text).strip() or representative
+        info = {
+            "mode": "chairman",
+            "model": generation.model,
+            "provider": generation.provider,
+            "latency_ms": round(generation.latency_ms, 1),
+            "tokens": usage_dict(generation.usage),
+            "simulated": generation.simulated,
+            "calls": 1,
+        }
+        await self.emit("synthesis", **info, content=text)
+        return text, info, generation.usage
 
     async def _vote(
         self, final: Mapping[str, AgentResult], previous_leader: str | None
@@ -389,6 +617,7 @@ class Orchestrator:
             ]
         else:
             prompt = self.ballot_prompt(options, representative)
+            output = ballot_output(labels)
             option_meta = [{"label": o.label, "position": o.position} for o in options]
 
             async def one(profile: AgentProfile) -> Ballot:
@@ -400,11 +629,15 @@ class Orchestrator:
                     "own_label": own_label.get(profile.agent_id, ""),
                 }
                 try:
-                    generation = await self._call(profile, prompt, self.turns + 1, metadata, stream=False)
+                    generation = await self._call(
+                        profile, prompt, self.turns + 1, metadata, stream=False, output=output
+                    )
                 except ProviderError as exc:
                     return Ballot(
                         voter=profile.agent_id, choice=None, confidence=0.0, reason=f"failed: {exc.kind}"
                     )
+                if generation.data is not None:
+                    return parse_structured_ballot(profile.agent_id, generation.data, labels)
                 return parse_ballot(profile.agent_id, generation.text, labels)
 
             ballots = list(await asyncio.gather(*(one(p) for p in self.panel)))
@@ -442,8 +675,48 @@ def _representative(
     )
     for agent_id in supporters:
         if agent_id in results:
-            return results[agent_id].text
+            return results[agent_id].answer or option.position
     return option.position
+
+
+def _below_quorum(decision: Decision) -> str:
+    tally = decision.tallies.get(decision.winner or "", 0.0)
+    return (
+        f"no proposal won more than {decision.quorum:g} of the vote: the leading one, "
+        f"{decision.winner_position or 'none'}, had {tally:g} of {decision.electorate}"
+    )
+
+
+def _shown(result: AgentResult) -> str:
+    """How a reply is shown to the other agents: its clean answer and the position read from it."""
+    text = result.answer[:PEER_ANSWER_CHARS]
+    if result.proposal is None:
+        return text
+    confidence = "" if result.proposal.confidence is None else f" (confidence {result.proposal.confidence:g})"
+    return f"{text}\nFinal position: {result.proposal.position}{confidence}"
+
+
+def read_reply(agent_id: str, generation: Generation) -> tuple[str, Proposal | None, str]:
+    """(clean answer, proposal or None, how it was read) of one reply, structured or text."""
+    data = generation.data
+    if data is None and generation.structured:
+        data = _partial_object(generation.text)  # cut short (max tokens): keep what arrived
+    if data is not None:
+        answer = data.get("answer")
+        text = answer.strip() if isinstance(answer, str) else ""
+        return clean_answer(text), parse_structured_reply(agent_id, data), "structured"
+    return clean_answer(generation.text), parse_reply(agent_id, generation.text), "text"
+
+
+def _partial_object(text: str) -> dict[str, Any] | None:
+    body = text.strip()
+    if not body.startswith("{"):
+        return None
+    try:
+        value = jiter.from_json(body.encode(), partial_mode="trailing-strings")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _retry_hint(results: Mapping[str, AgentResult]) -> float | None:
@@ -465,7 +738,8 @@ def response_payload(result: AgentResult, personality: str = "") -> dict[str, An
     return {
         "agent_id": result.agent_id,
         "turn": result.turn,
-        "content": result.text,
+        "content": result.answer,
+        "raw_content": result.text,
         "position": result.proposal.position if result.proposal else None,
         "confidence": result.proposal.confidence if result.proposal else None,
         "abstained": result.proposal is None,
@@ -476,4 +750,7 @@ def response_payload(result: AgentResult, personality: str = "") -> dict[str, An
         "latency_ms": result.latency_ms,
         "tokens": usage_dict(result.usage),
         "simulated": result.simulated,
+        "position_source": result.position_source or None,
+        "repair_calls": result.repair_calls,
+        "repair_tokens": usage_dict(result.repair_usage),
     }

@@ -32,7 +32,7 @@ DEFAULT_ROTATION = ("analytical", "creative", "critical", "practical", "balanced
 
 PANEL_PREAMBLE = (
     "You are one member of a panel of AI agents that discuss a question over several turns and then vote. "
-    "Be concise (at most about 200 words) and always end with the two required lines."
+    "Be concise (at most about 200 words) and always give your final position and confidence as asked."
 )
 
 

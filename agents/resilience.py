@@ -291,10 +291,8 @@ async def _attempt(
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
-            if on_delta is not None:
-                generation = await provider.stream(request, on_delta)
-            else:
-                generation = await provider.generate(request)
+            # complete(): structured output where the model takes it, else the text format.
+            generation = await provider.complete(request, on_delta)
     except ProviderError as exc:
         _record_failure(breaker, exc, labels, started)
         raise

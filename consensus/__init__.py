@@ -56,11 +56,33 @@ from consensus.formats import (
 from consensus.normalize import normalize_answer
 from consensus.records import Agreement, Ballot, Decision, Option, Proposal
 from consensus.scoring import confidence_score
+from consensus.structured import (
+    ANSWER_SCHEMA,
+    BALLOT_JSON_INSTRUCTIONS,
+    REPAIR_INSTRUCTIONS,
+    REPAIR_JSON_INSTRUCTIONS,
+    REPAIR_SCHEMA,
+    REPAIR_TEXT_INSTRUCTIONS,
+    REPLY_JSON_INSTRUCTIONS,
+    ballot_schema,
+    clean_answer,
+    last_sentence_position,
+    parse_json_object,
+    parse_structured_ballot,
+    parse_structured_reply,
+)
 from consensus.voting import STRATEGIES, Strategy, majority_vote, weighted_vote
 
 __all__ = [
+    "ANSWER_SCHEMA",
     "BALLOT_INSTRUCTIONS",
+    "BALLOT_JSON_INSTRUCTIONS",
+    "REPAIR_INSTRUCTIONS",
+    "REPAIR_JSON_INSTRUCTIONS",
+    "REPAIR_SCHEMA",
+    "REPAIR_TEXT_INSTRUCTIONS",
     "REPLY_INSTRUCTIONS",
+    "REPLY_JSON_INSTRUCTIONS",
     "STRATEGIES",
     "Agreement",
     "Ballot",
@@ -68,14 +90,20 @@ __all__ = [
     "Option",
     "Proposal",
     "Strategy",
+    "ballot_schema",
     "build_options",
+    "clean_answer",
     "confidence_score",
     "interim_agreement",
     "is_unanimous",
+    "last_sentence_position",
     "majority_vote",
     "normalize_answer",
     "parse_ballot",
     "parse_confidence",
+    "parse_json_object",
     "parse_reply",
+    "parse_structured_ballot",
+    "parse_structured_reply",
     "weighted_vote",
 ]

@@ -145,7 +145,7 @@ class EventLog:
     deltas can be lost, and each is superseded by its `agent_response`.
     """
 
-    BUFFERED_TYPES = frozenset({"agent_delta"})
+    BUFFERED_TYPES = frozenset({"agent_delta", "synthesis_delta"})
 
     def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0, *, buffered: bool = False) -> None:
         self.conversation_id = conversation_id

@@ -85,8 +85,17 @@ class Message(models.Model):
     role = models.CharField(max_length=8, choices=Role.choices)
     agent_id = models.CharField(max_length=64, blank=True)
     turn = models.PositiveSmallIntegerField(default=0, help_text="0 for the user's message.")
-    content = models.TextField(blank=True)
+    content = models.TextField(blank=True, help_text="The clean answer (agents), or the question (user).")
+    raw_content = models.TextField(
+        blank=True, help_text="The reply as the provider returned it (JSON for a structured reply)."
+    )
     position = models.TextField(blank=True, help_text="The agent's short final position, parsed.")
+    position_source = models.CharField(
+        max_length=16, blank=True, help_text="structured, text, repair or final_sentence; empty if none."
+    )
+    repair_calls = models.PositiveSmallIntegerField(
+        default=0, help_text="Follow-up calls asking for the position (their tokens are included)."
+    )
     confidence = models.FloatField(null=True, blank=True)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.OK)
     error = models.TextField(blank=True)

@@ -54,7 +54,10 @@ def message_body(message: Message) -> dict[str, Any]:
         "agent_id": message.agent_id,
         "turn": message.turn,
         "content": message.content,
+        "raw_content": message.raw_content or message.content,
         "position": message.position,
+        "position_source": message.position_source or None,
+        "repair_calls": message.repair_calls,
         "confidence": message.confidence,
         "status": message.status,
         "error": message.error,
@@ -130,6 +133,7 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
         return {
             "agent_id": message.agent_id,
             "response": message.content,
+            "raw_response": message.raw_content or message.content,
             "model": message.model,
             "temperature": message.temperature,
             "provider": message.provider,
@@ -138,6 +142,8 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
             "position": message.position or None,
             "confidence": message.confidence,
             "abstained": message.status == Message.Status.ABSTAINED,
+            "position_source": message.position_source or None,
+            "repair_calls": message.repair_calls,
             "latency_ms": message.latency_ms,
             "tokens": {
                 "prompt": message.prompt_tokens,
@@ -148,12 +154,21 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
         }
 
     tokens = conversation.metadata.get("tokens") or {"prompt": 0, "completion": 0, "total": 0}
+    meta = conversation.metadata
+    used = meta.get("synthesis_used") or {}
+    synthesis = {
+        **{k: v for k, v in used.items() if k != "calls"},
+        # The mode that wrote consensus_result (None when there is none), and the one asked for.
+        "mode": used.get("mode", "representative") if conversation.consensus_result else None,
+        "requested": meta.get("synthesis", "representative"),
+    }
     return {
         "conversation_id": str(conversation.pk),
         "exchange": exchange,
         "agent_responses": [agent(m) for _, m in sorted(final.items())],
         "consensus_result": conversation.consensus_result or None,
         "confidence": conversation.confidence,
+        "synthesis": synthesis,
         "consensus": (
             {
                 "reached": result.reached,
@@ -195,6 +210,9 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
             "strategy": conversation.metadata.get("strategy", "majority"),
             "simulated": any(m.simulated for m in messages),
             "error": conversation.error or None,
+            "no_consensus_reason": meta.get("no_consensus_reason"),
+            "extra_calls": meta.get("extra_calls") or {"repair": 0, "synthesis": 0},
+            "extra_tokens": meta.get("extra_tokens") or {},
         },
     }
 

@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
+from agents.synthesis import SYNTHESIS_MODES
 from gateway.validation import SafeCharField, StrictUUIDField
 
 MAX_MESSAGE_CHARS = 8000
@@ -31,6 +32,9 @@ class ChatRequestSerializer(StrictSerializer):
     num_agents = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     turns = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     strategy = serializers.ChoiceField(choices=["majority", "weighted"], required=False, default="majority")
+    # Who writes consensus_result: the winner's best supporter, or a chairman model (one extra call).
+    # Absent: SYNTHESIS_MODE.
+    synthesis = serializers.ChoiceField(choices=list(SYNTHESIS_MODES), required=False)
 
     def validate_num_agents(self, value: int | None) -> int | None:
         limit = settings.CONFIG.MAX_AGENTS

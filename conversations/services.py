@@ -18,10 +18,11 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, usage_dict
+from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, extra_calls, usage_dict
 from agents.profiles import build_panel
 from agents.providers.base import Usage
-from consensus import parse_reply
+from agents.synthesis import default_mode
+from consensus import Proposal, parse_reply
 from conversations.events import EventLog
 from conversations.models import ConsensusResult, Conversation, Message, Vote
 from conversations.signals import conversation_completed
@@ -71,6 +72,7 @@ def _start(
     num_agents: int,
     turns: int,
     strategy: str,
+    synthesis: str,
     create_with_id: bool,
 ) -> tuple[Conversation, int]:
     with transaction.atomic():
@@ -103,7 +105,7 @@ def _start(
         conversation.started_at = None
         conversation.completed_at = None
         conversation.duration = None
-        conversation.metadata = {**conversation.metadata, "strategy": strategy}
+        conversation.metadata = {**conversation.metadata, "strategy": strategy, "synthesis": synthesis}
         conversation.save()
         Message.objects.create(
             conversation=conversation,
@@ -123,12 +125,13 @@ async def conversation_start(
     num_agents: int | None = None,
     turns: int | None = None,
     strategy: str = "majority",
+    synthesis: str | None = None,
     create_with_id: bool = False,
 ) -> tuple[Conversation, int]:
     """Create a conversation (or a new exchange of an existing one) ready to run.
 
     `create_with_id` lets POST /stream/{id} create a conversation under a client-chosen id;
-    /chat only continues existing ids.
+    /chat only continues existing ids. `synthesis` None means SYNTHESIS_MODE.
     """
     config = settings.CONFIG
     return await sync_to_async(_start)(
@@ -138,6 +141,7 @@ async def conversation_start(
         num_agents=num_agents or config.NUM_AGENTS,
         turns=turns or config.DEFAULT_TURNS,
         strategy=strategy,
+        synthesis=synthesis or default_mode(),
         create_with_id=create_with_id,
     )
 
@@ -170,7 +174,10 @@ class RunRecorder:
             agent_id=data["agent_id"],
             turn=data["turn"],
             content=data["content"],
+            raw_content=data.get("raw_content") or "",
             position=data.get("position") or "",
+            position_source=data.get("position_source") or "",
+            repair_calls=data.get("repair_calls") or 0,
             confidence=data.get("confidence"),
             status=Message.Status.ABSTAINED if data.get("abstained") else Message.Status.OK,
             provider=data.get("provider", ""),
@@ -244,12 +251,21 @@ def _load_prior(
             question = message.content
             continue
         ok = message.status != Message.Status.FAILED
+        proposal = None
+        if message.status == Message.Status.OK and message.raw_content and message.position:
+            # Stored with its parsed position (a structured or repaired reply may not parse as text).
+            proposal = Proposal(message.agent_id, message.content, message.position, message.confidence)
+        elif ok and not message.raw_content:
+            proposal = parse_reply(message.agent_id, message.content)  # a row from before raw_content
         prior.setdefault(message.turn, {})[message.agent_id] = AgentResult(
             agent_id=message.agent_id,
             turn=message.turn,
             ok=ok,
-            text=message.content,
-            proposal=parse_reply(message.agent_id, message.content) if ok else None,
+            text=message.raw_content or message.content,
+            proposal=proposal,
+            answer=message.content if message.raw_content else "",
+            position_source=message.position_source,
+            repair_calls=message.repair_calls,
             model=message.model,
             provider=message.provider,
             temperature=message.temperature or 0.0,
@@ -327,6 +343,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         deadline_seconds=config.CONVERSATION_DEADLINE,
         max_output_tokens=config.MAX_OUTPUT_TOKENS,
         prior=prior,
+        synthesis=conversation.metadata.get("synthesis") or default_mode(),
     )
     run = asyncio.ensure_future(orchestrator.run())
     watchdog = asyncio.ensure_future(_watchdog(conversation.pk, run))
@@ -388,6 +405,7 @@ async def _finish(
                     "position": decision.winner_position,
                     "options": outcome.options,
                     "leading_answer": outcome.answer,
+                    "synthesis": outcome.synthesis,
                 },
             },
         )
@@ -402,6 +420,7 @@ async def _finish(
             tallies=decision.tallies,
             tie_break=decision.tie_break,
             dissent=details.get("dissent", []),
+            synthesis=outcome.synthesis.get("mode"),
         )
     status = outcome.status
     conversation.status = status
@@ -418,6 +437,13 @@ async def _finish(
         "early_stop": outcome.early_stop,
         "vote_round": outcome.vote_round,
         "tokens": tokens,
+        "synthesis_used": outcome.synthesis,
+        "extra_calls": extra_calls(outcome.results, outcome.synthesis),
+        "extra_tokens": {
+            "repair": usage_dict(outcome.repair_usage),
+            "synthesis": usage_dict(outcome.synthesis_usage),
+        },
+        "no_consensus_reason": outcome.cause or None,
         **({"retry_after": outcome.retry_after} if outcome.retry_after else {}),
     }
     # Only the fields set here: the event log keeps `last_seq` current meanwhile.
@@ -454,5 +480,7 @@ async def _finish(
             early_stop=outcome.early_stop,
             tokens=tokens,
             confidence=conversation.confidence,
+            reason=outcome.reason or None,
+            no_consensus_reason=outcome.cause or None,
         )
     return conversation

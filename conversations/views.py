@@ -76,6 +76,7 @@ class ChatView(APIView):
                 num_agents=data.get("num_agents"),
                 turns=data.get("turns"),
                 strategy=data["strategy"],
+                synthesis=data.get("synthesis"),
             )
         except ConversationError as exc:
             return conversation_problem(exc)

@@ -91,6 +91,12 @@ class Config(BaseSettings):
     OPENAI_API_KEY: str | None = None
     OPENAI_MODEL: str | None = None
 
+    # Replies and the final answer
+    STRUCTURED_OUTPUT: bool = True
+    SYNTHESIS_MODE: Literal["representative", "chairman"] = "representative"
+    SYNTHESIS_PROVIDER: Literal["gemini", "openai", "simulated"] | None = None
+    SYNTHESIS_MODEL: str | None = None
+
     # Simulated provider
     SIMULATED_LATENCY: float = Field(default=0.05, ge=0.0, le=60.0)
     SIMULATED_FAILURE_RATE: float = Field(default=0.0, ge=0.0, le=1.0)

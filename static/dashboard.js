@@ -181,12 +181,27 @@
         $("votes").append(el("li", null, `${event.voter} → ${choice} · ${percent(event.confidence)}`));
         break;
       }
-      case "consensus_reached":
-        showFinal(event.reached ? "completed" : "no_consensus", event.reached ? event.consensus : event.position, event.confidence, event.method);
+      case "synthesis_delta": {
+        // The chairman writes the final answer: stream it into the final box.
+        const final = $("final");
+        if (final.hidden || final.dataset.synthesis !== "streaming") {
+          showFinal("completed", "", null, "chairman writing…");
+          final.dataset.synthesis = "streaming";
+        }
+        $("final-answer").textContent += event.delta || "";
         break;
+      }
+      case "synthesis":
+        $("final").dataset.synthesis = "done";
+        break;
+      case "consensus_reached": {
+        const method = event.synthesis === "chairman" ? `${event.method} · written by the chairman` : event.method;
+        showFinal(event.reached ? "completed" : "no_consensus", event.reached ? event.consensus : event.position, event.confidence, method);
+        break;
+      }
       case "conversation_completed":
         state.finished = true;
-        if ($("final").hidden) showFinal(event.status || "completed", event.consensus || event.consensus_result, event.confidence);
+        if ($("final").hidden) showFinal(event.status || "completed", event.consensus || event.consensus_result || event.reason, event.confidence);
         setStatus(`Finished: ${event.status || "completed"}.`);
         $("cancel-button").disabled = true;
         loadRecent();

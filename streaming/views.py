@@ -50,6 +50,7 @@ class StreamView(APIView):
                 num_agents=data.get("num_agents"),
                 turns=data.get("turns"),
                 strategy=data["strategy"],
+                synthesis=data.get("synthesis"),
                 create_with_id=True,
             )
         except ConversationError as exc:

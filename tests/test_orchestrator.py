@@ -297,7 +297,10 @@ class TestOrchestratorUnit:
         assert "[agent_2, critical]" in prompt
         assert "[agent_0," not in prompt
         assert "Your previous answer (turn 1)" in prompt
-        assert "FINAL POSITION" in prompt
+        # Peers read each other's clean answers and the position read from them, not the machine lines;
+        # the reply format itself is appended by Provider.complete.
+        assert "agent_1 says. Because.\nFinal position: Use tenacity (confidence 0.9)" in prompt
+        assert "FINAL POSITION" not in prompt
 
     def test_quorum_is_a_strict_majority(self):
         assert [quorum_size(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]

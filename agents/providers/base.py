@@ -8,9 +8,16 @@ Nothing outside `agents/providers/` imports a vendor SDK: the orchestrator sees 
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
+
+import jiter
+
+from consensus import parse_json_object
+
+logger = logging.getLogger(__name__)
 
 ErrorKind = Literal[
     "rate_limited",  # 429 / RESOURCE_EXHAUSTED, per-minute quota: retryable
@@ -44,6 +51,30 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ResponseSchema:
+    """A JSON schema the vendor is asked to constrain its output to (structured output)."""
+
+    name: str
+    schema: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What a reply must contain, as structured output or, as the fallback, as text lines.
+
+    `Provider.complete` appends `json_instructions` and sends `schema` when the provider
+    supports structured output for the model, else appends `text_instructions`.
+    `stream_field` is the JSON string field streamed as readable text (None: nothing).
+    """
+
+    name: str
+    schema: Mapping[str, Any]
+    json_instructions: str
+    text_instructions: str
+    stream_field: str | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     model: str
     prompt: str
@@ -52,8 +83,12 @@ class GenerationRequest:
     max_output_tokens: int | None = None
     timeout: float | None = None
     # Context for providers that want it (the simulated one); real vendors ignore it.
-    # Keys used: agent_id, turn, kind ("answer" | "ballot"), question, options.
+    # Keys used: agent_id, turn, kind ("answer" | "ballot" | "repair"), question, options.
     metadata: dict[str, Any] = field(default_factory=dict)
+    # What the reply must contain (see Provider.complete); None: free text.
+    output: OutputFormat | None = None
+    # Set by Provider.complete for the vendor call: the schema to send, None for text.
+    response_schema: ResponseSchema | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +100,10 @@ class Generation:
     latency_ms: float = 0.0
     finish_reason: str | None = None
     simulated: bool = False
+    # The parsed JSON object of a structured reply (None: a text reply, or unreadable JSON).
+    data: dict[str, Any] | None = None
+    # Whether the reply was requested as structured output.
+    structured: bool = False
 
 
 class ProviderError(Exception):
@@ -100,10 +139,127 @@ class ProviderError(Exception):
 DeltaCallback = Callable[[str], Awaitable[None]]
 
 
+async def _discard(chunk: str) -> None:
+    """A delta sink for streamed replies with no readable field."""
+
+
+# Statuses with which a server refuses a request it cannot serve as asked (400; 422 from
+# some OpenAI-compatible servers): when structured output was requested, the call is
+# tried once more as text.
+SCHEMA_REJECTION_STATUSES = frozenset({400, 422})
+
+
+class JsonFieldStream:
+    """Turns the streamed chunks of a JSON object into the growing text of one string field.
+
+    The buffer is parsed with jiter's partial mode ("trailing-strings": an unfinished
+    string counts with what has arrived), so `agent_delta` listeners read the answer's
+    prose, never raw JSON. A reply that turns out not to be JSON (a server that ignored
+    the schema) is passed through as it comes.
+    """
+
+    def __init__(self, field: str, on_delta: DeltaCallback) -> None:
+        self.field = field
+        self.on_delta = on_delta
+        self.buffer = ""
+        self.sent = ""
+        self.mode: Literal["unknown", "json", "text"] = "unknown"
+
+    async def __call__(self, chunk: str) -> None:
+        self.buffer += chunk
+        if self.mode == "unknown":
+            head = self.buffer.lstrip()
+            if len(head) < 3 and "```".startswith(head):
+                return  # perhaps the start of a code fence: wait
+            if head.startswith("```"):
+                if "\n" not in head:
+                    return  # wait for the end of the fence line (```json)
+                head = head.split("\n", 1)[1].lstrip()
+            if not head:
+                return
+            if head.startswith("{"):
+                self.mode = "json"
+                self.buffer = head
+            else:
+                self.mode = "text"
+                await self.on_delta(self.buffer)
+                return
+        if self.mode == "text":
+            await self.on_delta(chunk)
+            return
+        try:
+            value = jiter.from_json(self.buffer.encode(), partial_mode="trailing-strings")
+        except ValueError:
+            return  # not parseable yet (e.g. a partial escape or number): wait for more
+        text = value.get(self.field) if isinstance(value, dict) else None
+        if isinstance(text, str) and len(text) > len(self.sent) and text.startswith(self.sent):
+            delta, self.sent = text[len(self.sent) :], text
+            await self.on_delta(delta)
+
+
 class Provider(abc.ABC):
     """An LLM vendor behind one async interface."""
 
     name: str = "provider"
+    # Whether the vendor can be asked for structured output (a JSON schema).
+    supports_structured: bool = False
+
+    @property
+    def text_only_models(self) -> set[str]:
+        """Models whose server refused structured output: they are asked for text from then on."""
+        models: set[str] = self.__dict__.setdefault("_text_only_models", set())
+        return models
+
+    def structured_for(self, model: str) -> bool:
+        """Whether requests for `model` ask for structured output (not after a server refused it)."""
+        return self.supports_structured and model not in self.text_only_models
+
+    async def complete(self, request: GenerationRequest, on_delta: DeltaCallback | None = None) -> Generation:
+        """One reply in the request's output format: structured where possible, else text.
+
+        Without `request.output` this is `generate` (or `stream` with `on_delta`). With it,
+        the schema is sent and the JSON instructions appended; a server that refuses the
+        schema (400/422) gets the same call once more as text, and the model is
+        remembered as text-only (per provider instance, i.e. per provider and model).
+        """
+        output = request.output
+        if output is None:
+            return await self._call(request, on_delta)
+        if not self.structured_for(request.model):
+            return await self._as_text(request, output, on_delta)
+        structured = replace(
+            request,
+            prompt=f"{request.prompt}\n\n{output.json_instructions}",
+            response_schema=ResponseSchema(output.name, output.schema),
+        )
+        forward = on_delta
+        if on_delta is not None:
+            forward = JsonFieldStream(output.stream_field, on_delta) if output.stream_field else _discard
+        try:
+            generation = await self._call(structured, forward)
+        except ProviderError as exc:
+            if exc.kind != "bad_request" or exc.status not in SCHEMA_REJECTION_STATUSES:
+                raise
+            logger.warning(
+                "%s:%s refused structured output (%s); asking for text", self.name, request.model, exc
+            )
+            generation = await self._as_text(request, output, on_delta)
+            self.text_only_models.add(request.model)  # only once the text call went through
+            return generation
+        return replace(generation, data=parse_json_object(generation.text), structured=True)
+
+    async def _as_text(
+        self, request: GenerationRequest, output: OutputFormat, on_delta: DeltaCallback | None
+    ) -> Generation:
+        text_request = replace(
+            request, prompt=f"{request.prompt}\n\n{output.text_instructions}", response_schema=None
+        )
+        return await self._call(text_request, on_delta)
+
+    async def _call(self, request: GenerationRequest, on_delta: DeltaCallback | None) -> Generation:
+        if on_delta is None:
+            return await self.generate(request)
+        return await self.stream(request, on_delta)
 
     @abc.abstractmethod
     async def generate(self, request: GenerationRequest) -> Generation:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -99,6 +99,23 @@ def classify(exc: Exception, *, model: str) -> ProviderError:
     return ProviderError(f"gemini failed: {exc!r}", kind="unknown", provider="gemini", model=model)
 
 
+def gemini_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON schema in Gemini's Schema dialect: no additionalProperties, an explicit property order.
+
+    Gemini writes properties in alphabetical order unless `propertyOrdering` says
+    otherwise; the answer must come first so that a streamed reply shows prose early.
+    """
+    converted: dict[str, Any] = {k: v for k, v in schema.items() if k != "additionalProperties"}
+    properties = converted.get("properties")
+    if isinstance(properties, Mapping):
+        converted["properties"] = {
+            name: gemini_schema(value) if isinstance(value, Mapping) else value
+            for name, value in properties.items()
+        }
+        converted["propertyOrdering"] = list(properties)
+    return converted
+
+
 def _enum_name(value: object) -> str | None:
     if value is None:
         return None
@@ -143,6 +160,8 @@ class GeminiProvider(Provider):
 
     name = "gemini"
 
+    supports_structured = True
+
     def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 60.0) -> None:
         self.timeout = timeout
         http_options = types.HttpOptions(
@@ -154,11 +173,14 @@ class GeminiProvider(Provider):
 
     def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
         timeout = request.timeout or self.timeout
+        schema = request.response_schema
         return types.GenerateContentConfig(
             system_instruction=request.system_instruction or None,
             temperature=request.temperature,  # 0.0 is sent as 0.0, never dropped
             max_output_tokens=request.max_output_tokens,
             http_options=types.HttpOptions(timeout=max(1, int(timeout * 1000))),
+            response_mime_type="application/json" if schema else None,
+            response_schema=gemini_schema(schema.schema) if schema else None,
         )
 
     async def generate(self, request: GenerationRequest) -> Generation:

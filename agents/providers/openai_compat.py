@@ -111,6 +111,8 @@ class OpenAICompatProvider(Provider):
 
     name = "openai"
 
+    supports_structured = True
+
     def __init__(self, *, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.timeout = timeout
         # Local servers accept any key; the SDK refuses to start without one.
@@ -131,6 +133,15 @@ class OpenAICompatProvider(Provider):
         }
         if request.max_output_tokens is not None:
             arguments["max_tokens"] = request.max_output_tokens
+        if request.response_schema is not None:
+            arguments["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": request.response_schema.name,
+                    "schema": dict(request.response_schema.schema),
+                    "strict": True,
+                },
+            }
         return arguments
 
     def _safety_check(self, text: str, finish: str | None, model: str) -> None:

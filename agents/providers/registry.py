@@ -41,6 +41,8 @@ def get_provider(name: str) -> Provider:
     provider = _providers.get(name)
     if provider is None:
         provider = _providers[name] = _build(name)
+        if not settings.CONFIG.STRUCTURED_OUTPUT:
+            provider.supports_structured = False  # every reply in the text format
     return provider
 
 

@@ -2,7 +2,9 @@
 
 It serves tests, benchmarks and keyless installs. Every answer follows the consensus
 reply format (FINAL POSITION / CONFIDENCE) or, for ballots, the ballot format, and is
-labelled `simulated=True`. A seeded `random.Random` drives every choice (never the
+labelled `simulated=True`. Asked for structured output (a response schema), it answers
+the same content as a JSON object (answer, position, confidence / reason, vote,
+confidence), streamed in chunks like a real vendor. A seeded `random.Random` drives every choice (never the
 global RNG), so a panel's conversation replays identically.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib
+import json
 import math
 import random
 import re
@@ -137,6 +140,8 @@ class SimulatedProvider(Provider):
 
     name = "simulated"
 
+    supports_structured = True
+
     def __init__(self, *, latency: float = 0.05, failure_rate: float = 0.0) -> None:
         self.latency = latency
         self.failure_rate = failure_rate
@@ -174,9 +179,22 @@ class SimulatedProvider(Provider):
                 "simulated server failure", kind="server", status=503, provider=self.name, model=request.model
             )
         rng = random.Random(key)
+        structured = request.response_schema is not None
         if meta.get("kind") == "ballot":
-            return _ballot_text(meta, rng)
-        return _answer_text(request, meta, rng)
+            ballot = _ballot_fields(meta, rng)
+            if structured:
+                return json.dumps(ballot)
+            return f"VOTE: {ballot['vote']}\nCONFIDENCE: {ballot['confidence']}\nREASON: {ballot['reason']}"
+        if meta.get("kind") == "synthesis":
+            return _synthesis_text(meta, rng)
+        if meta.get("kind") == "repair":
+            fields = _repair_fields(meta, rng)
+        else:
+            fields = _answer_fields(request, meta, rng)
+        if structured:
+            return json.dumps(fields)
+        body = f"{fields['answer']}\n\n" if fields["answer"] else ""
+        return f"{body}FINAL POSITION: {fields['position']}\nCONFIDENCE: {fields['confidence']}"
 
     def _generation(self, request: GenerationRequest, text: str, started: float) -> Generation:
         return Generation(
@@ -198,7 +216,8 @@ def _split(text: str, parts: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
 
-def _answer_text(request: GenerationRequest, meta: dict[str, Any], rng: random.Random) -> str:
+def _answer_fields(request: GenerationRequest, meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """The reply's parts: the prose answer, the short position, the confidence."""
     question = str(meta.get("question") or request.prompt)
     agent_id = str(meta.get("agent_id", "agent"))
     turn = int(meta.get("turn", 1) or 1)
@@ -222,21 +241,39 @@ def _answer_text(request: GenerationRequest, meta: dict[str, Any], rng: random.R
             if agreeing
             else "Having read the other proposals, I still hold my earlier view."
         )
-    body = " ".join(sentences)
-    return f"{body}\n\nFINAL POSITION: {position}\nCONFIDENCE: {confidence}"
+    return {"answer": " ".join(sentences), "position": position, "confidence": confidence}
 
 
-def _ballot_text(meta: dict[str, Any], rng: random.Random) -> str:
+def _repair_fields(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """A restated position: what the earlier reply said the answer was (its "my answer is ..." sentence)."""
+    reply = str(meta.get("reply") or "")
+    match = re.search(r"answer is\s+([^.\n]+)", reply)
+    position = match.group(1).strip() if match else "I don't know"
+    return {"answer": "", "position": position, "confidence": round(rng.uniform(0.5, 0.85), 2)}
+
+
+def _synthesis_text(meta: dict[str, Any], rng: random.Random) -> str:
+    """A chairman's final answer: the winning position, an argument, a word on dissent."""
+    position = str(meta.get("position") or "no position")
+    dissent = (
+        "Some panelists preferred another answer, but their arguments were weaker."
+        if int(meta.get("options") or 1) > 1
+        else "The panel was unanimous."
+    )
+    return f"The panel's answer is {position}. {rng.choice(REASONS)} {dissent}"
+
+
+def _ballot_fields(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     options = [o for o in meta.get("options") or [] if isinstance(o, dict) and o.get("label")]
     if not options:
-        return "VOTE: none\nCONFIDENCE: 0\nREASON: There was no proposal to vote for."
+        return {"reason": "There was no proposal to vote for.", "vote": "none", "confidence": 0}
     normalize = _normalizer()
     own = normalize(str(meta.get("own_position") or ""))
     chosen = next((o for o in options if own and normalize(str(o.get("position", ""))) == own), None)
     if chosen is None:
         chosen = max(options, key=lambda o: (_support(o), -options.index(o)))
     confidence = round(rng.uniform(0.6, 0.95), 2)
-    return f"VOTE: {chosen['label']}\nCONFIDENCE: {confidence}\nREASON: {rng.choice(BALLOT_REASONS)}"
+    return {"reason": rng.choice(BALLOT_REASONS), "vote": chosen["label"], "confidence": confidence}
 
 
 def _support(option: dict[str, Any]) -> int:

@@ -8,7 +8,11 @@
 
 Endpoints: POST /v1beta/models/{model}:generateContent,
 POST /v1beta/models/{model}:streamGenerateContent?alt=sse, GET /v1beta/models.
-With nothing scripted it answers in the consensus reply format.
+With nothing scripted it answers in the consensus reply format, or, when the request
+asks for JSON (`generationConfig.responseMimeType` with `responseSchema`), with a JSON
+object that fits the schema. `reject_schema()` makes it refuse such requests with the
+400 INVALID_ARGUMENT Gemini gives a model without JSON mode; `respond(fn)` lets a test
+answer from the request body (`fn(model, body) -> Behaviour | None`).
 """
 
 from __future__ import annotations
@@ -16,12 +20,18 @@ from __future__ import annotations
 import re
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tests.fakes.http_server import FakeVendor, RecordedRequest, Response, split_text
+from tests.fakes.http_server import FakeVendor, RecordedRequest, Response, split_text, structured_default
 
 DEFAULT_TEXT = "The evidence points one way.\n\nFINAL POSITION: Yes\nCONFIDENCE: 0.8"
+DEFAULT_FIELDS: dict[str, Any] = {
+    "answer": "The evidence points one way.",
+    "position": "Yes",
+    "confidence": 0.8,
+}
 MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash")
 ROUTE = re.compile(r"^/v1beta/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)$")
 
@@ -40,8 +50,8 @@ class Behaviour:
     output_tokens: int = 7
     thought_tokens: int = 0
 
-    def response(self, *, stream: bool) -> Response:
-        """The HTTP response this behaviour gives."""
+    def response(self, *, stream: bool, schema: Any = None) -> Response:
+        """The HTTP response this behaviour gives (a JSON object fitting `schema` by default)."""
         if self.error is not None:
             return Response(status=self.status, body=self.error, delay=self.delay)
         usage = {
@@ -55,7 +65,9 @@ class Behaviour:
             feedback = {"blockReason": self.block_reason}
             body: dict[str, Any] = {"promptFeedback": feedback, "usageMetadata": usage}
             return Response(body=body, events=[body] if stream else None, delay=self.delay)
-        text = DEFAULT_TEXT if self.text is None else self.text
+        text = self.text
+        if text is None:
+            text = DEFAULT_TEXT if schema is None else structured_default(schema, **DEFAULT_FIELDS)
         if not stream:
             return Response(body=_chunk(text, self.finish_reason, usage), delay=self.delay)
         pieces = list(split_text(text, 3)) or [""]
@@ -136,6 +148,11 @@ def http_error(code: int, message: str = "") -> Behaviour:
     return Behaviour(status=code, error=error_body(code, status, message or f"fake {status}"))
 
 
+def json_mode_unsupported(model: str) -> Behaviour:
+    """The 400 a Gemini model without JSON mode gives to responseMimeType application/json."""
+    return http_error(400, f"Json mode is not enabled for models/{model}")
+
+
 def safety_block(*, where: str = "prompt") -> Behaviour:
     """A safety block: on the prompt (promptFeedback) or on the candidate (finishReason SAFETY)."""
     if where == "prompt":
@@ -152,6 +169,18 @@ class FakeGemini(FakeVendor):
         self._always: dict[str | None, Behaviour] = {}
         self._script_lock = threading.Lock()
         self.models = list(MODELS)
+        self._rejects_schema: set[str | None] = set()
+        self._responder: Callable[[str, dict[str, Any]], Behaviour | None] | None = None
+
+    def reject_schema(self, *, model: str | None = None) -> None:
+        """Refuse JSON mode (of `model`, or of every model) with Gemini's 400 INVALID_ARGUMENT."""
+        with self._script_lock:
+            self._rejects_schema.add(model)
+
+    def respond(self, responder: Callable[[str, dict[str, Any]], Behaviour | None]) -> None:
+        """Answer calls not otherwise scripted with responder(model, request body) (None: the default)."""
+        with self._script_lock:
+            self._responder = responder
 
     def __enter__(self) -> FakeGemini:
         self.start()
@@ -177,13 +206,22 @@ class FakeGemini(FakeVendor):
                 calls.append((match["model"], request))
         return calls
 
-    def _next(self, model: str) -> Behaviour:
+    def _next(self, model: str, body: dict[str, Any]) -> Behaviour:
         with self._script_lock:
+            config = body.get("generationConfig") or {}
+            if config.get("responseMimeType") == "application/json" and (
+                model in self._rejects_schema or None in self._rejects_schema
+            ):
+                return json_mode_unsupported(model)
             for key in (model, None):
                 queue = self._queues.get(key)
                 if queue:
                     return queue.popleft()
-            return self._always.get(model) or self._always.get(None) or Behaviour()
+            responder = self._responder
+            always = self._always.get(model) or self._always.get(None)
+        if always is not None:
+            return always
+        return (responder(model, body) if responder else None) or Behaviour()
 
     def handle(self, request: RecordedRequest) -> Response:
         """Route one request."""
@@ -196,4 +234,8 @@ class FakeGemini(FakeVendor):
         match = ROUTE.match(request.path)
         if request.method != "POST" or not match:
             return Response(status=404, body=error_body(404, "NOT_FOUND", f"no route {request.path}"))
-        return self._next(match["model"]).response(stream=match["method"] == "streamGenerateContent")
+        body = request.body if isinstance(request.body, dict) else {}
+        config = body.get("generationConfig") or {}
+        schema = config.get("responseSchema") or config.get("responseJsonSchema")
+        behaviour = self._next(match["model"], body)
+        return behaviour.response(stream=match["method"] == "streamGenerateContent", schema=schema)

@@ -148,6 +148,26 @@ class FakeVendor:
         handler.wfile.write(data)
 
 
+def structured_default(schema: Any, *, answer: str, position: str, confidence: float) -> str:
+    """A JSON reply that fits a requested schema: answers, restated positions, ballots (first label)."""
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(properties, dict):
+        return json.dumps({"answer": answer, "position": position, "confidence": confidence})
+    reply: dict[str, Any] = {}
+    for name, spec in properties.items():
+        if name == "answer":
+            reply[name] = answer
+        elif name == "position":
+            reply[name] = position
+        elif name == "confidence":
+            reply[name] = confidence
+        elif isinstance(spec, dict) and spec.get("enum"):
+            reply[name] = spec["enum"][0]
+        else:
+            reply[name] = "It is the best supported proposal."
+    return json.dumps(reply)
+
+
 def split_text(text: str, parts: int = 3) -> Iterator[str]:
     """Cut a text into `parts` roughly equal pieces (for streamed answers)."""
     size = max(1, -(-len(text) // parts))

@@ -6,19 +6,29 @@
 
 Endpoints: POST /v1/chat/completions (with "stream": true it answers SSE chunks ending
 with a usage chunk when stream_options.include_usage is set, then `data: [DONE]`),
-GET /v1/models. With nothing scripted it answers in the consensus reply format.
+GET /v1/models. With nothing scripted it answers in the consensus reply format, or, when
+the request carries `response_format` {"type": "json_schema"}, with a JSON object that
+fits the schema. `reject_response_format()` makes it refuse such requests with the 400
+OpenAI gives a model without Structured Outputs (`param: "response_format"`); `respond(fn)`
+lets a test answer from the request body (`fn(body) -> Behaviour | None`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.fakes.http_server import FakeVendor, RecordedRequest, Response, split_text
+from tests.fakes.http_server import FakeVendor, RecordedRequest, Response, split_text, structured_default
 
 DEFAULT_TEXT = "On balance the answer is clear.\n\nFINAL POSITION: Yes\nCONFIDENCE: 0.75"
+DEFAULT_FIELDS: dict[str, Any] = {
+    "answer": "On balance the answer is clear.",
+    "position": "Yes",
+    "confidence": 0.75,
+}
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,14 @@ class Behaviour:
         if self.error is not None:
             return Response(status=self.status, body=self.error, headers=self.headers, delay=self.delay)
         model = str(body.get("model", ""))
-        text = DEFAULT_TEXT if self.text is None else self.text
+        text = self.text
+        if text is None:
+            response_format = body.get("response_format") or {}
+            if response_format.get("type") == "json_schema":
+                schema = (response_format.get("json_schema") or {}).get("schema")
+                text = structured_default(schema, **DEFAULT_FIELDS)
+            else:
+                text = DEFAULT_TEXT
         usage = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -69,9 +86,24 @@ class Behaviour:
         return Response(events=events, delay=self.delay, event_delay=0.01)
 
 
-def error_body(message: str, error_type: str, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's JSON error envelope."""
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+RESPONSE_FORMAT_UNSUPPORTED = (
+    "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model. "
+    "Learn more about supported models at the Structured Outputs guide: "
+    "https://platform.openai.com/docs/guides/structured-outputs"
+)
+
+
+def response_format_unsupported(status: int = 400) -> Behaviour:
+    """OpenAI's refusal of `response_format` json_schema for a model without Structured Outputs."""
+    body = error_body(RESPONSE_FORMAT_UNSUPPORTED, "invalid_request_error", param="response_format")
+    return Behaviour(status=status, error=body)
 
 
 def ok(text: str | None = None, **fields: Any) -> Behaviour:
@@ -113,6 +145,18 @@ class FakeOpenAI(FakeVendor):
         self._always: Behaviour | None = None
         self._script_lock = threading.Lock()
         self.models = ["llama3.2", "qwen2.5"]
+        self._rejects_response_format: int | None = None
+        self._responder: Callable[[dict[str, Any]], Behaviour | None] | None = None
+
+    def reject_response_format(self, status: int = 400) -> None:
+        """Refuse every request carrying `response_format` json_schema (400, or 422 as some servers do)."""
+        with self._script_lock:
+            self._rejects_response_format = status
+
+    def respond(self, responder: Callable[[dict[str, Any]], Behaviour | None]) -> None:
+        """Answer calls not otherwise scripted with responder(request body) (None: the default)."""
+        with self._script_lock:
+            self._responder = responder
 
     def __enter__(self) -> FakeOpenAI:
         self.start()
@@ -133,11 +177,17 @@ class FakeOpenAI(FakeVendor):
         with self._script_lock:
             self._always = behaviour
 
-    def _next(self) -> Behaviour:
+    def _next(self, body: dict[str, Any]) -> Behaviour:
         with self._script_lock:
+            structured = (body.get("response_format") or {}).get("type") == "json_schema"
+            if self._rejects_response_format and structured:
+                return response_format_unsupported(self._rejects_response_format)
             if self._queue:
                 return self._queue.popleft()
-            return self._always or Behaviour()
+            responder, always = self._responder, self._always
+        if always is not None:
+            return always
+        return (responder(body) if responder else None) or Behaviour()
 
     def handle(self, request: RecordedRequest) -> Response:
         """Route one request."""
@@ -149,5 +199,5 @@ class FakeOpenAI(FakeVendor):
             and request.path == "/v1/chat/completions"
             and isinstance(request.body, dict)
         ):
-            return self._next().response(request.body)
+            return self._next(request.body).response(request.body)
         return Response(status=404, body=error_body(f"no route {request.path}", "invalid_request_error"))

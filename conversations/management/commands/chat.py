@@ -23,6 +23,9 @@ class Command(BaseCommand):
             "--turns", type=int, default=None, help="discussion turns (default DEFAULT_TURNS)"
         )
         parser.add_argument("--strategy", choices=["majority", "weighted"], default="majority")
+        parser.add_argument(
+            "--synthesis", choices=["representative", "chairman"], default=None, help="default SYNTHESIS_MODE"
+        )
         parser.add_argument("--json", action="store_true", help="print the full /chat JSON body")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -67,6 +70,7 @@ class Command(BaseCommand):
             num_agents=options["agents"],
             turns=options["turns"],
             strategy=options["strategy"],
+            synthesis=options["synthesis"],
         )
         conversation = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
         return await achat_result(conversation, exchange)
