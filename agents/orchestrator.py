@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.budget import Budget, next_turn_estimate, vote_estimate
+from agents.pricing import Cost, call_cost
 from agents.profiles import AgentProfile
 from agents.providers.base import Generation, GenerationRequest, ProviderError, Usage
 from agents.providers.registry import get_provider
@@ -82,6 +84,9 @@ class RunOutcome:
     usage: Usage = field(default_factory=Usage)
     options: dict[str, str] = field(default_factory=dict)  # vote label -> position
     vote_round: bool = False  # whether the agents were asked to vote (more than one proposal)
+    cost: Cost = field(default_factory=Cost)
+    stopped: str | None = None  # "budget" when the budget ended the discussion before `turns`
+    stop_estimate: dict[str, Any] | None = None  # the estimate of the turn that was not run
 
 
 class QuorumLost(Exception):
@@ -135,6 +140,7 @@ class Orchestrator:
         stream: bool = True,
         max_output_tokens: int | None = None,
         prior: Mapping[int, Mapping[str, AgentResult]] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
@@ -148,6 +154,10 @@ class Orchestrator:
         self.stream = stream
         self.max_output_tokens = max_output_tokens
         self.results: dict[int, dict[str, AgentResult]] = {t: dict(r) for t, r in (prior or {}).items()}
+        self.budget = budget
+        self.other_calls: list[AgentResult] = []  # calls outside the discussion turns (ballots)
+        self.stopped: str | None = None
+        self.stop_estimate: dict[str, Any] | None = None
 
     # --- prompts -------------------------------------------------------------------------
     def _history_block(self) -> str:
@@ -299,6 +309,9 @@ class Orchestrator:
         turns_completed = min(start_turn - 1, self.turns)
         try:
             for turn in range(start_turn, self.turns + 1):
+                if not self._budget_allows(turn):
+                    self.stopped = "budget"
+                    break
                 await self.emit("turn_started", turn=turn)
                 stored = self.results.setdefault(turn, {})
                 pending = [p for p in self.panel if p.agent_id not in stored]
@@ -314,6 +327,7 @@ class Orchestrator:
                     failed=sum(1 for r in stored.values() if not r.ok),
                     abstained=sum(1 for r in stored.values() if r.ok and r.proposal is None),
                     tokens=usage_dict(usage),
+                    **sum((result_cost(r) for r in stored.values()), Cost()).fields(),
                 )
                 turns_completed = turn
                 if len(answered) < quorum_size(electorate):
@@ -343,6 +357,7 @@ class Orchestrator:
                 reason=str(exc),
                 retry_after=_retry_hint(self.results.get(turns_completed, {})),
                 usage=self.total_usage(),
+                cost=self.total_cost(),
             )
 
         final_turn = max(t for t, r in self.results.items() if r)
@@ -358,6 +373,9 @@ class Orchestrator:
             answer=answer,
             early_stop=early_stop,
             usage=self.total_usage(),
+            cost=self.total_cost(),
+            stopped=self.stopped,
+            stop_estimate=self.stop_estimate,
         )
 
     async def _vote(
@@ -405,6 +423,17 @@ class Orchestrator:
                     return Ballot(
                         voter=profile.agent_id, choice=None, confidence=0.0, reason=f"failed: {exc.kind}"
                     )
+                self.other_calls.append(
+                    AgentResult(
+                        agent_id=profile.agent_id,
+                        turn=self.turns + 1,
+                        ok=True,
+                        model=generation.model,
+                        provider=generation.provider,
+                        usage=generation.usage,
+                        simulated=generation.simulated,
+                    )
+                )
                 return parse_ballot(profile.agent_id, generation.text, labels)
 
             ballots = list(await asyncio.gather(*(one(p) for p in self.panel)))
@@ -425,7 +454,31 @@ class Orchestrator:
         return decision, answer, position_of
 
     def total_usage(self) -> Usage:
-        return sum((r.usage for turn in self.results.values() for r in turn.values()), Usage())
+        """Tokens of every call: the discussion turns and the calls outside them (ballots)."""
+        turns = sum((r.usage for turn in self.results.values() for r in turn.values()), Usage())
+        return turns + sum((r.usage for r in self.other_calls), Usage())
+
+    def total_cost(self) -> Cost:
+        calls = [r for turn in self.results.values() for r in turn.values() if r.ok] + self.other_calls
+        return sum((result_cost(r) for r in calls), Cost())
+
+    def _budget_allows(self, turn: int) -> bool:
+        """Whether turn `turn` (and the vote after it) fits in the budget, estimated from turn - 1."""
+        if self.budget is None or turn < 2 or self.results.get(turn):
+            return True  # no budget, nothing to estimate from, or a resumed turn already started
+        first = {aid: r.usage for aid, r in self.results.get(1, {}).items()}
+        last = {aid: r.usage for aid, r in self.results.get(turn - 1, {}).items()}
+        estimate = next_turn_estimate(self.panel, first, last) + vote_estimate(self.panel, first, last)
+        spent_tokens, spent_usd = self.total_usage().total_tokens, self.total_cost().usd
+        if self.budget.allows(spent_tokens + estimate.tokens, spent_usd + estimate.usd):
+            return True
+        self.stop_estimate = {
+            "turn": turn,
+            **estimate.to_dict(),
+            "spent_tokens": spent_tokens,
+            "spent_cost_usd": round(spent_usd, 8),
+        }
+        return False
 
 
 def _proposals(results: Mapping[str, AgentResult]) -> list[Proposal]:
@@ -476,4 +529,12 @@ def response_payload(result: AgentResult, personality: str = "") -> dict[str, An
         "latency_ms": result.latency_ms,
         "tokens": usage_dict(result.usage),
         "simulated": result.simulated,
+        **result_cost(result).fields(),
     }
+
+
+def result_cost(result: AgentResult) -> Cost:
+    """The estimated cost of one call (a failed call reports no usage and costs nothing)."""
+    if not result.ok:
+        return Cost()
+    return call_cost(result.model, result.usage, provider=result.provider, simulated=result.simulated)

@@ -7,7 +7,12 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
-from gateway.validation import SafeCharField, StrictUUIDField
+from gateway.validation import (
+    SafeCharField,
+    StrictPositiveIntegerField,
+    StrictPositiveNumberField,
+    StrictUUIDField,
+)
 
 MAX_MESSAGE_CHARS = 8000
 
@@ -31,6 +36,12 @@ class ChatRequestSerializer(StrictSerializer):
     num_agents = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     turns = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     strategy = serializers.ChoiceField(choices=["majority", "weighted"], required=False, default="majority")
+    max_cost = StrictPositiveNumberField(
+        required=False, allow_null=True, max_value=1_000_000, help_text="Budget in USD (estimated cost)."
+    )
+    max_tokens = StrictPositiveIntegerField(
+        required=False, allow_null=True, max_value=1_000_000_000, help_text="Budget in tokens."
+    )
 
     def validate_num_agents(self, value: int | None) -> int | None:
         limit = settings.CONFIG.MAX_AGENTS
