@@ -453,8 +453,8 @@ async def _finish(
     conversation.prompt_tokens += outcome.usage.prompt_tokens
     conversation.completion_tokens += outcome.usage.completion_tokens
     conversation.cost_usd += outcome.cost.usd
-    spent = {"tokens": outcome.usage.total_tokens, "usd": outcome.cost.usd}
-    reservation = await admission.asettle(conversation, **spent)
+    usd = outcome.cost.usd
+    reservation = await admission.asettle(conversation, tokens=outcome.usage.total_tokens, usd=usd)
     conversation.metadata = {
         **conversation.metadata,
         "early_stop": outcome.early_stop,

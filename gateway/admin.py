@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django import forms
@@ -9,6 +10,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from gateway import quota
 from gateway.keys import PERMISSIONS, PREFIX_LENGTH, key_revoke, key_rotate
 from gateway.models import ApiKey, BlockedIP, SecurityEvent, generate_key, hash_key
 from gateway.net import client_ip
@@ -26,7 +28,15 @@ class ApiKeyForm(forms.ModelForm):
 
     class Meta:
         model = ApiKey
-        fields = ("name", "permissions", "rate_limit_override", "expires_at")
+        fields = (
+            "name", "permissions", "rate_limit_override", "daily_quota", "daily_quota_unit", "expires_at",
+        )
+
+    def clean_daily_quota(self) -> float | None:
+        value = self.cleaned_data.get("daily_quota")
+        if value is not None and not (math.isfinite(value) and 0 < value <= 1e12):
+            raise forms.ValidationError("A positive number (tokens or USD per UTC day), or empty for none.")
+        return value
 
     def clean_permissions(self) -> list[str]:
         chosen = set(self.cleaned_data["permissions"])
@@ -45,10 +55,11 @@ def _show_key_once(request: HttpRequest, raw: str, what: str) -> None:
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
     list_display = ("name", "prefix", "permission_list", "source", "created_at", "last_used_at",
-                    "expires_at", "revoked_at", "status")
+                    "expires_at", "revoked_at", "status", "quota_today")
     list_filter = ("source", "revoked_at", "created_at")
     search_fields = ("name", "prefix")
-    readonly_fields = ("prefix", "source", "created_at", "last_used_at", "revoked_at", "replaced_by")
+    readonly_fields = ("prefix", "source", "created_at", "last_used_at", "revoked_at", "replaced_by",
+                       "quota_today")
     actions = ("revoke_keys", "rotate_keys")
     ordering = ("-created_at",)
 
@@ -56,12 +67,21 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return () if obj is None else self.readonly_fields
 
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:  # type: ignore[override]
-        base = ["name", "permissions", "rate_limit_override", "expires_at"]
+        base = ["name", "permissions", "rate_limit_override", "daily_quota", "daily_quota_unit", "expires_at"]
         return base if obj is None else base + list(self.readonly_fields)
 
     @admin.display(description="permissions")
     def permission_list(self, obj: ApiKey) -> str:
         return ", ".join(obj.permissions)
+
+    @admin.display(description="quota used today")
+    def quota_today(self, obj: ApiKey) -> str:
+        state = quota.usage(obj.pk)
+        if state is None:
+            return "no quota"
+        body = state.to_dict()
+        reserved = f" (+{body['reserved']:g} reserved)" if state.reserved else ""
+        return f"{body['used']:g}{reserved} of {state.quota:g} {state.unit}"
 
     @admin.display(description="status")
     def status(self, obj: ApiKey) -> str:
