@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agents.pricing import DIGITS, tokens_cost
@@ -29,10 +29,12 @@ BALLOT_TOKENS = 60  # a ballot: VOTE, CONFIDENCE and a one-line REASON
 
 @dataclass(frozen=True)
 class Budget:
-    """A request's cap: USD, tokens, or both (each None when not set)."""
+    """A request's cap (USD, tokens, or both), and what the key's daily quota leaves for it."""
 
     max_cost: float | None = None
     max_tokens: int | None = None
+    quota_usd: float | None = None
+    quota_tokens: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Budget | None:
@@ -44,11 +46,27 @@ class Budget:
     def to_dict(self) -> dict[str, Any]:
         return {"max_cost": self.max_cost, "max_tokens": self.max_tokens}
 
+    def with_quota(self, unit: str, room: float) -> Budget:
+        """This budget, also capped by what a daily quota (in `unit`) leaves."""
+        if unit == "usd":
+            return replace(self, quota_usd=room)
+        return replace(self, quota_tokens=room)
+
+    def exceeded(self, tokens: int, usd: float) -> str | None:
+        """What spending `tokens` and `usd` in total would pass: "budget", "quota" or None."""
+        if (self.max_tokens is not None and tokens > self.max_tokens) or (
+            self.max_cost is not None and usd > self.max_cost
+        ):
+            return "budget"
+        if (self.quota_tokens is not None and tokens > self.quota_tokens) or (
+            self.quota_usd is not None and usd > self.quota_usd
+        ):
+            return "quota"
+        return None
+
     def allows(self, tokens: int, usd: float) -> bool:
-        """Whether spending `tokens` and `usd` in total stays within the budget."""
-        if self.max_tokens is not None and tokens > self.max_tokens:
-            return False
-        return not (self.max_cost is not None and usd > self.max_cost)
+        """Whether spending `tokens` and `usd` in total stays within the budget (and quota)."""
+        return self.exceeded(tokens, usd) is None
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ class RunOutcome:
     options: dict[str, str] = field(default_factory=dict)  # vote label -> position
     vote_round: bool = False  # whether the agents were asked to vote (more than one proposal)
     cost: Cost = field(default_factory=Cost)
-    stopped: str | None = None  # "budget" when the budget ended the discussion before `turns`
+    stopped: str | None = None  # "budget" or "quota" when either ended the discussion before `turns`
     stop_estimate: dict[str, Any] | None = None  # the estimate of the turn that was not run
 
 
@@ -310,7 +310,6 @@ class Orchestrator:
         try:
             for turn in range(start_turn, self.turns + 1):
                 if not self._budget_allows(turn):
-                    self.stopped = "budget"
                     break
                 await self.emit("turn_started", turn=turn)
                 stored = self.results.setdefault(turn, {})
@@ -470,7 +469,8 @@ class Orchestrator:
         last = {aid: r.usage for aid, r in self.results.get(turn - 1, {}).items()}
         estimate = next_turn_estimate(self.panel, first, last) + vote_estimate(self.panel, first, last)
         spent_tokens, spent_usd = self.total_usage().total_tokens, self.total_cost().usd
-        if self.budget.allows(spent_tokens + estimate.tokens, spent_usd + estimate.usd):
+        self.stopped = self.budget.exceeded(spent_tokens + estimate.tokens, spent_usd + estimate.usd)
+        if self.stopped is None:
             return True
         self.stop_estimate = {
             "turn": turn,

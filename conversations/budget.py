@@ -102,6 +102,15 @@ def admit(
     }
 
 
+def run_budget(metadata: dict[str, Any]) -> Budget | None:
+    """The cap of a run: the request's budget, and what the key's quota left when it started."""
+    budget = Budget.from_dict(metadata.get("budget"))
+    reservation = metadata.get("quota")
+    if reservation and reservation.get("room") is not None:
+        budget = (budget or Budget()).with_quota(reservation.get("unit", "tokens"), reservation["room"])
+    return budget
+
+
 def _exchange_spend(conversation_id: Any, exchange: int) -> tuple[int, float]:
     """Tokens and USD of the stored answers of an exchange (a cancelled run has no totals)."""
     agg = Message.objects.filter(conversation_id=conversation_id, exchange=exchange).aggregate(

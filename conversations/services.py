@@ -361,7 +361,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         deadline_seconds=config.CONVERSATION_DEADLINE,
         max_output_tokens=config.MAX_OUTPUT_TOKENS,
         prior=prior,
-        budget=Budget.from_dict(conversation.metadata.get("budget")),
+        budget=admission.run_budget(conversation.metadata),
     )
     run = asyncio.ensure_future(orchestrator.run())
     watchdog = asyncio.ensure_future(_watchdog(conversation.pk, run))

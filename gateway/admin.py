@@ -12,7 +12,7 @@ from django.http import HttpRequest
 
 from gateway import quota
 from gateway.keys import PERMISSIONS, PREFIX_LENGTH, key_revoke, key_rotate
-from gateway.models import ApiKey, BlockedIP, SecurityEvent, generate_key, hash_key
+from gateway.models import ApiKey, BlockedIP, QuotaUnit, SecurityEvent, generate_key, hash_key
 from gateway.net import client_ip
 from gateway.security import log_security_event
 from gateway.serializers import key_status
@@ -31,6 +31,15 @@ class ApiKeyForm(forms.ModelForm):
         fields = (
             "name", "permissions", "rate_limit_override", "daily_quota", "daily_quota_unit", "expires_at",
         )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        unit = self.fields["daily_quota_unit"]
+        unit.required = False  # empty means tokens
+        unit.help_text = "Unit of the daily quota: tokens, or estimated cost in USD."
+
+    def clean_daily_quota_unit(self) -> str:
+        return self.cleaned_data.get("daily_quota_unit") or QuotaUnit.TOKENS
 
     def clean_daily_quota(self) -> float | None:
         value = self.cleaned_data.get("daily_quota")

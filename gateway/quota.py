@@ -232,6 +232,7 @@ def reserve(
         "unit": unit,
         "reserved": amount,
         "backend": state.backend,
+        "room": state.remaining + amount,  # what this conversation may spend, as things stand
     }
 
 

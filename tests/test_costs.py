@@ -256,6 +256,23 @@ def test_budget_stops_the_conversation_after_turn_1(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_daily_quota_caps_a_running_conversation_too(
+    gemini: FakeGemini, make_key: Any, api_client: Any
+) -> None:
+    admission = estimate_first_round(Conversation(), QUESTION, 3)
+    row, raw = make_key(["read", "write"], daily_quota=admission.tokens + 10)
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    _script_split_panel(gemini)
+    response = api_client.post("/chat", {"message": QUESTION, "num_agents": 3, "turns": 3}, format="json")
+    assert response.status_code == 200, response.content
+    meta = response.json()["metadata"]
+    assert (meta["stopped"], meta["turns_completed"], meta["budget"]) == ("quota", 1, None)
+    state = quota.usage(row.pk)
+    assert state is not None
+    assert (state.used, state.reserved) == (3 * 1300 + 3 * 18, 0)  # settled: the actual usage
+
+
+@pytest.mark.django_db(transaction=True)
 def test_without_a_budget_every_turn_runs(gemini: FakeGemini, client_with: Any) -> None:
     gemini.always(ok(answer("Yes"), prompt_tokens=400, output_tokens=900))
     body = (
