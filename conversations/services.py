@@ -376,6 +376,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         outcome = RunOutcome(
             status="failed", turns_completed=0, results=orchestrator.results, reason=repr(exc)
         )
+        outcome.usage, outcome.cost = orchestrator.total_usage(), orchestrator.total_cost()  # still charged
     finally:
         watchdog.cancel()
     return await _finish(conversation.pk, exchange, recorder, outcome, time.monotonic() - started)

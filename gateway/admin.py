@@ -12,7 +12,7 @@ from django.http import HttpRequest
 
 from gateway import quota
 from gateway.keys import PERMISSIONS, PREFIX_LENGTH, key_revoke, key_rotate
-from gateway.models import ApiKey, BlockedIP, QuotaUnit, SecurityEvent, generate_key, hash_key
+from gateway.models import ApiKey, BlockedIP, QuotaUnit, QuotaUsage, SecurityEvent, generate_key, hash_key
 from gateway.net import client_ip
 from gateway.security import log_security_event
 from gateway.serializers import key_status
@@ -128,6 +128,24 @@ class ApiKeyAdmin(admin.ModelAdmin):
                                new_key=issued.key.pk, by=f"admin:{request.user.get_username()}")
             until = f"{key.expires_at:%Y-%m-%d %H:%M:%S} UTC" if key.expires_at else "-"
             _show_key_once(request, issued.raw, f"Replacement for {key.name!r} (old key valid until {until})")
+
+
+@admin.register(QuotaUsage)
+class QuotaUsageAdmin(admin.ModelAdmin):
+    """Settled usage of each key and UTC day (read-only; written when conversations end)."""
+
+    list_display = ("day", "api_key", "used", "reserved", "unit", "updated_at")
+    list_filter = ("day", "unit")
+    search_fields = ("api_key__name", "api_key__prefix")
+    date_hierarchy = "day"
+    ordering = ("-day",)
+    list_select_related = ("api_key",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: QuotaUsage | None = None) -> bool:
+        return False
 
 
 @admin.register(SecurityEvent)

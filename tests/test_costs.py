@@ -621,6 +621,27 @@ def test_admin_sets_the_quota_and_shows_todays_usage(admin_client: Any, make_key
     assert refused.status_code == 200
     assert not ApiKey.objects.filter(name="bad").exists()
     assert "positive number" in refused.content.decode()
+    usage_page = admin_client.get("/django-admin/gateway/quotausage/").content.decode()
+    assert "metered" in usage_page
+
+
+@pytest.mark.django_db
+def test_keys_api_creates_a_key_with_a_quota(client_with: Any) -> None:
+    admin = client_with("admin")
+    body = {
+        "name": "api-metered",
+        "permissions": ["read", "write"],
+        "daily_quota": 2.5,
+        "daily_quota_unit": "usd",
+    }
+    created = admin.post("/auth/keys", body, format="json")
+    assert created.status_code == 201, created.content
+    assert (created.json()["daily_quota"], created.json()["daily_quota_unit"]) == (2.5, "usd")
+    assert ApiKey.objects.get(name="api-metered").daily_quota == 2.5
+    for bad in (0, -1, "2", True):
+        refused = admin.post("/auth/keys", {**body, "daily_quota": bad}, format="json")
+        assert refused.status_code == 400
+        assert "daily_quota" in refused.json()["errors"]
 
 
 def test_quota_state_resets_at_utc_midnight() -> None:
