@@ -573,8 +573,14 @@ def test_default_api_keys_carry_their_quota() -> None:
     with pytest.raises(ValueError, match="daily_quota"):
         ApiKeySpec(name="svc", key="pk_" + "q" * 40, permissions=["read"], daily_quota=0)
     with pytest.raises(ValueError, match="daily_quota_unit"):
-        ApiKeySpec(
-            name="svc", key="pk_" + "q" * 40, permissions=["read"], daily_quota=1, daily_quota_unit="eur"
+        ApiKeySpec.model_validate(
+            {
+                "name": "svc",
+                "key": "pk_" + "q" * 40,
+                "permissions": ["read"],
+                "daily_quota": 1,
+                "daily_quota_unit": "eur",
+            }
         )
 
 
