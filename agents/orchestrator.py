@@ -31,6 +31,8 @@ from typing import Any
 
 import jiter
 
+from agents.budget import Budget, next_turn_estimate, vote_estimate
+from agents.pricing import Cost, call_cost
 from agents.profiles import AgentProfile
 from agents.providers.base import Generation, GenerationRequest, OutputFormat, ProviderError, Usage
 from agents.providers.registry import get_provider
@@ -151,6 +153,9 @@ class RunOutcome:
     cause: str = ""
     synthesis: dict[str, Any] = field(default_factory=lambda: {"mode": "representative"})
     synthesis_usage: Usage = field(default_factory=Usage)
+    cost: Cost = field(default_factory=Cost)
+    stopped: str | None = None  # "budget" or "quota" when either ended the discussion before `turns`
+    stop_estimate: dict[str, Any] | None = None  # the estimate of the turn that was not run
 
     @property
     def repair_usage(self) -> Usage:
@@ -227,6 +232,7 @@ class Orchestrator:
         prior: Mapping[int, Mapping[str, AgentResult]] | None = None,
         synthesis: str = "representative",
         chairman: AgentProfile | None = None,
+        budget: Budget | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
@@ -244,6 +250,10 @@ class Orchestrator:
         self.stream = stream
         self.max_output_tokens = max_output_tokens
         self.results: dict[int, dict[str, AgentResult]] = {t: dict(r) for t, r in (prior or {}).items()}
+        self.budget = budget
+        self.other_calls: list[AgentResult] = []  # calls outside the discussion turns (ballots, chairman)
+        self.stopped: str | None = None
+        self.stop_estimate: dict[str, Any] | None = None
 
     # --- prompts -------------------------------------------------------------------------
     def _history_block(self) -> str:
@@ -448,6 +458,8 @@ class Orchestrator:
         turns_completed = min(start_turn - 1, self.turns)
         try:
             for turn in range(start_turn, self.turns + 1):
+                if not self._budget_allows(turn):
+                    break
                 await self.emit("turn_started", turn=turn)
                 stored = self.results.setdefault(turn, {})
                 pending = [p for p in self.panel if p.agent_id not in stored]
@@ -463,6 +475,7 @@ class Orchestrator:
                     failed=sum(1 for r in stored.values() if not r.ok),
                     abstained=sum(1 for r in stored.values() if r.ok and r.proposal is None),
                     tokens=usage_dict(usage),
+                    **sum((result_cost(r) for r in stored.values()), Cost()).fields(),
                 )
                 turns_completed = turn
                 needed = quorum_size(electorate)
@@ -499,6 +512,7 @@ class Orchestrator:
                 reason=str(exc),
                 cause="no_usable_positions",
                 usage=self.total_usage(),
+                cost=self.total_cost(),
             )
         except QuorumLost as exc:
             return RunOutcome(
@@ -508,6 +522,7 @@ class Orchestrator:
                 reason=str(exc),
                 retry_after=_retry_hint(self.results.get(turns_completed, {})),
                 usage=self.total_usage(),
+                cost=self.total_cost(),
             )
 
         final_turn = max(t for t, r in self.results.items() if r)
@@ -531,7 +546,10 @@ class Orchestrator:
             reason="" if decision.reached else _below_quorum(decision),
             synthesis=synthesis,
             synthesis_usage=synthesis_usage,
-            usage=self.total_usage() + synthesis_usage,
+            usage=self.total_usage(),  # the chairman's call is one of `other_calls`
+            cost=self.total_cost(),
+            stopped=self.stopped,
+            stop_estimate=self.stop_estimate,
         )
 
     async def _synthesise(
@@ -575,6 +593,17 @@ class Orchestrator:
             }
             await self.emit("synthesis", **info, content=representative, tokens=usage_dict(Usage()))
             return representative, info, Usage()
+        self.other_calls.append(
+            AgentResult(
+                agent_id=chairman.agent_id,
+                turn=self.turns + 1,
+                ok=True,
+                model=generation.model,
+                provider=generation.provider,
+                usage=generation.usage,
+                simulated=generation.simulated,
+            )
+        )
         text = clean_answer(generation.text).strip() or representative
         info = {
             "mode": "chairman",
@@ -636,6 +665,17 @@ class Orchestrator:
                     return Ballot(
                         voter=profile.agent_id, choice=None, confidence=0.0, reason=f"failed: {exc.kind}"
                     )
+                self.other_calls.append(
+                    AgentResult(
+                        agent_id=profile.agent_id,
+                        turn=self.turns + 1,
+                        ok=True,
+                        model=generation.model,
+                        provider=generation.provider,
+                        usage=generation.usage,
+                        simulated=generation.simulated,
+                    )
+                )
                 if generation.data is not None:
                     return parse_structured_ballot(profile.agent_id, generation.data, labels)
                 return parse_ballot(profile.agent_id, generation.text, labels)
@@ -658,7 +698,32 @@ class Orchestrator:
         return decision, answer, position_of
 
     def total_usage(self) -> Usage:
-        return sum((r.usage for turn in self.results.values() for r in turn.values()), Usage())
+        """Tokens of every call: the discussion turns and the calls outside them (ballots)."""
+        turns = sum((r.usage for turn in self.results.values() for r in turn.values()), Usage())
+        return turns + sum((r.usage for r in self.other_calls), Usage())
+
+    def total_cost(self) -> Cost:
+        calls = [r for turn in self.results.values() for r in turn.values() if r.ok] + self.other_calls
+        return sum((result_cost(r) for r in calls), Cost())
+
+    def _budget_allows(self, turn: int) -> bool:
+        """Whether turn `turn` (and the vote after it) fits in the budget, estimated from turn - 1."""
+        if self.budget is None or turn < 2 or self.results.get(turn):
+            return True  # no budget, nothing to estimate from, or a resumed turn already started
+        first = {aid: r.usage for aid, r in self.results.get(1, {}).items()}
+        last = {aid: r.usage for aid, r in self.results.get(turn - 1, {}).items()}
+        estimate = next_turn_estimate(self.panel, first, last) + vote_estimate(self.panel, first, last)
+        spent_tokens, spent_usd = self.total_usage().total_tokens, self.total_cost().usd
+        self.stopped = self.budget.exceeded(spent_tokens + estimate.tokens, spent_usd + estimate.usd)
+        if self.stopped is None:
+            return True
+        self.stop_estimate = {
+            "turn": turn,
+            **estimate.to_dict(),
+            "spent_tokens": spent_tokens,
+            "spent_cost_usd": round(spent_usd, 8),
+        }
+        return False
 
 
 def _proposals(results: Mapping[str, AgentResult]) -> list[Proposal]:
@@ -753,4 +818,12 @@ def response_payload(result: AgentResult, personality: str = "") -> dict[str, An
         "position_source": result.position_source or None,
         "repair_calls": result.repair_calls,
         "repair_tokens": usage_dict(result.repair_usage),
+        **result_cost(result).fields(),
     }
+
+
+def result_cost(result: AgentResult) -> Cost:
+    """The estimated cost of one call (a failed call reports no usage and costs nothing)."""
+    if not result.ok:
+        return Cost()
+    return call_cost(result.model, result.usage, provider=result.provider, simulated=result.simulated)

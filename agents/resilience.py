@@ -37,8 +37,9 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from agents.pricing import call_cost
 from agents.providers.base import DeltaCallback, Generation, GenerationRequest, Provider, ProviderError
-from telemetry.metrics import BREAKER_STATE, LLM_CALLS, LLM_LATENCY, LLM_TOKENS
+from telemetry.metrics import BREAKER_STATE, LLM_CALLS, LLM_COST, LLM_LATENCY, LLM_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +315,8 @@ async def _attempt(
     LLM_LATENCY.labels(*labels).observe(time.monotonic() - started)
     LLM_TOKENS.labels(*labels, "prompt").inc(generation.usage.prompt_tokens)
     LLM_TOKENS.labels(*labels, "completion").inc(generation.usage.completion_tokens)
+    cost = call_cost(request.model, generation.usage, provider=provider.name, simulated=generation.simulated)
+    LLM_COST.labels(*labels).inc(cost.usd)
     return generation
 
 

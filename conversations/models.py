@@ -38,6 +38,7 @@ class Conversation(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.FloatField(default=0.0, help_text="Estimated cost of every exchange, USD.")
     duration = models.FloatField(null=True, blank=True, help_text="Seconds, last exchange.")
     cancel_requested = models.BooleanField(default=False)
     last_seq = models.PositiveIntegerField(default=0, help_text="Sequence number of the last event.")
@@ -107,6 +108,10 @@ class Message(models.Model):
     latency_ms = models.FloatField(null=True, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.FloatField(default=0.0, help_text="Estimated cost of this answer, USD.")
+    cost_estimated = models.BooleanField(
+        default=False, help_text="False when the model has no price (or the answer is simulated)."
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

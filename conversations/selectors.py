@@ -36,6 +36,7 @@ def conversation_summary(conversation: Conversation) -> dict[str, Any]:
         "consensus_result": conversation.consensus_result,
         "confidence": conversation.confidence,
         "duration": conversation.duration,
+        "cost_usd": round(conversation.cost_usd, 8),
         "created_at": _iso(conversation.created_at),
         "completed_at": _iso(conversation.completed_at),
     }
@@ -68,6 +69,8 @@ def message_body(message: Message) -> dict[str, Any]:
         "simulated": message.simulated,
         "latency_ms": message.latency_ms,
         "tokens": {"prompt": message.prompt_tokens, "completion": message.completion_tokens},
+        "cost_usd": round(message.cost_usd, 8),
+        "cost_estimated": message.cost_estimated,
         "created_at": _iso(message.created_at),
     }
 
@@ -151,6 +154,8 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
                 "total": message.prompt_tokens + message.completion_tokens,
             },
             "simulated": message.simulated,
+            "cost_usd": round(message.cost_usd, 8),
+            "cost_estimated": message.cost_estimated,
         }
 
     tokens = conversation.metadata.get("tokens") or {"prompt": 0, "completion": 0, "total": 0}
@@ -200,6 +205,7 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
         ],
         "transcript": [agent(m) for m in messages if m.status != Message.Status.FAILED],
         "usage": tokens,
+        "cost": exchange_cost(conversation, messages),
         "metadata": {
             "status": conversation.status,
             "duration": conversation.duration,
@@ -213,7 +219,30 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
             "no_consensus_reason": meta.get("no_consensus_reason"),
             "extra_calls": meta.get("extra_calls") or {"repair": 0, "synthesis": 0},
             "extra_tokens": meta.get("extra_tokens") or {},
+            "stopped": conversation.metadata.get("stopped"),
+            "budget": conversation.metadata.get("budget"),
         },
+    }
+
+
+def exchange_cost(conversation: Conversation, messages: list[Message]) -> dict[str, Any]:
+    """Estimated cost of an exchange: in total (every call, ballots included) and per turn."""
+    total = conversation.metadata.get("cost") or {}
+    turns: dict[int, dict[str, Any]] = {}
+    for m in messages:
+        empty = {"turn": m.turn, "tokens": 0, "cost_usd": 0.0, "cost_estimated": True}
+        turn = turns.setdefault(m.turn, empty)
+        turn["tokens"] += m.prompt_tokens + m.completion_tokens
+        turn["cost_usd"] += m.cost_usd
+        if m.status != Message.Status.FAILED:
+            turn["cost_estimated"] = turn["cost_estimated"] and m.cost_estimated
+    for turn in turns.values():
+        turn["cost_usd"] = round(turn["cost_usd"], 8)
+    return {
+        "total_usd": total.get("cost_usd", 0.0),
+        "estimated": bool(total.get("cost_estimated", False)),
+        "turns": [turns[n] for n in sorted(turns)],
+        "stop_estimate": conversation.metadata.get("stop_estimate"),
     }
 
 

@@ -8,7 +8,12 @@ from django.conf import settings
 from rest_framework import serializers
 
 from agents.synthesis import SYNTHESIS_MODES
-from gateway.validation import SafeCharField, StrictUUIDField
+from gateway.validation import (
+    SafeCharField,
+    StrictPositiveIntegerField,
+    StrictPositiveNumberField,
+    StrictUUIDField,
+)
 
 MAX_MESSAGE_CHARS = 8000
 
@@ -35,6 +40,12 @@ class ChatRequestSerializer(StrictSerializer):
     # Who writes consensus_result: the winner's best supporter, or a chairman model (one extra call).
     # Absent: SYNTHESIS_MODE.
     synthesis = serializers.ChoiceField(choices=list(SYNTHESIS_MODES), required=False)
+    max_cost = StrictPositiveNumberField(
+        required=False, allow_null=True, max_value=1_000_000, help_text="Budget in USD (estimated cost)."
+    )
+    max_tokens = StrictPositiveIntegerField(
+        required=False, allow_null=True, max_value=1_000_000_000, help_text="Budget in tokens."
+    )
 
     def validate_num_agents(self, value: int | None) -> int | None:
         limit = settings.CONFIG.MAX_AGENTS

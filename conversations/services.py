@@ -18,14 +18,17 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from agents.budget import Budget
 from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, extra_calls, usage_dict
 from agents.profiles import build_panel
 from agents.providers.base import Usage
 from agents.synthesis import default_mode
 from consensus import Proposal, parse_reply
+from conversations import budget as admission
 from conversations.events import EventLog
 from conversations.models import ConsensusResult, Conversation, Message, Vote
 from conversations.signals import conversation_completed
+from gateway import quota
 from gateway.principal import Principal
 from telemetry.errors import arecord_error
 from telemetry.metrics import CONVERSATIONS
@@ -60,6 +63,16 @@ class ConversationBusy(ConversationError):
     status_code = 409
 
 
+class ConversationRefused(ConversationError):
+    """Refused before it starts: a budget too small for one round (422), a used-up quota (429)."""
+
+    def __init__(self, refusal: admission.AdmissionRefused) -> None:
+        super().__init__(str(refusal))
+        self.code = refusal.code
+        self.status_code = refusal.status_code
+        self.extra = refusal.extra
+
+
 def _can_access(principal: Principal, conversation: Conversation) -> bool:
     return principal.is_admin or conversation.owner == principal.owner
 
@@ -74,6 +87,7 @@ def _start(
     strategy: str,
     synthesis: str,
     create_with_id: bool,
+    budget: Budget | None = None,
 ) -> tuple[Conversation, int]:
     with transaction.atomic():
         conversation = None
@@ -93,6 +107,16 @@ def _start(
             )
         elif conversation.status in (Conversation.Status.PENDING, Conversation.Status.RUNNING):
             raise ConversationBusy("this conversation is already running; wait for it or cancel it")
+        try:
+            admitted = admission.admit(
+                conversation=conversation,
+                principal=principal,
+                message=message,
+                num_agents=num_agents,
+                budget=budget,
+            )
+        except admission.AdmissionRefused as exc:
+            raise ConversationRefused(exc) from None
         conversation.exchanges += 1
         conversation.status = Conversation.Status.PENDING
         conversation.num_agents = num_agents
@@ -106,14 +130,19 @@ def _start(
         conversation.completed_at = None
         conversation.duration = None
         conversation.metadata = {**conversation.metadata, "strategy": strategy, "synthesis": synthesis}
-        conversation.save()
-        Message.objects.create(
-            conversation=conversation,
-            exchange=conversation.exchanges,
-            role=Message.Role.USER,
-            turn=0,
-            content=message,
-        )
+        conversation.metadata.update(admitted)
+        try:
+            conversation.save()
+            Message.objects.create(
+                conversation=conversation,
+                exchange=conversation.exchanges,
+                role=Message.Role.USER,
+                turn=0,
+                content=message,
+            )
+        except BaseException:
+            quota.release(admitted.get("quota"))
+            raise
     return conversation, conversation.exchanges
 
 
@@ -127,6 +156,8 @@ async def conversation_start(
     strategy: str = "majority",
     synthesis: str | None = None,
     create_with_id: bool = False,
+    max_cost: float | None = None,
+    max_tokens: int | None = None,
 ) -> tuple[Conversation, int]:
     """Create a conversation (or a new exchange of an existing one) ready to run.
 
@@ -143,6 +174,7 @@ async def conversation_start(
         strategy=strategy,
         synthesis=synthesis or default_mode(),
         create_with_id=create_with_id,
+        budget=Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None,
     )
 
 
@@ -188,6 +220,8 @@ class RunRecorder:
             latency_ms=data.get("latency_ms"),
             prompt_tokens=tokens.get("prompt", 0),
             completion_tokens=tokens.get("completion", 0),
+            cost_usd=data.get("cost_usd") or 0.0,
+            cost_estimated=bool(data.get("cost_estimated")),
         )
 
     async def _on_agent_error(self, data: dict[str, Any]) -> None:
@@ -344,6 +378,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         max_output_tokens=config.MAX_OUTPUT_TOKENS,
         prior=prior,
         synthesis=conversation.metadata.get("synthesis") or default_mode(),
+        budget=admission.run_budget(conversation.metadata),
     )
     run = asyncio.ensure_future(orchestrator.run())
     watchdog = asyncio.ensure_future(_watchdog(conversation.pk, run))
@@ -358,6 +393,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         outcome = RunOutcome(
             status="failed", turns_completed=0, results=orchestrator.results, reason=repr(exc)
         )
+        outcome.usage, outcome.cost = orchestrator.total_usage(), orchestrator.total_cost()  # still charged
     finally:
         watchdog.cancel()
     return await _finish(conversation.pk, exchange, recorder, outcome, time.monotonic() - started)
@@ -366,6 +402,10 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
 async def _finish_cancelled(
     conversation_id: uuid.UUID, exchange: int, recorder: RunRecorder, duration: float
 ) -> Conversation:
+    reservation = await admission.asettle_stored(recorder.conversation, exchange)
+    if reservation:
+        metadata = {**recorder.conversation.metadata, "quota": reservation}
+        await Conversation.objects.filter(pk=conversation_id).aupdate(metadata=metadata)
     await Conversation.objects.filter(pk=conversation_id).aupdate(
         status=Conversation.Status.CANCELLED,
         error="cancelled by request",
@@ -432,6 +472,9 @@ async def _finish(
     conversation.completed_at = timezone.now()
     conversation.prompt_tokens += outcome.usage.prompt_tokens
     conversation.completion_tokens += outcome.usage.completion_tokens
+    conversation.cost_usd += outcome.cost.usd
+    usd = outcome.cost.usd
+    reservation = await admission.asettle(conversation, tokens=outcome.usage.total_tokens, usd=usd)
     conversation.metadata = {
         **conversation.metadata,
         "early_stop": outcome.early_stop,
@@ -445,12 +488,16 @@ async def _finish(
         },
         "no_consensus_reason": outcome.cause or None,
         **({"retry_after": outcome.retry_after} if outcome.retry_after else {}),
+        "cost": outcome.cost.fields(),
+        "stopped": outcome.stopped,
+        "stop_estimate": outcome.stop_estimate,
+        "quota": reservation,
     }
     # Only the fields set here: the event log keeps `last_seq` current meanwhile.
     await conversation.asave(
         update_fields=[
             "status", "turns_completed", "consensus_result", "confidence", "error", "duration",
-            "completed_at", "prompt_tokens", "completion_tokens", "metadata", "updated_at",
+            "completed_at", "prompt_tokens", "completion_tokens", "metadata", "updated_at", "cost_usd",
         ]
     )  # fmt: skip
     CONVERSATIONS.labels(status).inc()
@@ -470,6 +517,8 @@ async def _finish(
             retry_after=outcome.retry_after,
             duration=duration,
             turns_completed=outcome.turns_completed,
+            tokens=tokens,
+            **outcome.cost.fields(),
         )
     else:
         await recorder(
@@ -482,5 +531,7 @@ async def _finish(
             confidence=conversation.confidence,
             reason=outcome.reason or None,
             no_consensus_reason=outcome.cause or None,
+            **outcome.cost.fields(),
+            stopped=outcome.stopped,
         )
     return conversation

@@ -46,7 +46,7 @@ def problem(status_code: int, code: str, detail: str, **extra: Any) -> Response:
 
 def conversation_problem(exc: ConversationError) -> Response:
     """A service refusal (unknown or foreign conversation, already running) as a JSON error."""
-    return problem(exc.status_code, exc.code, str(exc))
+    return problem(exc.status_code, exc.code, str(exc), **getattr(exc, "extra", {}))
 
 
 class ChatView(APIView):
@@ -54,7 +54,17 @@ class ChatView(APIView):
 
     @extend_schema(
         request=ChatRequestSerializer,
-        responses={200: dict, 400: dict, 401: dict, 403: dict, 404: dict, 409: dict, 429: dict, 503: dict},
+        responses={
+            200: dict,
+            400: dict,
+            401: dict,
+            403: dict,
+            404: dict,
+            409: dict,
+            422: dict,
+            429: dict,
+            503: dict,
+        },
         examples=[
             OpenApiExample(
                 "Ask three agents",
@@ -77,6 +87,8 @@ class ChatView(APIView):
                 turns=data.get("turns"),
                 strategy=data["strategy"],
                 synthesis=data.get("synthesis"),
+                max_cost=data.get("max_cost"),
+                max_tokens=data.get("max_tokens"),
             )
         except ConversationError as exc:
             return conversation_problem(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django import forms
@@ -9,8 +10,9 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from gateway import quota
 from gateway.keys import PERMISSIONS, PREFIX_LENGTH, key_revoke, key_rotate
-from gateway.models import ApiKey, BlockedIP, SecurityEvent, generate_key, hash_key
+from gateway.models import ApiKey, BlockedIP, QuotaUnit, QuotaUsage, SecurityEvent, generate_key, hash_key
 from gateway.net import client_ip
 from gateway.security import log_security_event
 from gateway.serializers import key_status
@@ -26,7 +28,24 @@ class ApiKeyForm(forms.ModelForm):
 
     class Meta:
         model = ApiKey
-        fields = ("name", "permissions", "rate_limit_override", "expires_at")
+        fields = (
+            "name", "permissions", "rate_limit_override", "daily_quota", "daily_quota_unit", "expires_at",
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        unit = self.fields["daily_quota_unit"]
+        unit.required = False  # empty means tokens
+        unit.help_text = "Unit of the daily quota: tokens, or estimated cost in USD."
+
+    def clean_daily_quota_unit(self) -> str:
+        return self.cleaned_data.get("daily_quota_unit") or QuotaUnit.TOKENS
+
+    def clean_daily_quota(self) -> float | None:
+        value = self.cleaned_data.get("daily_quota")
+        if value is not None and not (math.isfinite(value) and 0 < value <= 1e12):
+            raise forms.ValidationError("A positive number (tokens or USD per UTC day), or empty for none.")
+        return value
 
     def clean_permissions(self) -> list[str]:
         chosen = set(self.cleaned_data["permissions"])
@@ -45,10 +64,11 @@ def _show_key_once(request: HttpRequest, raw: str, what: str) -> None:
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
     list_display = ("name", "prefix", "permission_list", "source", "created_at", "last_used_at",
-                    "expires_at", "revoked_at", "status")
+                    "expires_at", "revoked_at", "status", "quota_today")
     list_filter = ("source", "revoked_at", "created_at")
     search_fields = ("name", "prefix")
-    readonly_fields = ("prefix", "source", "created_at", "last_used_at", "revoked_at", "replaced_by")
+    readonly_fields = ("prefix", "source", "created_at", "last_used_at", "revoked_at", "replaced_by",
+                       "quota_today")
     actions = ("revoke_keys", "rotate_keys")
     ordering = ("-created_at",)
 
@@ -56,12 +76,21 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return () if obj is None else self.readonly_fields
 
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:  # type: ignore[override]
-        base = ["name", "permissions", "rate_limit_override", "expires_at"]
+        base = ["name", "permissions", "rate_limit_override", "daily_quota", "daily_quota_unit", "expires_at"]
         return base if obj is None else base + list(self.readonly_fields)
 
     @admin.display(description="permissions")
     def permission_list(self, obj: ApiKey) -> str:
         return ", ".join(obj.permissions)
+
+    @admin.display(description="quota used today")
+    def quota_today(self, obj: ApiKey) -> str:
+        state = quota.usage(obj.pk)
+        if state is None:
+            return "no quota"
+        body = state.to_dict()
+        reserved = f" (+{body['reserved']:g} reserved)" if state.reserved else ""
+        return f"{body['used']:g}{reserved} of {state.quota:g} {state.unit}"
 
     @admin.display(description="status")
     def status(self, obj: ApiKey) -> str:
@@ -99,6 +128,24 @@ class ApiKeyAdmin(admin.ModelAdmin):
                                new_key=issued.key.pk, by=f"admin:{request.user.get_username()}")
             until = f"{key.expires_at:%Y-%m-%d %H:%M:%S} UTC" if key.expires_at else "-"
             _show_key_once(request, issued.raw, f"Replacement for {key.name!r} (old key valid until {until})")
+
+
+@admin.register(QuotaUsage)
+class QuotaUsageAdmin(admin.ModelAdmin):
+    """Settled usage of each key and UTC day (read-only; written when conversations end)."""
+
+    list_display = ("day", "api_key", "used", "reserved", "unit", "updated_at")
+    list_filter = ("day", "unit")
+    search_fields = ("api_key__name", "api_key__prefix")
+    date_hierarchy = "day"
+    ordering = ("-day",)
+    list_select_related = ("api_key",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: QuotaUsage | None = None) -> bool:
+        return False
 
 
 @admin.register(SecurityEvent)

@@ -11,7 +11,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from gateway.models import ApiKey, generate_key, hash_key
+from gateway.models import ApiKey, QuotaUnit, generate_key, hash_key
 from gateway.principal import Principal
 
 PERMISSIONS = ("read", "write", "admin")
@@ -60,6 +60,8 @@ def key_create(
     expires_at: datetime | None = None,
     source: str = ApiKey.Source.MANUAL,
     raw: str | None = None,
+    daily_quota: float | None = None,
+    daily_quota_unit: str = QuotaUnit.TOKENS,
 ) -> IssuedKey:
     """Create a key; only its SHA-256 hash is stored, the raw key is returned once."""
     raw = raw or generate_key()
@@ -71,6 +73,8 @@ def key_create(
         rate_limit_override=rate_limit_override,
         expires_at=expires_at,
         source=source,
+        daily_quota=daily_quota,
+        daily_quota_unit=daily_quota_unit,
     )
     return IssuedKey(key=key, raw=raw)
 
@@ -95,6 +99,8 @@ def key_rotate(*, key: ApiKey, grace_seconds: int | None = None) -> IssuedKey:
             rate_limit_override=key.rate_limit_override,
             expires_at=key.expires_at,
             source=ApiKey.Source.ROTATION,
+            daily_quota=key.daily_quota,
+            daily_quota_unit=key.daily_quota_unit,
         )
         grace_end = timezone.now() + timedelta(seconds=grace)
         key.expires_at = grace_end if key.expires_at is None else min(key.expires_at, grace_end)
@@ -128,15 +134,19 @@ def keys_load_defaults(specs: Iterable[object] | None = None) -> list[tuple[str,
         raw: str = spec.key  # type: ignore[attr-defined]
         perms = normalise_permissions(spec.permissions)  # type: ignore[attr-defined]
         override: int | None = spec.rate_limit_override  # type: ignore[attr-defined]
+        daily_quota: float | None = getattr(spec, "daily_quota", None)
+        quota_unit: str = getattr(spec, "daily_quota_unit", QuotaUnit.TOKENS)
         with transaction.atomic():
             existing = ApiKey.objects.select_for_update().filter(name=name, source=ApiKey.Source.ENV).first()
             if existing is None:
                 key_create(name=name, permissions=perms, rate_limit_override=override,
-                           source=ApiKey.Source.ENV, raw=raw)
+                           source=ApiKey.Source.ENV, raw=raw, daily_quota=daily_quota,
+                           daily_quota_unit=quota_unit)
                 done.append((name, "created"))
                 continue
             wanted = {"key_hash": hash_key(raw), "prefix": raw[:PREFIX_LENGTH], "permissions": perms,
-                      "rate_limit_override": override, "revoked_at": None}
+                      "rate_limit_override": override, "revoked_at": None, "daily_quota": daily_quota,
+                      "daily_quota_unit": quota_unit}
             changed = [f for f, v in wanted.items() if getattr(existing, f) != v]
             if not changed:
                 done.append((name, "unchanged"))

@@ -22,6 +22,11 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+class QuotaUnit(models.TextChoices):
+    TOKENS = "tokens"
+    USD = "usd"
+
+
 class ApiKey(models.Model):
     class Source(models.TextChoices):
         MANUAL = "manual"
@@ -34,6 +39,10 @@ class ApiKey(models.Model):
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     permissions = models.JSONField(default=list)
     rate_limit_override = models.PositiveIntegerField(null=True, blank=True)
+    daily_quota = models.FloatField(
+        null=True, blank=True, help_text="Tokens or USD per UTC day (see the unit); empty means no quota."
+    )
+    daily_quota_unit = models.CharField(max_length=8, choices=QuotaUnit.choices, default=QuotaUnit.TOKENS)
     source = models.CharField(max_length=16, choices=Source.choices, default=Source.MANUAL)
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField(null=True, blank=True)
@@ -49,7 +58,11 @@ class ApiKey(models.Model):
             models.CheckConstraint(
                 condition=models.Q(rate_limit_override__isnull=True) | models.Q(rate_limit_override__gt=0),
                 name="apikey_rate_limit_override_positive",
-            )
+            ),
+            models.CheckConstraint(
+                condition=models.Q(daily_quota__isnull=True) | models.Q(daily_quota__gt=0),
+                name="apikey_daily_quota_positive",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -118,3 +131,25 @@ class BlockedIP(models.Model):
             ip=ip, defaults={"reason": reason, "expires_at": timezone.now() + timedelta(seconds=seconds)}
         )
         return obj
+
+
+class QuotaUsage(models.Model):
+    """What one key spent on one UTC day: settled usage, and open reservations when Redis is absent."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="quota_usage")
+    day = models.DateField()
+    used = models.FloatField(default=0.0, help_text="Actual usage of finished conversations.")
+    reserved = models.FloatField(
+        default=0.0, help_text="Estimates held by running conversations (database fallback only)."
+    )
+    unit = models.CharField(max_length=8, choices=QuotaUnit.choices, default=QuotaUnit.TOKENS)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "quota usage"
+        verbose_name_plural = "quota usage"
+        constraints = [models.UniqueConstraint(fields=["api_key", "day"], name="quota_usage_one_per_day")]
+        indexes = [models.Index(fields=["day"], name="quota_usage_day_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.api_key_id} {self.day}: {self.used:g} {self.unit}"

@@ -10,7 +10,7 @@ from rest_framework import serializers
 
 from gateway.keys import PERMISSIONS
 from gateway.models import ApiKey
-from gateway.validation import SafeCharField
+from gateway.validation import SafeCharField, StrictPositiveNumberField
 
 
 class TokenRequestSerializer(serializers.Serializer):
@@ -49,7 +49,8 @@ class ApiKeySerializer(serializers.ModelSerializer):
         model = ApiKey
         fields: tuple[str, ...] = (
             "id", "name", "prefix", "permissions", "rate_limit_override", "source", "created_at",
-            "expires_at", "revoked_at", "last_used_at", "replaced_by", "status",
+            "expires_at", "revoked_at", "last_used_at", "replaced_by", "status", "daily_quota",
+            "daily_quota_unit",
         )
         read_only_fields: tuple[str, ...] = fields
 
@@ -78,6 +79,8 @@ class ApiKeyCreateSerializer(serializers.Serializer):
     rate_limit_override = serializers.IntegerField(min_value=1, max_value=10_000_000, required=False,
                                                    allow_null=True)
     expires_in_days = serializers.IntegerField(min_value=1, max_value=3650, required=False, allow_null=True)
+    daily_quota = StrictPositiveNumberField(max_value=1e12, required=False, allow_null=True)
+    daily_quota_unit = serializers.ChoiceField(choices=["tokens", "usd"], required=False, default="tokens")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         days = attrs.pop("expires_in_days", None)
@@ -111,6 +114,11 @@ class WhoAmISerializer(serializers.Serializer):
     permissions = serializers.ListField(child=serializers.CharField())
     key_prefix = serializers.CharField(allow_null=True)
     rate_limit_override = serializers.IntegerField(allow_null=True)
+    quota = serializers.DictField(
+        allow_null=True,
+        help_text="The key's daily quota and today's usage (daily_quota, unit, used, reserved, remaining, "
+        "day, resets_at), or null without a quota.",
+    )
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):

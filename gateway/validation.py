@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import unicodedata
 import uuid
 from typing import Any
@@ -51,6 +52,34 @@ class StrictUUIDField(serializers.UUIDField):
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, str) or len(data) != 36:
             self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
+class StrictPositiveNumberField(serializers.FloatField):
+    """A JSON number greater than 0 and finite; strings, booleans, NaN and infinities are refused."""
+
+    default_error_messages = {"positive": "Must be a number greater than 0."}
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("invalid")
+        if not math.isfinite(data):
+            self.fail("invalid")
+        if data <= 0:
+            self.fail("positive")
+        return super().to_internal_value(data)
+
+
+class StrictPositiveIntegerField(serializers.IntegerField):
+    """A JSON integer greater than 0; strings, booleans and fractions are refused."""
+
+    default_error_messages = {"positive": "Must be an integer greater than 0."}
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        if data <= 0:
+            self.fail("positive")
         return super().to_internal_value(data)
 
 

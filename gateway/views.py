@@ -15,6 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from gateway import quota
 from gateway.auth import AuthError, report_auth_failure
 from gateway.keys import KeyRejected, key_authenticate, key_create, key_revoke, key_rotate
 from gateway.models import ApiKey
@@ -130,6 +131,7 @@ class WhoAmIView(APIView):
             "permissions": sorted(principal.permissions),
             "key_prefix": prefix,
             "rate_limit_override": principal.rate_limit_override,
+            "quota": state.to_dict() if (state := quota.usage(principal.api_key_id)) is not None else None,
         })
 
 

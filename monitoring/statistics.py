@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection
-from django.db.models import Avg, Count, Q, QuerySet
+from django.db.models import Avg, Count, F, Q, QuerySet, Sum
 from django.utils import timezone
 
 from conversations.models import Conversation, Message
@@ -99,6 +99,35 @@ def agent_stats() -> dict[str, Any]:
     }
 
 
+def cost_stats(now: datetime) -> dict[str, Any]:
+    """Estimated cost next to tokens: in total, today, and per model (agents' answers)."""
+    start_of_day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    agg = Conversation.objects.aggregate(
+        usd=Sum("cost_usd"),
+        usd_today=Sum("cost_usd", filter=Q(created_at__gte=start_of_day)),
+        prompt=Sum("prompt_tokens"),
+        completion=Sum("completion_tokens"),
+        tokens_today=Sum(F("prompt_tokens") + F("completion_tokens"), filter=Q(created_at__gte=start_of_day)),
+    )
+    by_model = (
+        Message.objects.filter(role=Message.Role.AGENT)
+        .exclude(model="")
+        .values("model")
+        .annotate(usd=Sum("cost_usd"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
+        .order_by("-usd", "model")
+    )
+    return {
+        "total_usd": _round(agg["usd"] or 0.0, 8),
+        "today_usd": _round(agg["usd_today"] or 0.0, 8),
+        "total_tokens": (agg["prompt"] or 0) + (agg["completion"] or 0),
+        "tokens_today": agg["tokens_today"] or 0,
+        "by_model": {
+            row["model"]: {"cost_usd": _round(row["usd"] or 0.0, 8), "tokens": row["tokens"] or 0}
+            for row in by_model
+        },
+    }
+
+
 def statistics(now: datetime | None = None) -> dict[str, Any]:
     """The body of GET /statistics."""
     now = now or timezone.now()
@@ -108,6 +137,7 @@ def statistics(now: datetime | None = None) -> dict[str, Any]:
         "conversations": conversation_stats(now),
         "agents": agent_stats(),
         "errors": error_rates(now),
+        "costs": cost_stats(now),
         "circuit_breakers": breaker_snapshot(),
         "latency": {
             "agent_response_seconds": percentiles(ok_answers, "latency_ms", scale=0.001),

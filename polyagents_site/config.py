@@ -30,6 +30,28 @@ class ApiKeySpec(BaseModel):
     key: str = Field(min_length=16, max_length=200)
     permissions: list[Literal["read", "write", "admin"]] = Field(min_length=1)
     rate_limit_override: int | None = Field(default=None, gt=0)
+    daily_quota: float | None = Field(default=None, gt=0, le=1e12)
+    daily_quota_unit: Literal["tokens", "usd"] = "tokens"
+
+
+# USD per million tokens (standard tier, text, prompts up to 200k tokens), Google's list
+# prices at the time of writing. MODEL_PRICES adds models or replaces any of these.
+DEFAULT_MODEL_PRICES: dict[str, tuple[float, float]] = {
+    "gemini-2.5-pro": (1.25, 10.00),
+    "gemini-2.5-flash": (0.30, 2.50),
+    "gemini-2.5-flash-lite": (0.10, 0.40),
+    "gemini-2.0-flash": (0.10, 0.40),
+    "gemini-2.0-flash-lite": (0.075, 0.30),
+}
+
+
+class ModelPrice(BaseModel):
+    """One entry of MODEL_PRICES: USD per million input (prompt) and output (completion) tokens."""
+
+    model_config = {"extra": "forbid"}
+
+    input: float = Field(ge=0, le=100_000)
+    output: float = Field(ge=0, le=100_000)
 
 
 class AgentSpec(BaseModel):
@@ -79,6 +101,7 @@ class Config(BaseSettings):
     CONVERSATION_DEADLINE: float = Field(default=300.0, gt=0)
     MAX_OUTPUT_TOKENS: int = Field(default=1024, ge=16, le=65536)
     LLM_PROVIDER: Literal["gemini", "openai", "simulated"] | None = None
+    MODEL_PRICES: dict[str, ModelPrice] = Field(default_factory=dict)
 
     # Gemini
     GEMINI_API_KEY: str | None = None
@@ -157,6 +180,14 @@ class Config(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin like https://example.com")
         return value
 
+    @field_validator("MODEL_PRICES")
+    @classmethod
+    def _model_prices(cls, value: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        for name in value:
+            if not name.strip() or len(name) > 100:
+                raise ValueError(f"{name[:40]!r} is not a model name (1..100 characters)")
+        return value
+
     @field_validator("DATABASE_URL")
     @classmethod
     def _database_url(cls, value: str | None) -> str | None:
@@ -195,6 +226,13 @@ class Config(BaseSettings):
                     "DEFAULT_API_KEYS: the sample keys from env.example are refused outside DEBUG"
                 )
         return self
+
+    @property
+    def price_table(self) -> dict[str, ModelPrice]:
+        """The built-in prices with MODEL_PRICES laid over them (model name -> price)."""
+        table = {name: ModelPrice(input=i, output=o) for name, (i, o) in DEFAULT_MODEL_PRICES.items()}
+        table.update(self.MODEL_PRICES)
+        return table
 
     @property
     def provider_default(self) -> str:

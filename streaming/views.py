@@ -24,7 +24,7 @@ class StreamView(APIView):
 
     @extend_schema(
         request=ChatRequestSerializer,
-        responses={202: dict, 400: dict, 401: dict, 403: dict, 404: dict, 409: dict, 429: dict},
+        responses={202: dict, 400: dict, 401: dict, 403: dict, 404: dict, 409: dict, 422: dict, 429: dict},
         examples=[
             OpenApiExample(
                 "Stream three agents",
@@ -52,6 +52,8 @@ class StreamView(APIView):
                 strategy=data["strategy"],
                 synthesis=data.get("synthesis"),
                 create_with_id=True,
+                max_cost=data.get("max_cost"),
+                max_tokens=data.get("max_tokens"),
             )
         except ConversationError as exc:
             return conversation_problem(exc)

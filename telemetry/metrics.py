@@ -32,3 +32,20 @@ RATE_LIMIT_BACKEND_ERRORS = Counter(
     "polyagents_rate_limit_backend_errors_total", "Rate-limit checks that failed open (Redis down)", ["scope"]
 )
 CONVERSATIONS = Counter("polyagents_conversations_total", "Conversations finished, by status", ["status"])
+LLM_COST = Counter(
+    "polyagents_llm_cost_usd_total",
+    "Estimated cost of LLM calls in USD (price table; simulated and unpriced models count 0)",
+    ["provider", "model"],
+)
+API_KEY_COST = Counter(
+    "polyagents_api_key_cost_usd_total", "Estimated cost of conversations in USD, by API key", ["api_key"]
+)
+API_KEY_TOKENS = Counter(
+    "polyagents_api_key_tokens_total", "Tokens used by conversations, by API key", ["api_key"]
+)
+QUOTA_REJECTIONS = Counter(
+    "polyagents_quota_rejections_total", "Conversations refused by a daily quota", ["unit"]
+)
+QUOTA_BACKEND_ERRORS = Counter(
+    "polyagents_quota_backend_errors_total", "Quota operations that fell back to the database (Redis down)"
+)

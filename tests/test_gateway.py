@@ -493,6 +493,7 @@ class TestJWT:
             "permissions": perms,
             "key_prefix": None,
             "rate_limit_override": None,
+            "quota": None,  # a user's token has no API key, so no daily quota
         }
 
     def test_inactive_user_token_refused(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,10 @@ class Command(BaseCommand):
         parser.add_argument("--permissions", default="read", help="Comma-separated: read,write,admin.")
         parser.add_argument("--rate-limit", type=int, dest="rate_limit",
                             help="Requests per window, this key.")
+        parser.add_argument("--daily-quota", type=float, dest="daily_quota",
+                            help="Tokens (or USD with --quota-unit usd) this key may use per UTC day.")
+        parser.add_argument("--quota-unit", choices=["tokens", "usd"], default="tokens", dest="quota_unit",
+                            help="Unit of --daily-quota (default tokens).")
         parser.add_argument("--expires-days", type=int, dest="expires_days", help="Lifetime in days.")
         parser.add_argument("--demo", action="store_true",
                             help='A read,write key named "demo"; older demo keys are revoked.')
@@ -36,6 +41,9 @@ class Command(BaseCommand):
             raise CommandError("--name is required (or use --demo)")
         if options["rate_limit"] is not None and options["rate_limit"] <= 0:
             raise CommandError("--rate-limit must be a positive integer")
+        quota = options["daily_quota"]
+        if quota is not None and not (math.isfinite(quota) and 0 < quota <= 1e12):
+            raise CommandError("--daily-quota must be a positive number")
         days = options["expires_days"]
         if days is not None and days <= 0:
             raise CommandError("--expires-days must be a positive integer")
@@ -45,12 +53,16 @@ class Command(BaseCommand):
                 permissions=options["permissions"].split(","),
                 rate_limit_override=options["rate_limit"],
                 expires_at=timezone.now() + timedelta(days=days) if days else None,
+                daily_quota=quota,
+                daily_quota_unit=options["quota_unit"],
             )
         except ValueError as exc:
             raise CommandError(f"--permissions: {exc}") from None
         key = issued.key
         self.stdout.write(f"Created API key {key.name!r} (id {key.pk}, prefix {key.prefix}, "
                           f"permissions {','.join(key.permissions)}).")
+        if key.daily_quota is not None:
+            self.stdout.write(f"Daily quota: {key.daily_quota:g} {key.daily_quota_unit} per UTC day.")
         self.stdout.write("Copy it now, it is not shown again:")
         self.stdout.write(issued.raw)
 
