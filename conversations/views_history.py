@@ -18,6 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from conversations import export, retention
+from conversations.models import Conversation
 from conversations.search import search_conversations
 from conversations.selectors import conversation_detail, recent_conversations
 from gateway.permissions import IsAdmin
@@ -29,6 +30,7 @@ STREAM_PIECE_BYTES = 64 * 1024
 
 class RecentQuery(serializers.Serializer):
     limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
+    status = serializers.ChoiceField(choices=Conversation.Status.choices, required=False)
 
 
 class SearchBody(serializers.Serializer):
@@ -85,7 +87,10 @@ class RecentConversationsView(APIView):
     @extend_schema(
         operation_id="conversations_recent",
         summary="Recent conversations (newest first)",
-        parameters=[OpenApiParameter("limit", int, description="1..100, default 10")],
+        parameters=[
+            OpenApiParameter("limit", int, description="1..100, default 10"),
+            OpenApiParameter("status", str, enum=Conversation.Status.values, description="only this status"),
+        ],
         responses={200: OpenApiResponse(OpenApiTypes.OBJECT)},
         examples=[
             OpenApiExample(
@@ -94,8 +99,8 @@ class RecentConversationsView(APIView):
         ],
     )
     def get(self, request: Request) -> Response:
-        limit = _query(RecentQuery, request)["limit"]
-        rows = recent_conversations(_principal(request), limit)
+        query = _query(RecentQuery, request)
+        rows = recent_conversations(_principal(request), query["limit"], status=query.get("status"))
         return Response({"conversations": rows, "count": len(rows)})
 
 
