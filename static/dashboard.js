@@ -488,13 +488,20 @@
     const position = $("final-position");
     position.replaceChildren();
     if (extra && extra.position) position.append(chip(String(extra.position)));
-    const agreement = extra && extra.agreement;
-    let agreementText = "";
-    if (isNumber(agreement)) agreementText = percent(agreement);
-    else if (agreement && typeof agreement === "object" && isNumber(agreement.share)) agreementText = percent(agreement.share);
-    $("final-agreement").textContent = agreementText;
-    $("agreement-figure").hidden = !agreementText;
+    showAgreementFigure(extra && extra.agreement);
     $("confidence-figure").hidden = !isNumber(confidence);
+  }
+
+  /** `agreement` (the vote share beside the calibrated confidence): a number or {share, margin}. */
+  function showAgreementFigure(agreement) {
+    let text = "";
+    if (isNumber(agreement)) text = percent(agreement);
+    else if (agreement && typeof agreement === "object" && isNumber(agreement.share)) text = percent(agreement.share);
+    $("final-agreement").textContent = text;
+    $("agreement-figure").hidden = !text;
+    if (agreement && typeof agreement === "object" && isNumber(agreement.margin)) {
+      $("agreement-figure").title = `vote share; margin over the runner-up ${percent(agreement.margin)}`;
+    }
   }
 
   function showSynthesis(event, done) {
@@ -596,11 +603,13 @@
         renderVotes();
         break;
       case "consensus_reached":
+        setStatus(event.reached ? "The panel has decided." : "The panel did not agree.");
         state.decision = event;
         renderVotes();
         showFinal(event.reached ? "completed" : "no_consensus", event.reached ? event.consensus : null, event.confidence, event);
         break;
       case "synthesis_delta":
+        setStatus("Writing the synthesised answer…");
         showSynthesis(event, false);
         break;
       case "synthesis":
@@ -611,9 +620,12 @@
         state.totals = event;
         if ($("final").hidden || !state.decision) {
           showFinal(event.status || "completed", event.consensus || event.consensus_result, event.confidence, event);
-        } else if (event.status) {
-          $("final-status").textContent = STATUS_LABELS[event.status] || event.status;
-          $("final-status").className = `badge status-${event.status}`;
+        } else {
+          if (event.status) {
+            $("final-status").textContent = STATUS_LABELS[event.status] || event.status;
+            $("final-status").className = `badge status-${event.status}`;
+          }
+          if (event.agreement !== undefined) showAgreementFigure(event.agreement);
         }
         if (typeof event.synthesis === "string" && event.synthesis && !(state.synthesis && state.synthesis.text)) {
           showSynthesis({ content: event.synthesis }, true);

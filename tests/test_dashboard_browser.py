@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 
-from tests.test_stream_live import PYTHON, ROOT, Process, live_env, start_web
+from tests.test_stream_live import PYTHON, ROOT, Process, live_env, start_web, start_worker
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -45,6 +46,7 @@ pytestmark = [
 # Stores a conversation and its events as the event log would, for the key named "browser".
 STORE_SCRIPT = """
 import json, sys
+from django.utils import timezone
 from conversations.models import Conversation, Event
 from gateway.models import ApiKey
 spec = json.load(sys.stdin)
@@ -52,7 +54,7 @@ key = ApiKey.objects.get(name="browser")
 conversation = Conversation.objects.create(
     id=spec["id"], owner=f"key:{key.pk}", api_key=key, title=spec["title"], status=spec["status"],
     num_agents=3, turns_requested=2, turns_completed=2, exchanges=1, confidence=spec.get("confidence"),
-    last_seq=len(spec["events"]),
+    last_seq=len(spec["events"]), heartbeat_at=timezone.now() if spec["status"] == "running" else None,
 )
 Event.objects.bulk_create(
     Event(conversation=conversation, seq=n, type=event["type"],
@@ -91,12 +93,21 @@ class Server:
 
 
 def _start(tmp_path: Path, latency: str) -> Iterator[Server]:
-    """A daphne server on its own SQLite database, and a read/write API key for it."""
-    env = live_env(
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}", REDIS_URL="", SIMULATED_LATENCY=latency
-    )
-    env.pop("REDIS_URL")
-    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+    """A daphne server and a read/write API key for it.
+
+    With PostgreSQL and Redis (DATABASE_URL and REDIS_URL set) the server and a procrastinate
+    worker use this session's test database and Redis prefix; otherwise the server runs the
+    embedded defaults on its own SQLite file.
+    """
+    on_services = bool(settings.USING_POSTGRES and settings.REDIS_URL)
+    if on_services:
+        env = live_env(SIMULATED_LATENCY=latency)
+    else:
+        env = live_env(DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}", SIMULATED_LATENCY=latency)
+        env.pop("REDIS_URL", None)
+        subprocess.run(
+            [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True
+        )
     created = subprocess.run(
         [PYTHON, "manage.py", "create_api_key", "--name", "browser", "--permissions", "read,write"],
         cwd=ROOT,
@@ -106,19 +117,25 @@ def _start(tmp_path: Path, latency: str) -> Iterator[Server]:
         text=True,
     )
     raw = [line.strip() for line in created.stdout.splitlines() if line.strip()][-1]
-    process: Process
-    process, base = start_web(env, tmp_path)
-    yield Server(base, raw, env)
-    process.kill()
+    processes: list[Process] = []
+    try:
+        process, base = start_web(env, tmp_path)
+        processes.append(process)
+        if on_services:
+            processes.append(start_worker(env, tmp_path))
+        yield Server(base, raw, env)
+    finally:
+        for process in processes:
+            process.kill()
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(transactional_db: None, tmp_path: Path) -> Iterator[Server]:
     yield from _start(tmp_path, "0.15")
 
 
 @pytest.fixture
-def slow_server(tmp_path: Path) -> Iterator[Server]:
+def slow_server(transactional_db: None, tmp_path: Path) -> Iterator[Server]:
     """Each simulated call takes 3 s: a run is still going when the test cancels it."""
     yield from _start(tmp_path, "3")
 
@@ -480,8 +497,26 @@ def test_stored_answers_render_markdown_and_hostile_html_stays_inert(server: Ser
     page.screenshot(path=str(ARTIFACTS / "dashboard-markdown.png"), full_page=True)
 
 
+def test_a_synthesis_still_being_written_streams_into_the_answer(server: Server, browser: Any) -> None:
+    events = stored_events("Tabs or spaces?")
+    cut = next(n for n, e in enumerate(events) if e["type"] == "synthesis")
+    conversation_id = server.store("Tabs or spaces?", "running", events[:cut])
+    page = browser.new_page(viewport=DESKTOP)
+    page.goto(f"{server.base}/?c={conversation_id}")
+    use_key(page, server)
+    page.wait_for_selector("#final-answer.streaming li")
+    answer = page.locator("#final-answer")
+    assert answer.locator("strong").inner_text() == "Use spaces"
+    assert answer.locator("li").inner_text() == "Tabs help screen-reader users"
+    assert page.locator("#synthesis-note").inner_text() == "Writing the synthesised answer…"
+    assert page.locator("#cancel-button").is_enabled()  # still running: it can be cancelled
+    assert page.locator("#votes .vote-row.winner").get_attribute("data-option") == "A"
+    page.screenshot(path=str(ARTIFACTS / "dashboard-synthesis-streaming.png"), full_page=True)
+
+
 def test_recent_conversations_filter_truncate_and_open_with_a_link(server: Server, browser: Any) -> None:
-    long_title = "Which of these three database designs " + "scales best under heavy write load " * 5
+    # 178 characters: longer than two lines of the column, shorter than the 200 a title holds.
+    long_title = "Which of these three database designs " + "scales best under heavy write load " * 4
     done = server.store(long_title, "completed", stored_events("Which design scales best?"), confidence=0.81)
     failed = server.store(
         "Why did this one fail?",
