@@ -42,9 +42,14 @@ def conversation_summary(conversation: Conversation) -> dict[str, Any]:
     }
 
 
-def recent_conversations(principal: Principal, limit: int) -> list[dict[str, Any]]:
-    """The newest conversations the principal may see, newest first."""
-    rows = visible_conversations(principal).order_by("-created_at")[:limit]
+def recent_conversations(
+    principal: Principal, limit: int, *, status: str | None = None
+) -> list[dict[str, Any]]:
+    """The newest conversations the principal may see (only `status` ones if given), newest first."""
+    queryset = visible_conversations(principal)
+    if status:
+        queryset = queryset.filter(status=status)
+    rows = queryset.order_by("-created_at")[:limit]
     return [conversation_summary(c) for c in rows]
 
 

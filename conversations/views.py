@@ -17,6 +17,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from conversations.models import Conversation
 from conversations.selectors import achat_result, conversation_detail, recent_conversations
 from conversations.serializers import ChatRequestSerializer
 from conversations.services import (
@@ -121,6 +122,7 @@ class ChatView(APIView):
 
 class RecentQuery(serializers.Serializer):
     limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
+    status = serializers.ChoiceField(choices=Conversation.Status.choices, required=False)
 
 
 CONVERSATION_EXAMPLE = {
@@ -143,7 +145,10 @@ class RecentConversationsView(APIView):
     @extend_schema(
         operation_id="conversations_recent",
         summary="Recent conversations (newest first)",
-        parameters=[OpenApiParameter("limit", int, description="1..100, default 10")],
+        parameters=[
+            OpenApiParameter("limit", int, description="1..100, default 10"),
+            OpenApiParameter("status", str, enum=Conversation.Status.values, description="only this status"),
+        ],
         responses={200: OpenApiResponse(OpenApiTypes.OBJECT)},
         examples=[
             OpenApiExample(
@@ -152,8 +157,8 @@ class RecentConversationsView(APIView):
         ],
     )
     def get(self, request: Request) -> Response:
-        limit = query_params(RecentQuery, request)["limit"]
-        rows = recent_conversations(principal_of(request), limit)
+        query = query_params(RecentQuery, request)
+        rows = recent_conversations(principal_of(request), query["limit"], status=query.get("status"))
         return Response({"conversations": rows, "count": len(rows)})
 
 

@@ -67,6 +67,33 @@ def test_recent_limit(api_client):
     assert client.get("/conversations/recent?limit=3").json()["count"] == 3
 
 
+def test_recent_filtered_by_status(api_client):
+    client, owner = _keyed_client(api_client, ["read"])
+    done = _conversation(owner, "done", minutes_ago=3)
+    failed = _conversation(owner, "failed", minutes_ago=2)
+    Conversation.objects.filter(pk=failed.pk).update(status=Conversation.Status.FAILED)
+    theirs = _conversation("key:someone-else", "theirs, failed")
+    Conversation.objects.filter(pk=theirs.pk).update(status=Conversation.Status.FAILED)
+    body = client.get("/conversations/recent?status=failed").json()
+    assert [c["conversation_id"] for c in body["conversations"]] == [str(failed.pk)]
+    assert body["conversations"][0]["status"] == "failed"
+    assert [
+        c["conversation_id"]
+        for c in client.get("/conversations/recent?status=completed").json()["conversations"]
+    ] == [str(done.pk)]
+    assert client.get("/conversations/recent?status=running").json() == {"conversations": [], "count": 0}
+    assert client.get("/conversations/recent").json()["count"] == 2
+
+
+@pytest.mark.parametrize("status", ["finished", "COMPLETED", "", "completed,failed"])
+def test_recent_unknown_status_is_a_400(client_with, status):
+    response = client_with("read").get("/conversations/recent", {"status": status})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "invalid"
+    assert "status" in body["errors"]
+
+
 @pytest.mark.parametrize("limit", ["0", "101", "abc", "-1", "1.5"])
 def test_recent_bad_limit_is_a_400(client_with, limit):
     response = client_with("read").get(f"/conversations/recent?limit={limit}")
