@@ -242,11 +242,25 @@ async def run(
         results["warm_chat_ms_min"] = round(min(warm), 1)
         results["warm_chat_cpu_ms"] = round((cpu_of() - warm_cpu) * 1000 / args.warm, 1)
         await set_latency(args.latency)
+        profiler = None
+        if args.py_spy:
+            # Busy samples of the web process during the bursts (py-spy from PyPI, needs ptrace).
+            profiler = subprocess.Popen(
+                [
+                    *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daphne.pid)),
+                    *("--rate", "50", "--nonblocking", "--format", "raw", "--output", args.py_spy),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         bursts = []
         for concurrency in args.concurrency:
             bursts.append(await burst(client, key, concurrency, args.latency, cpu_of, args.turns))
             await asyncio.sleep(args.settle)  # let the last writes drain before the next burst
         results["bursts"] = bursts
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
     results["loadavg_after"] = os.getloadavg()[0]
     await sync_to_async(issued.key.delete)()
     print(json.dumps(results))
@@ -279,6 +293,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--warm", type=int, default=20, help="sequential warm /chat requests at L = 0")
     parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--py-spy", metavar="FILE", help="record the web process's busy stacks (raw format)")
     parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fake:

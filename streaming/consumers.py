@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from channels.db import aclose_old_connections
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
@@ -186,27 +187,44 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         for event in await read_events(self.conversation_id, after):
             await self._send_event(event)
 
-    async def _send_event(self, event: dict[str, Any]) -> None:
+    async def _send_event(self, event: dict[str, Any], text: str | None = None) -> None:
         # Check and update without an await in between: every path sends strictly increasing seqs.
         if event["seq"] <= self.last_sent:
             return
         self.last_sent = event["seq"]
         self.last_type = event.get("type", "")
         self.last_activity = time.monotonic()
-        await self.send_json(event)
+        if text is None:
+            await self.send_json(event)
+        else:
+            await self.send(text_data=text)  # serialised once by the publisher, for every socket
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before every handler, a thread hop per
+        # message; a live event touches the database only to fill a gap (and closes it then).
+        if message.get("type") == "conversation.event":
+            await self.conversation_event(message)
+        else:
+            await super().dispatch(message)
 
     async def conversation_event(self, message: dict[str, Any]) -> None:
-        """A live event from the group: drop duplicates, fill gaps from the stored log."""
+        """A live event from the group: drop duplicates, fill gaps from the stored log.
+
+        The message is shared by every local follower (streaming/layers.py): read it, never change it.
+        """
         event = message["event"]
         seq = int(event["seq"])
         if seq <= self.last_sent:
             return
         if seq > self.last_sent + 1:
-            for missed in await read_events(self.conversation_id, self.last_sent):
-                if missed["seq"] >= seq:
-                    break
-                await self._send_event(missed)
-        await self._send_event(event)
+            try:
+                for missed in await read_events(self.conversation_id, self.last_sent):
+                    if missed["seq"] >= seq:
+                        break
+                    await self._send_event(missed)
+            finally:
+                await aclose_old_connections()
+        await self._send_event(event, message.get("text"))
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if self.principal is None:
