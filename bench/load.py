@@ -63,7 +63,6 @@ def serve_fake() -> None:
     at once; ballot prompts (they ask for a VOTE line) get "VOTE: A".
     """
     import itertools
-    import threading
 
     from tests.fakes.gemini_server import FakeGemini, ok
     from tests.fakes.http_server import RecordedRequest, Response
@@ -93,9 +92,7 @@ def serve_fake() -> None:
     fake.start()
     # Enough threads for hundreds of calls sleeping at once: ThreadingHTTPServer makes one each.
     print(fake.base_url, flush=True)
-    done = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    done.wait()
+    sys.stdin.read()  # until the benchmark closes our stdin
     fake.stop()
 
 
@@ -333,9 +330,9 @@ def main() -> None:
 
         call_command("migrate", interactive=False, verbosity=0)
         print(
-            f"database: {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, "
+            f"database: {str(settings.DATABASES['default']['ENGINE']).rsplit('.', 1)[-1]}, "
             f"redis: {settings.REDIS_URL or 'none'}, "
-            f"channel layer: {settings.CHANNEL_LAYERS['default']['BACKEND'].rsplit('.', 1)[-1]}, "
+            f"channel layer: {str(settings.CHANNEL_LAYERS['default']['BACKEND']).rsplit('.', 1)[-1]}, "
             f"fake Gemini: {fake_url}"
         )
         port = free_port()

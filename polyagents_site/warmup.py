@@ -182,7 +182,7 @@ def schedule_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
     reactor = sys.modules.get("twisted.internet.reactor")
     loop = getattr(reactor, "_asyncioEventloop", None)
     if reactor is not None and isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
-        reactor.callWhenRunning(start, loop)  # type: ignore[attr-defined]
+        reactor.callWhenRunning(start, loop)
         return True
     try:
         start(asyncio.get_running_loop())

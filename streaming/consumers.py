@@ -32,6 +32,29 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 
 
+# Followers of one conversation in one process share a read of its stored last_seq made in the
+# last second: 1,000 idle followers cost one query per catch-up round, not 1,000.
+LAST_SEQ_SHARED_SECONDS = 1.0
+_last_seq_reads: dict[uuid.UUID, tuple[float, asyncio.Future[int | None]]] = {}
+
+
+async def stored_last_seq(conversation_id: uuid.UUID) -> int | None:
+    """The conversation's stored last_seq (None if it is gone), read at most once a second per process."""
+    now = time.monotonic()
+    loop = asyncio.get_running_loop()
+    shared = _last_seq_reads.get(conversation_id)
+    if shared is None or now - shared[0] >= LAST_SEQ_SHARED_SECONDS or shared[1].get_loop() is not loop:
+        if len(_last_seq_reads) > 1000:
+            for key, (at, _) in list(_last_seq_reads.items()):
+                if now - at >= LAST_SEQ_SHARED_SECONDS:
+                    del _last_seq_reads[key]
+        read = Conversation.objects.filter(pk=conversation_id).values_list("last_seq", flat=True).afirst()
+        shared = (now, asyncio.ensure_future(read))
+        _last_seq_reads[conversation_id] = shared
+    # Shielded: a follower that disconnects mid-read must not cancel the others' read.
+    return await asyncio.shield(shared[1])
+
+
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
@@ -157,12 +180,9 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             if time.monotonic() - self.last_activity < interval:
                 continue
             try:
-                # One primary-key read; the log itself only when something is missing.
-                stored = (
-                    await Conversation.objects.filter(pk=self.conversation_id)
-                    .values_list("last_seq", flat=True)
-                    .afirst()
-                )
+                # One primary-key read (shared by this process's followers); the log only when
+                # something is missing.
+                stored = await stored_last_seq(self.conversation_id)
                 if stored is not None and stored > self.last_sent:
                     for event in await read_events(self.conversation_id, self.last_sent):
                         await self._send_event(event)

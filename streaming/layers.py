@@ -19,7 +19,7 @@ class _DecodedMessage(dict[str, Any]):
     """A message this layer already decoded (so `deserialize` passes it through)."""
 
 
-class _DecodeOnceShard(RedisSingleShardConnection):  # type: ignore[misc]
+class _DecodeOnceShard(RedisSingleShardConnection):
     def _receive_message(self, message: dict[str, Any] | None) -> None:
         if message is not None and isinstance(message.get("data"), bytes):
             decoded = _DecodedMessage(self.channel_layer.channel_layer.deserialize(message["data"]))
@@ -27,7 +27,7 @@ class _DecodeOnceShard(RedisSingleShardConnection):  # type: ignore[misc]
         super()._receive_message(message)
 
 
-class LocalFanoutPubSubChannelLayer(RedisPubSubChannelLayer):  # type: ignore[misc]
+class LocalFanoutPubSubChannelLayer(RedisPubSubChannelLayer):
     """`RedisPubSubChannelLayer` that decodes each received message once for all local channels."""
 
     def _get_layer(self) -> Any:

@@ -124,3 +124,18 @@ async def test_live_events_skip_the_per_message_database_hop(
     assert await comm.receive_json_from(timeout=3) == {"type": "pong"}
     assert hops == ["close"]
     await comm.disconnect()
+
+
+async def test_followers_of_a_conversation_share_one_last_seq_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streaming import consumers
+
+    conversation = await Conversation.objects.acreate(
+        owner="key:1", status="running", exchanges=1, last_seq=3
+    )
+    reads = await asyncio.gather(*(consumers.stored_last_seq(conversation.pk) for _ in range(50)))
+    assert reads == [3] * 50
+    await Conversation.objects.filter(pk=conversation.pk).aupdate(last_seq=7)
+    assert await consumers.stored_last_seq(conversation.pk) == 3  # the read of this second, shared
+    monkeypatch.setattr(consumers, "LAST_SEQ_SHARED_SECONDS", 0.0)
+    assert await consumers.stored_last_seq(conversation.pk) == 7
+    assert await consumers.stored_last_seq(uuid.uuid4()) is None
