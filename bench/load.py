@@ -245,7 +245,7 @@ async def run(
             profiler = subprocess.Popen(
                 [
                     *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daphne.pid)),
-                    *("--rate", "50", "--nonblocking", "--format", "raw", "--output", args.py_spy),
+                    *("--rate", "50", "--nonblocking", "--gil", "--format", "raw", "--output", args.py_spy),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -290,7 +290,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--warm", type=int, default=20, help="sequential warm /chat requests at L = 0")
     parser.add_argument("--settle", type=float, default=3.0)
-    parser.add_argument("--py-spy", metavar="FILE", help="record the web process's busy stacks (raw format)")
+    parser.add_argument(
+        "--py-spy", metavar="FILE", help="record the web process's stacks while it holds the GIL (raw format)"
+    )
     parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fake:

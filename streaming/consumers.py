@@ -12,9 +12,11 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from asgiref.sync import sync_to_async
 from channels.db import aclose_old_connections
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
@@ -95,17 +97,74 @@ def _after_param(scope: dict[str, Any]) -> int:
         return 0
 
 
-async def authenticate(token: str | None, ip: str | None, path: str) -> Principal | None:
+def authenticate(token: str | None, ip: str | None, path: str) -> Principal | None:
     """The principal for a token, or None (failures are recorded by the gateway)."""
-    from gateway.auth import ANONYMOUS, AuthError, aauthenticate_bearer
+    from gateway.auth import ANONYMOUS, AuthError, authenticate_bearer
 
     if not token:
         # API_KEY_ENABLED=false lets tokenless clients in, as on the HTTP side.
         return None if settings.CONFIG.API_KEY_ENABLED else ANONYMOUS
     try:
-        return await aauthenticate_bearer(token, ip=ip, path=path)
+        return authenticate_bearer(token, ip=ip, path=path)
     except AuthError:
         return None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the handshake decided: accept or not, then close with `code` or follow."""
+
+    accept: bool
+    code: int | None = None
+    principal: Principal | None = None
+    conversation_id: uuid.UUID | None = None
+
+
+def admit(scope: dict[str, Any]) -> Admission:
+    """Every database check of a handshake, in order, in one thread hop.
+
+    Blocked IPs and foreign origins are refused at the handshake; anything else is accepted
+    first so browsers see the close code (a refused handshake shows only 1006).
+    """
+    from django.db import connection
+
+    from gateway.blocking import is_blocked
+    from gateway.net import client_ip
+    from gateway.security import log_security_event
+
+    ip = client_ip(scope)
+    path = scope.get("path", "")
+    try:
+        if ip and is_blocked(ip):
+            return Admission(accept=False, code=CLOSE_FORBIDDEN)
+        if not origin_allowed(scope):
+            log_security_event("ws_origin_refused", ip=ip, path=path, origin=_header(scope, b"origin"))
+            return Admission(accept=False, code=CLOSE_FORBIDDEN)
+        principal = authenticate(token_from_scope(scope)[0], ip, path)
+        if principal is None:
+            return Admission(accept=True, code=CLOSE_BAD_CREDENTIALS)
+        if not principal.has("read"):
+            return Admission(accept=True, code=CLOSE_FORBIDDEN)
+        try:
+            conversation_id = uuid.UUID(str(scope["url_route"]["kwargs"]["conversation_id"]))
+        except ValueError:
+            return Admission(accept=True, code=CLOSE_NOT_FOUND)
+        owner = Conversation.objects.filter(pk=conversation_id).values_list("owner", flat=True).first()
+        if owner is None:
+            return Admission(accept=True, code=CLOSE_NOT_FOUND)
+        if not principal.is_admin and owner != principal.owner:
+            return Admission(accept=True, code=CLOSE_FORBIDDEN)
+        return Admission(accept=True, principal=principal, conversation_id=conversation_id)
+    finally:
+        if settings.USING_POSTGRES:
+            connection.close()  # back to the pool: pool threads never hold a connection
+
+
+async def aadmit(scope: dict[str, Any]) -> Admission:
+    """`admit` off the event loop. On PostgreSQL any pool thread takes it, so a thousand clients
+    connecting at once are checked in parallel, not queued behind the one thread that Django's
+    async ORM uses outside a request; SQLite keeps that one thread (a single writer)."""
+    return await sync_to_async(admit, thread_sensitive=not settings.USING_POSTGRES)(scope)
 
 
 class ConversationConsumer(AsyncJsonWebsocketConsumer):
@@ -125,46 +184,18 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
     catch_up_task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
-        from gateway.blocking import ais_blocked
-        from gateway.net import client_ip
-
-        ip = client_ip(self.scope)
-        path = self.scope.get("path", "")
-        if ip and await ais_blocked(ip):
-            await self.close(code=CLOSE_FORBIDDEN)  # refused at the handshake
+        admission = await aadmit(self.scope)
+        if not admission.accept:
+            await self.close(code=admission.code)  # refused at the handshake
             return
-        if not origin_allowed(self.scope):
-            await _log_security("ws_origin_refused", ip=ip, path=path, origin=_header(self.scope, b"origin"))
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
-        token, subprotocol = token_from_scope(self.scope)
-        # Accept first so browsers see the close code (a refused handshake shows only 1006).
-        await self.accept(subprotocol=subprotocol)
+        await self.accept(subprotocol=token_from_scope(self.scope)[1])
         OPEN_WEBSOCKETS.inc()
         self.counted = True
-        principal = await authenticate(token, ip, path)
-        if principal is None:
-            await self.close(code=CLOSE_BAD_CREDENTIALS)
+        if admission.code is not None or admission.principal is None or admission.conversation_id is None:
+            await self.close(code=admission.code or CLOSE_FORBIDDEN)
             return
-        if not principal.has("read"):
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
-        try:
-            self.conversation_id = uuid.UUID(str(self.scope["url_route"]["kwargs"]["conversation_id"]))
-        except ValueError:
-            await self.close(code=CLOSE_NOT_FOUND)
-            return
-        owner = (
-            await Conversation.objects.filter(pk=self.conversation_id)
-            .values_list("owner", flat=True)
-            .afirst()
-        )
-        if owner is None:
-            await self.close(code=CLOSE_NOT_FOUND)
-            return
-        if not principal.is_admin and owner != principal.owner:
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
+        principal = admission.principal
+        self.conversation_id = admission.conversation_id
         self.principal = principal
         # Join the group BEFORE replaying, so nothing emitted in between is missed.
         await self.channel_layer.group_add(group_name(self.conversation_id), self.channel_name)
@@ -282,11 +313,3 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(
                 {"type": "error", "code": "invalid_json", "detail": "messages are JSON objects"}
             )
-
-
-async def _log_security(kind: str, *, ip: str | None, path: str, **detail: Any) -> None:
-    from asgiref.sync import sync_to_async
-
-    from gateway.security import log_security_event
-
-    await sync_to_async(log_security_event)(kind, ip=ip, path=path, **detail)
