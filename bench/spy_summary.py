@@ -14,7 +14,7 @@ from collections import Counter
 # (category, markers in a frame's "function (file:line)" text). First match wins, so the
 # specific ones (the SDK, the database) come before the general ones (asyncio, Twisted).
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("Gemini SDK (google-genai, pydantic)", ("google/genai", "pydantic")),
+    ("Gemini SDK (google-genai, pydantic)", ("genai/", "pydantic")),
     ("httpx / httpcore / anyio (SDK transport)", ("httpx/", "httpcore/", "anyio/", "h11/")),
     ("PostgreSQL: psycopg", ("psycopg",)),
     ("Django ORM / db", ("django/db/",)),
