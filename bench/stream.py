@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,35 +57,45 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_daphne() -> tuple[subprocess.Popen[bytes], str]:
+def start_daphne(processes: int = 1) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """Start daphne; with processes > 1, that many share one listening socket (`--fd`)."""
     import httpx
 
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "polyagents_site.asgi:application",
-        ],
-        cwd=ROOT,
-        env=dict(os.environ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    listener: socket.socket | None = None
+    if processes > 1:
+        # One socket bound here and inherited by every process: the kernel spreads accepts.
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        port = int(listener.getsockname()[1])
+        where = ["--fd", str(listener.fileno())]
+    else:
+        port = free_port()
+        where = ["-b", "127.0.0.1", "-p", str(port)]
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "daphne", *where, "polyagents_site.asgi:application"],
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(listener.fileno(),) if listener is not None else (),
+        )
+        for _ in range(processes)
+    ]
+    if listener is not None:
+        listener.close()  # the children hold it
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             if httpx.get(f"{base}/", timeout=2).status_code == 200:
-                return process, f"ws://127.0.0.1:{port}"
+                return started, f"ws://127.0.0.1:{port}"
         except httpx.HTTPError:
             time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
+    for process in started:
+        os.killpg(process.pid, signal.SIGKILL)
     raise SystemExit("daphne did not start")
 
 
@@ -174,6 +185,7 @@ async def scenario(
     clients_per: int,
     events: int,
     interval: float,
+    cpu_of: Callable[[], float] = lambda: 0.0,
 ) -> dict[str, object]:
     from conversations.models import Conversation
 
@@ -196,11 +208,13 @@ async def scenario(
     await asyncio.wait_for(ready.wait(), 180)
     connect_seconds = time.monotonic() - connect_started
     emit_started = time.monotonic()
+    cpu_started = cpu_of()
     calls: list[float] = []
     await asyncio.gather(*(emit_conversation(cid, events, interval, calls) for cid in ids))
     emit_seconds = time.monotonic() - emit_started
     await asyncio.gather(*tasks)
     total_seconds = time.monotonic() - emit_started
+    web_cpu = cpu_of() - cpu_started
 
     latencies = sorted(lat for client in clients for lat in client.latencies)
     expected = len(clients) * events
@@ -233,6 +247,9 @@ async def scenario(
         "deliveries_per_second": round(received / total_seconds) if total_seconds else None,
         "connect_retries": sum(client.connect_retries for client in clients),
         "reconnects": sum(client.reconnects for client in clients),
+        "web_cpu_s": round(web_cpu, 2),
+        "web_cpu_us_per_delivery": round(web_cpu * 1e6 / received, 1) if received else None,
+        "loadavg": os.getloadavg()[0],
         "clients_failed": len(errors),
         "first_error": errors[0] if errors else "",
     }
@@ -252,26 +269,69 @@ async def main(args: argparse.Namespace) -> None:
         name=f"bench-{uuid.uuid4().hex[:6]}", permissions=["read", "write"]
     )
     owner = f"key:{issued.key.pk}"
-    process, url = start_daphne()
+    processes, url = start_daphne(args.web_processes)
+    print(f"web processes: {len(processes)} daphne")
+    import psutil
+
+    watched = [psutil.Process(process.pid) for process in processes]
+
+    profiler = None
+    if args.py_spy:
+        # Busy samples of the (first) web process for the whole run (py-spy from PyPI, needs ptrace).
+        spy = str(Path(sys.executable).parent / "py-spy")
+        profiler = subprocess.Popen(
+            [
+                *(spy, "record", "--pid", str(processes[0].pid), "--rate", "50", "--nonblocking"),
+                *("--format", "raw", "--output", args.py_spy),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def cpu_of() -> float:
+        """User + system CPU seconds of the web processes, from the OS."""
+        return sum(t.user + t.system for t in (p.cpu_times() for p in watched))
+
     try:
-        results = [
+        results = []
+        if not args.skip_many:
+            results.append(
+                await scenario(
+                    "many",
+                    url,
+                    issued.raw,
+                    owner,
+                    args.conversations,
+                    args.clients // args.conversations,
+                    args.events,
+                    args.interval,
+                    cpu_of,
+                )
+            )
+        results.append(
             await scenario(
-                "many",
+                "fanout",
                 url,
                 issued.raw,
                 owner,
-                args.conversations,
-                args.clients // args.conversations,
-                args.events,
-                args.interval,
-            ),
-            await scenario(
-                "fanout", url, issued.raw, owner, 1, args.fanout, args.fanout_events, args.fanout_interval
-            ),
-        ]
+                1,
+                args.fanout,
+                args.fanout_events,
+                args.fanout_interval,
+                cpu_of,
+            )
+        )
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
         await sync_to_async(issued.key.delete)()
         import redis
 
@@ -285,13 +345,13 @@ async def main(args: argparse.Namespace) -> None:
     print()
     print(
         f"{'scenario':<8} {'conv':>5} {'clients':>7} {'deliveries':>10} {'lost':>5} {'dup':>4} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'deliv/s':>8}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'deliv/s':>8} {'CPU us/deliv':>12}"
     )
     for r in results:
         print(
             f"{r['scenario']:<8} {r['conversations']:>5} {r['clients']:>7} {r['deliveries_received']:>10} "
             f"{r['lost']:>5} {r['duplicates']:>4} {r['latency_ms_p50']:>8} {r['latency_ms_p99']:>8} "
-            f"{r['deliveries_per_second']:>8}"
+            f"{r['deliveries_per_second']:>8} {r['web_cpu_us_per_delivery']:>12}"
         )
 
 
@@ -306,6 +366,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--interval", type=float, default=0.05, help="seconds between a conversation's events"
     )
+    parser.add_argument(
+        "--web-processes", type=int, default=1, help="daphne processes sharing one listening socket"
+    )
+    parser.add_argument("--py-spy", metavar="FILE", help="record the web process's busy stacks (raw format)")
+    parser.add_argument("--skip-many", action="store_true", help="run only the fan-out scenario")
     cli = parser.parse_args()
     if not os.environ.get("REDIS_URL"):
         print("bench/stream.py: skipped, needs REDIS_URL (real Redis)")

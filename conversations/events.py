@@ -93,9 +93,9 @@ async def _publish(event: dict[str, Any]) -> None:
     if layer is None:
         return
     try:
-        await layer.group_send(
-            group_name(event["conversation_id"]), {"type": "conversation.event", "event": event}
-        )
+        # `text` is the event as every follower receives it, serialised once here, not per socket.
+        message = {"type": "conversation.event", "event": event, "text": json.dumps(event)}
+        await layer.group_send(group_name(event["conversation_id"]), message)
     except (RedisError, OSError) as exc:
         logger.warning(
             "event not published live; clients will get it by replay",

@@ -167,6 +167,8 @@ class Config(BaseSettings):
     RETENTION_DAYS: int = Field(default=30, ge=1)
     WORKER_CONCURRENCY: int = Field(default=10, ge=1, le=200)
     CONVERSATION_STALE_SECONDS: int = Field(default=90, ge=10)
+    # Warm a web process up when the ASGI application loads (polyagents_site/warmup.py).
+    WARM_UP: bool = True
 
     _split = field_validator("ALLOWED_HOSTS", "CORS_ALLOWED_ORIGINS", mode="before")(
         classmethod(lambda cls, v: _split_list(v))

@@ -137,12 +137,13 @@ if REDIS_URL:
             "KEY_PREFIX": REDIS_KEY_PREFIX,
         }
     }
-    # Redis pub/sub: a group_send is one PUBLISH that each web process receives once and fans
-    # out locally (the list-based RedisChannelLayer pops every copy from Redis one by one).
+    # Redis pub/sub: a group_send is one PUBLISH that each web process receives once, decodes
+    # once and fans out locally (the list-based RedisChannelLayer pops every copy from Redis one
+    # by one; channels_redis's pub/sub layer decodes a copy per socket): streaming/layers.py.
     # Lossy like any channel layer: completeness comes from replay by seq (streaming/consumers.py).
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": "streaming.layers.LocalFanoutPubSubChannelLayer",
             # redis-py 8 reads with a 5 s socket timeout by default; read longer.
             "CONFIG": {
                 "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],

@@ -12,6 +12,8 @@ os.environ.setdefault("JWT_SECRET_KEY", "test-jwt-secret-" + uuid.uuid4().hex)
 os.environ.setdefault("SIMULATED_LATENCY", "0")
 os.environ.setdefault("RETRY_BASE_DELAY", "0.01")
 os.environ.setdefault("RETRY_MAX_DELAY", "0.05")
+# Tests import the ASGI application inside pytest-django's database guard; they warm up explicitly.
+os.environ.setdefault("WARM_UP", "false")
 # Every test session writes under its own Redis prefix, so parallel runs never collide.
 os.environ.setdefault("REDIS_KEY_PREFIX", "test:" + uuid.uuid4().hex[:12])
 

@@ -12,9 +12,12 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from asgiref.sync import sync_to_async
+from channels.db import aclose_old_connections
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
@@ -29,6 +32,29 @@ FINAL_TYPES = frozenset({"conversation_completed", "conversation_failed"})
 CLOSE_BAD_CREDENTIALS = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+
+
+# Followers of one conversation in one process share a read of its stored last_seq made in the
+# last second: 1,000 idle followers cost one query per catch-up round, not 1,000.
+LAST_SEQ_SHARED_SECONDS = 1.0
+_last_seq_reads: dict[uuid.UUID, tuple[float, asyncio.Future[int | None]]] = {}
+
+
+async def stored_last_seq(conversation_id: uuid.UUID) -> int | None:
+    """The conversation's stored last_seq (None if it is gone), read at most once a second per process."""
+    now = time.monotonic()
+    loop = asyncio.get_running_loop()
+    shared = _last_seq_reads.get(conversation_id)
+    if shared is None or now - shared[0] >= LAST_SEQ_SHARED_SECONDS or shared[1].get_loop() is not loop:
+        if len(_last_seq_reads) > 1000:
+            for key, (at, _) in list(_last_seq_reads.items()):
+                if now - at >= LAST_SEQ_SHARED_SECONDS:
+                    del _last_seq_reads[key]
+        read = Conversation.objects.filter(pk=conversation_id).values_list("last_seq", flat=True).afirst()
+        shared = (now, asyncio.ensure_future(read))
+        _last_seq_reads[conversation_id] = shared
+    # Shielded: a follower that disconnects mid-read must not cancel the others' read.
+    return await asyncio.shield(shared[1])
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -71,17 +97,74 @@ def _after_param(scope: dict[str, Any]) -> int:
         return 0
 
 
-async def authenticate(token: str | None, ip: str | None, path: str) -> Principal | None:
+def authenticate(token: str | None, ip: str | None, path: str) -> Principal | None:
     """The principal for a token, or None (failures are recorded by the gateway)."""
-    from gateway.auth import ANONYMOUS, AuthError, aauthenticate_bearer
+    from gateway.auth import ANONYMOUS, AuthError, authenticate_bearer
 
     if not token:
         # API_KEY_ENABLED=false lets tokenless clients in, as on the HTTP side.
         return None if settings.CONFIG.API_KEY_ENABLED else ANONYMOUS
     try:
-        return await aauthenticate_bearer(token, ip=ip, path=path)
+        return authenticate_bearer(token, ip=ip, path=path)
     except AuthError:
         return None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the handshake decided: accept or not, then close with `code` or follow."""
+
+    accept: bool
+    code: int | None = None
+    principal: Principal | None = None
+    conversation_id: uuid.UUID | None = None
+
+
+def admit(scope: dict[str, Any]) -> Admission:
+    """Every database check of a handshake, in order, in one thread hop.
+
+    Blocked IPs and foreign origins are refused at the handshake; anything else is accepted
+    first so browsers see the close code (a refused handshake shows only 1006).
+    """
+    from django.db import connection
+
+    from gateway.blocking import is_blocked
+    from gateway.net import client_ip
+    from gateway.security import log_security_event
+
+    ip = client_ip(scope)
+    path = scope.get("path", "")
+    try:
+        if ip and is_blocked(ip):
+            return Admission(accept=False, code=CLOSE_FORBIDDEN)
+        if not origin_allowed(scope):
+            log_security_event("ws_origin_refused", ip=ip, path=path, origin=_header(scope, b"origin"))
+            return Admission(accept=False, code=CLOSE_FORBIDDEN)
+        principal = authenticate(token_from_scope(scope)[0], ip, path)
+        if principal is None:
+            return Admission(accept=True, code=CLOSE_BAD_CREDENTIALS)
+        if not principal.has("read"):
+            return Admission(accept=True, code=CLOSE_FORBIDDEN)
+        try:
+            conversation_id = uuid.UUID(str(scope["url_route"]["kwargs"]["conversation_id"]))
+        except ValueError:
+            return Admission(accept=True, code=CLOSE_NOT_FOUND)
+        owner = Conversation.objects.filter(pk=conversation_id).values_list("owner", flat=True).first()
+        if owner is None:
+            return Admission(accept=True, code=CLOSE_NOT_FOUND)
+        if not principal.is_admin and owner != principal.owner:
+            return Admission(accept=True, code=CLOSE_FORBIDDEN)
+        return Admission(accept=True, principal=principal, conversation_id=conversation_id)
+    finally:
+        if settings.USING_POSTGRES:
+            connection.close()  # back to the pool: pool threads never hold a connection
+
+
+async def aadmit(scope: dict[str, Any]) -> Admission:
+    """`admit` off the event loop. On PostgreSQL any pool thread takes it, so a thousand clients
+    connecting at once are checked in parallel, not queued behind the one thread that Django's
+    async ORM uses outside a request; SQLite keeps that one thread (a single writer)."""
+    return await sync_to_async(admit, thread_sensitive=not settings.USING_POSTGRES)(scope)
 
 
 class ConversationConsumer(AsyncJsonWebsocketConsumer):
@@ -101,46 +184,18 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
     catch_up_task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
-        from gateway.blocking import ais_blocked
-        from gateway.net import client_ip
-
-        ip = client_ip(self.scope)
-        path = self.scope.get("path", "")
-        if ip and await ais_blocked(ip):
-            await self.close(code=CLOSE_FORBIDDEN)  # refused at the handshake
+        admission = await aadmit(self.scope)
+        if not admission.accept:
+            await self.close(code=admission.code)  # refused at the handshake
             return
-        if not origin_allowed(self.scope):
-            await _log_security("ws_origin_refused", ip=ip, path=path, origin=_header(self.scope, b"origin"))
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
-        token, subprotocol = token_from_scope(self.scope)
-        # Accept first so browsers see the close code (a refused handshake shows only 1006).
-        await self.accept(subprotocol=subprotocol)
+        await self.accept(subprotocol=token_from_scope(self.scope)[1])
         OPEN_WEBSOCKETS.inc()
         self.counted = True
-        principal = await authenticate(token, ip, path)
-        if principal is None:
-            await self.close(code=CLOSE_BAD_CREDENTIALS)
+        if admission.code is not None or admission.principal is None or admission.conversation_id is None:
+            await self.close(code=admission.code or CLOSE_FORBIDDEN)
             return
-        if not principal.has("read"):
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
-        try:
-            self.conversation_id = uuid.UUID(str(self.scope["url_route"]["kwargs"]["conversation_id"]))
-        except ValueError:
-            await self.close(code=CLOSE_NOT_FOUND)
-            return
-        owner = (
-            await Conversation.objects.filter(pk=self.conversation_id)
-            .values_list("owner", flat=True)
-            .afirst()
-        )
-        if owner is None:
-            await self.close(code=CLOSE_NOT_FOUND)
-            return
-        if not principal.is_admin and owner != principal.owner:
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
+        principal = admission.principal
+        self.conversation_id = admission.conversation_id
         self.principal = principal
         # Join the group BEFORE replaying, so nothing emitted in between is missed.
         await self.channel_layer.group_add(group_name(self.conversation_id), self.channel_name)
@@ -156,12 +211,9 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             if time.monotonic() - self.last_activity < interval:
                 continue
             try:
-                # One primary-key read; the log itself only when something is missing.
-                stored = (
-                    await Conversation.objects.filter(pk=self.conversation_id)
-                    .values_list("last_seq", flat=True)
-                    .afirst()
-                )
+                # One primary-key read (shared by this process's followers); the log only when
+                # something is missing.
+                stored = await stored_last_seq(self.conversation_id)
                 if stored is not None and stored > self.last_sent:
                     for event in await read_events(self.conversation_id, self.last_sent):
                         await self._send_event(event)
@@ -186,27 +238,44 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         for event in await read_events(self.conversation_id, after):
             await self._send_event(event)
 
-    async def _send_event(self, event: dict[str, Any]) -> None:
+    async def _send_event(self, event: dict[str, Any], text: str | None = None) -> None:
         # Check and update without an await in between: every path sends strictly increasing seqs.
         if event["seq"] <= self.last_sent:
             return
         self.last_sent = event["seq"]
         self.last_type = event.get("type", "")
         self.last_activity = time.monotonic()
-        await self.send_json(event)
+        if text is None:
+            await self.send_json(event)
+        else:
+            await self.send(text_data=text)  # serialised once by the publisher, for every socket
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before every handler, a thread hop per
+        # message; a live event touches the database only to fill a gap (and closes it then).
+        if message.get("type") == "conversation.event":
+            await self.conversation_event(message)
+        else:
+            await super().dispatch(message)
 
     async def conversation_event(self, message: dict[str, Any]) -> None:
-        """A live event from the group: drop duplicates, fill gaps from the stored log."""
+        """A live event from the group: drop duplicates, fill gaps from the stored log.
+
+        The message is shared by every local follower (streaming/layers.py): read it, never change it.
+        """
         event = message["event"]
         seq = int(event["seq"])
         if seq <= self.last_sent:
             return
         if seq > self.last_sent + 1:
-            for missed in await read_events(self.conversation_id, self.last_sent):
-                if missed["seq"] >= seq:
-                    break
-                await self._send_event(missed)
-        await self._send_event(event)
+            try:
+                for missed in await read_events(self.conversation_id, self.last_sent):
+                    if missed["seq"] >= seq:
+                        break
+                    await self._send_event(missed)
+            finally:
+                await aclose_old_connections()
+        await self._send_event(event, message.get("text"))
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if self.principal is None:
@@ -244,11 +313,3 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(
                 {"type": "error", "code": "invalid_json", "detail": "messages are JSON objects"}
             )
-
-
-async def _log_security(kind: str, *, ip: str | None, path: str, **detail: Any) -> None:
-    from asgiref.sync import sync_to_async
-
-    from gateway.security import log_security_event
-
-    await sync_to_async(log_security_event)(kind, ip=ip, path=path, **detail)

@@ -1,0 +1,172 @@
+"""Throughput of the parts under a conversation on this machine: PostgreSQL event writes, Redis.
+
+1. PostgreSQL: C concurrent conversations, each storing K events one batch (one event) at a
+   time, as the event log does for every event that is not an agent delta:
+   a) the current path, `conversations.events._store` (ORM bulk_create + UPDATE last_seq in one
+      transaction, through sync_to_async and a pooled connection per thread);
+   b) the phase-B candidate: psycopg's async connection in pipeline mode, the INSERT and the
+      UPDATE sent together and committed in one round trip (no thread hop, no ORM);
+   c) the same with 10 events per batch (a turn's rows together).
+   Reports events/s and this process's CPU per event (process_time).
+2. Redis: XADD (+EXPIRE, pipelined, as `_append_to_stream`) and PUBLISH per event, C at once.
+
+Needs DATABASE_URL (PostgreSQL) and REDIS_URL; writes to its own rows and keys, then deletes them.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/db REDIS_URL=redis://127.0.0.1:6379/0 \\
+        .venv/bin/python bench/parts.py [--concurrency 50] [--events 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
+os.environ.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
+os.environ.setdefault("JWT_SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
+os.environ.setdefault("LOG_LEVEL", "ERROR")
+os.environ["REDIS_KEY_PREFIX"] = "parts:" + uuid.uuid4().hex[:10]
+
+
+def event_of(conversation_id: uuid.UUID, seq: int) -> dict[str, Any]:
+    return {
+        "type": "agent_response",
+        "conversation_id": str(conversation_id),
+        "seq": seq,
+        "timestamp": "2026-01-01T00:00:00Z",
+        "emitted_at": time.time(),
+        "agent_id": "agent_0",
+        "turn": 1,
+        "content": "Weighing the evidence. " * 20 + "\n\nFINAL POSITION: Yes\nCONFIDENCE: 0.8",
+    }
+
+
+async def measure(
+    name: str,
+    concurrency: int,
+    events: int,
+    batch: int,
+    write: Callable[[uuid.UUID, list[dict[str, Any]]], Awaitable[None]],
+) -> dict[str, Any]:
+    from conversations.models import Conversation
+
+    ids = [uuid.uuid4() for _ in range(concurrency)]
+    await Conversation.objects.abulk_create(
+        [Conversation(id=cid, owner="bench:parts", status="running", exchanges=1) for cid in ids]
+    )
+
+    async def one(cid: uuid.UUID) -> None:
+        for start in range(1, events + 1, batch):
+            await write(cid, [event_of(cid, seq) for seq in range(start, min(events, start + batch - 1) + 1)])
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(cid) for cid in ids))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    await Conversation.objects.filter(pk__in=ids).adelete()
+    total = concurrency * events
+    return {
+        "part": name,
+        "concurrency": concurrency,
+        "events": total,
+        "batch": batch,
+        "events_per_s": round(total / wall),
+        "round_trips_per_s": round(total / batch / wall),
+        "cpu_us_per_event": round(cpu * 1e6 / total, 1),
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    from django.conf import settings
+    from django.utils import timezone
+    from psycopg.types.json import Jsonb
+    from psycopg_pool import AsyncConnectionPool
+
+    from conversations.events import _store, redis_client, stream_key
+
+    results = []
+
+    async def orm(cid: uuid.UUID, batch: list[dict[str, Any]]) -> None:
+        await _store(cid, batch, timezone.now())
+
+    results.append(
+        await measure("postgres: current _store (ORM, thread hop)", args.concurrency, args.events, 1, orm)
+    )
+
+    pool = AsyncConnectionPool(
+        settings.CONFIG.DATABASE_URL or "", min_size=4, max_size=settings.CONFIG.DATABASE_POOL_MAX, open=False
+    )
+    await pool.open(wait=True)
+    insert = (
+        "INSERT INTO conversations_event (conversation_id, seq, type, data, created_at) "
+        "VALUES (%s, %s, %s, %s, now())"
+    )
+    update = "UPDATE conversations_conversation SET last_seq = %s WHERE id = %s"
+
+    async def pipelined(cid: uuid.UUID, batch: list[dict[str, Any]]) -> None:
+        async with pool.connection() as conn, conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+            await cur.executemany(insert, [(cid, e["seq"], e["type"], Jsonb(e)) for e in batch])
+            await cur.execute(update, (batch[-1]["seq"], cid))
+
+    try:
+        results.append(
+            await measure("postgres: async psycopg pipeline", args.concurrency, args.events, 1, pipelined)
+        )
+        results.append(
+            await measure("postgres: async psycopg pipeline", args.concurrency, args.events, 10, pipelined)
+        )
+    finally:
+        await pool.close()
+
+    client = redis_client()
+    assert client is not None
+
+    async def xadd(cid: uuid.UUID, batch: list[dict[str, Any]]) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            for event in batch:
+                pipe.xadd(stream_key(cid), {"e": json.dumps(event)}, id=f"{event['seq']}-0", maxlen=10000)
+            pipe.expire(stream_key(cid), 600)
+            await pipe.execute()
+
+    async def publish(cid: uuid.UUID, batch: list[dict[str, Any]]) -> None:
+        for event in batch:
+            await client.publish(f"{settings.REDIS_KEY_PREFIX}:bench:{cid}", json.dumps(event))
+
+    results.append(await measure("redis: XADD + EXPIRE pipeline", args.concurrency, args.events, 1, xadd))
+    results.append(await measure("redis: PUBLISH", args.concurrency, args.events, 1, publish))
+    keys = [key async for key in client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    print(f"machine load average {os.getloadavg()[0]:.1f} (2 cores, shared)")
+    print(f"{'part':<44} {'conc':>5} {'batch':>5} {'events/s':>9} {'trips/s':>8} {'CPU us/event':>12}")
+    for r in results:
+        print(
+            f"{r['part']:<44} {r['concurrency']:>5} {r['batch']:>5} {r['events_per_s']:>9} "
+            f"{r['round_trips_per_s']:>8} {r['cpu_us_per_event']:>12}"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--events", type=int, default=40, help="events per conversation")
+    cli = parser.parse_args()
+    if not (os.environ.get("REDIS_URL") and os.environ.get("DATABASE_URL", "").startswith("postgres")):
+        print("bench/parts.py: skipped, needs DATABASE_URL (PostgreSQL) and REDIS_URL")
+        raise SystemExit(0)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", interactive=False, verbosity=0)
+    asyncio.run(main(cli))

@@ -1,0 +1,191 @@
+"""Warm a web process up at start, so its first request costs what every later one does.
+
+Without it the first POST /chat of a process pays for importing the views, DRF's classes,
+the orchestrator and the Gemini SDK, for opening the database pool, the Redis clients and
+the channel layer's connection: about half a second of wall time (issue 10).
+
+`warm_up()` runs when the ASGI application is imported (before the server accepts
+connections); the steps that need the server's event loop (an SDK client and a Redis
+client are bound to the loop that made them) run as a task as soon as that loop runs.
+Nothing here calls an LLM. A step that fails is logged and skipped: warming up never
+stops a process from starting, the first request then pays for that step as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from django.conf import settings
+
+logger = logging.getLogger("polyagents.warmup")
+
+# Imported lazily by the request path; importing them here moves the cost to start-up.
+HOT_MODULES = (
+    "conversations.services",
+    "conversations.selectors",
+    "conversations.events",
+    "agents.orchestrator",
+    "agents.resilience",
+    "consensus.formats",
+    "streaming.consumers",
+    "gateway.auth",
+    "gateway.blocking",
+    "gateway.security",
+    "gateway.net",
+)
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _step(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> None:
+    started = time.perf_counter()
+    try:
+        fn()
+    except Exception as exc:
+        logger.warning("warm-up step skipped", extra={"step": name, "error": f"{type(exc).__name__}: {exc}"})
+    timings[name] = round((time.perf_counter() - started) * 1000, 1)
+
+
+def _routes() -> None:
+    from django.urls import get_resolver
+
+    get_resolver().resolve("/chat")  # imports every URL module and its views
+
+
+def _rest_framework() -> None:
+    from rest_framework.settings import api_settings
+
+    for name in (
+        "DEFAULT_AUTHENTICATION_CLASSES",
+        "DEFAULT_PERMISSION_CLASSES",
+        "DEFAULT_RENDERER_CLASSES",
+        "DEFAULT_PARSER_CLASSES",
+        "DEFAULT_THROTTLE_CLASSES",
+        "DEFAULT_CONTENT_NEGOTIATION_CLASS",
+        "EXCEPTION_HANDLER",
+    ):
+        getattr(api_settings, name)  # each is imported from its dotted path on first access
+
+
+def _modules() -> None:
+    for module in HOT_MODULES:
+        importlib.import_module(module)
+
+
+def panel_providers() -> list[Any]:
+    """The provider instances a default panel uses (built now: imports their SDKs)."""
+    from agents.profiles import build_panel
+    from agents.providers.registry import get_provider
+
+    names = {profile.provider for profile in build_panel(settings.CONFIG.MAX_AGENTS)}
+    return [get_provider(name) for name in sorted(names)]
+
+
+def _database() -> None:
+    from django.db import connection
+
+    from conversations.models import Conversation
+
+    try:
+        # Opens psycopg's pool on PostgreSQL (or the SQLite file) and runs the ORM's query path once.
+        Conversation.objects.filter(pk=uuid.uuid4()).exists()
+    finally:
+        connection.close()  # back to the pool: request threads take their own
+
+
+def _cache() -> None:
+    from django.core.cache import cache
+
+    cache.get("polyagents:warm-up")
+
+
+def warm_up() -> dict[str, float]:
+    """The synchronous steps, in the importing thread; milliseconds per step."""
+    timings: dict[str, float] = {}
+    _step("routes", timings, _routes)
+    _step("rest_framework", timings, _rest_framework)
+    _step("modules", timings, _modules)
+    _step("providers", timings, panel_providers)
+    _step("database", timings, _database)
+    _step("cache", timings, _cache)
+    logger.info("warmed up", extra={"steps_ms": timings})
+    return timings
+
+
+async def awarm_up() -> dict[str, float]:
+    """The steps bound to the running event loop: SDK clients, Redis, the channel layer."""
+    timings: dict[str, float] = {}
+
+    async def step(name: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        started = time.perf_counter()
+        try:
+            await fn()
+        except Exception as exc:
+            logger.warning(
+                "warm-up step skipped", extra={"step": name, "error": f"{type(exc).__name__}: {exc}"}
+            )
+        timings[name] = round((time.perf_counter() - started) * 1000, 1)
+
+    async def sdk_clients() -> None:
+        from agents.providers.loops import PerLoop
+
+        for provider in panel_providers():
+            # Providers keep one SDK client per event loop; build this loop's now.
+            clients = getattr(provider, "_clients", None)
+            if isinstance(clients, PerLoop):
+                clients.get()
+
+    async def redis() -> None:
+        from conversations.events import redis_client
+
+        client = redis_client()
+        if client is not None:
+            await client.ping()
+
+    async def channel_layer() -> None:
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        if layer is not None:
+            # A message to a group nobody joins: opens this loop's publishing connection.
+            await layer.group_send("polyagents.warm-up", {"type": "warm.up"})
+
+    await step("sdk_clients", sdk_clients)
+    await step("redis", redis)
+    await step("channel_layer", channel_layer)
+    logger.info("warmed up the event loop", extra={"steps_ms": timings})
+    return timings
+
+
+def schedule_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
+    """Run `coroutine()` on the server's event loop once it runs; False if there is none to find.
+
+    daphne imports the application before it starts Twisted's asyncio reactor; servers that
+    import it from inside their running loop (uvicorn) get a task right away.
+    """
+
+    async def run() -> None:
+        await coroutine()
+
+    def start(loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(run())
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+
+    reactor = sys.modules.get("twisted.internet.reactor")
+    loop = getattr(reactor, "_asyncioEventloop", None)
+    if reactor is not None and isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
+        reactor.callWhenRunning(start, loop)
+        return True
+    try:
+        start(asyncio.get_running_loop())
+    except RuntimeError:
+        return False  # no server loop (manage.py, tests): the first request builds them
+    return True

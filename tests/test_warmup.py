@@ -1,0 +1,96 @@
+"""Warm-up at process start: what the first request needs is built before it arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from agents.providers import registry
+from agents.providers.gemini import GeminiProvider
+from polyagents_site import warmup
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+STEPS = {"routes", "rest_framework", "modules", "providers", "database", "cache"}
+
+
+@pytest.fixture
+def skipped(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """The warm-up steps logged as skipped."""
+    records: list[dict[str, Any]] = []
+    monkeypatch.setattr(warmup.logger, "warning", lambda message, **kw: records.append(kw["extra"]))
+    registry.reset_providers()
+    yield records
+    registry.reset_providers()
+
+
+@pytest.fixture
+def gemini_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings.CONFIG, "GEMINI_API_KEY", "warm-up-test-key")
+    monkeypatch.setattr(settings.CONFIG, "LLM_PROVIDER", None)
+    monkeypatch.setattr(settings.CONFIG, "AGENT_MODELS_CONFIG", [])
+
+
+def test_the_tests_do_not_warm_up_on_import() -> None:
+    assert settings.CONFIG.WARM_UP is False  # test_settings: tests import the app inside the DB guard
+
+
+def test_warm_up_runs_every_step(skipped: list[dict[str, Any]], gemini_configured: None) -> None:
+    timings = warmup.warm_up()
+    assert set(timings) == STEPS
+    assert skipped == []
+    assert isinstance(registry._providers.get("gemini"), GeminiProvider)  # the SDK is imported and built
+    assert "conversations.services" in sys.modules
+
+
+def test_a_failing_step_is_logged_and_skipped(
+    skipped: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> None:
+        raise ConnectionError("cache down")
+
+    monkeypatch.setattr(warmup, "_cache", broken)
+    timings = warmup.warm_up()
+    assert set(timings) == STEPS
+    assert [record["step"] for record in skipped] == ["cache"]
+    assert "cache down" in skipped[0]["error"]
+
+
+async def test_the_loop_steps_build_this_loops_sdk_client(
+    skipped: list[dict[str, Any]], gemini_configured: None
+) -> None:
+    timings = await warmup.awarm_up()
+    assert set(timings) == {"sdk_clients", "redis", "channel_layer"}
+    assert skipped == []
+    provider = registry.get_provider("gemini")
+    assert isinstance(provider, GeminiProvider)
+    assert asyncio.get_running_loop() in provider._clients._values
+
+
+async def test_scheduled_on_the_running_loop() -> None:
+    ran = asyncio.Event()
+
+    async def mark() -> None:
+        ran.set()
+
+    reactor = sys.modules.pop("twisted.internet.reactor", None)  # as under uvicorn: no Twisted
+    try:
+        assert warmup.schedule_on_server_loop(mark) is True
+    finally:
+        if reactor is not None:
+            sys.modules["twisted.internet.reactor"] = reactor
+    await asyncio.wait_for(ran.wait(), 5)
+
+
+def test_not_scheduled_without_a_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "twisted.internet.reactor", raising=False)
+
+    async def never() -> None:
+        raise AssertionError("must not run")
+
+    assert warmup.schedule_on_server_loop(never) is False
