@@ -123,6 +123,10 @@
 
   function costOf(data) {
     if (!data || typeof data !== "object") return null;
+    // The server prices only models it knows: `cost_estimated: false` (the simulator, unknown
+    // models) means there is no estimate, not a cost of zero.
+    if (data.cost_estimated === false) return null;
+    if (data.cost && typeof data.cost === "object" && data.cost.estimated === false) return null;
     for (const value of [data.cost_usd, data.estimated_cost_usd, data.estimated_cost, data.cost]) {
       if (isNumber(value)) return value;
       if (value && typeof value === "object") {
