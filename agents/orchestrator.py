@@ -135,6 +135,7 @@ class Orchestrator:
         stream: bool = True,
         max_output_tokens: int | None = None,
         prior: Mapping[int, Mapping[str, AgentResult]] | None = None,
+        vote_weights: Mapping[str, float] | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
@@ -148,6 +149,7 @@ class Orchestrator:
         self.stream = stream
         self.max_output_tokens = max_output_tokens
         self.results: dict[int, dict[str, AgentResult]] = {t: dict(r) for t, r in (prior or {}).items()}
+        self.vote_weights = dict(vote_weights or {})  # agent_id -> weight, for the "reliability" strategy
 
     # --- prompts -------------------------------------------------------------------------
     def _history_block(self) -> str:
@@ -419,7 +421,11 @@ class Orchestrator:
                 reason=ballot.reason,
             )
         decision = STRATEGIES[self.strategy](
-            ballots, options, electorate=len(self.panel), previous_leader=previous_leader
+            ballots,
+            options,
+            electorate=len(self.panel),
+            previous_leader=previous_leader,
+            weights=self.vote_weights,
         )
         answer = representative.get(decision.winner or "", "")
         return decision, answer, position_of

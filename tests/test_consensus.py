@@ -22,6 +22,7 @@ from consensus import (
     parse_ballot,
     parse_confidence,
     parse_reply,
+    reliability_vote,
     weighted_vote,
 )
 
@@ -509,4 +510,5 @@ def test_decision_is_json_ready_and_records_everything() -> None:
 def test_strategies_are_registered_by_name() -> None:
     assert STRATEGIES["majority"] is majority_vote
     assert STRATEGIES["weighted"] is weighted_vote
-    assert set(STRATEGIES) == {"majority", "weighted"}
+    assert STRATEGIES["reliability"] is reliability_vote
+    assert set(STRATEGIES) == {"majority", "weighted", "reliability"}

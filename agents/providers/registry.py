@@ -44,6 +44,11 @@ def get_provider(name: str) -> Provider:
     return provider
 
 
+def register_provider(name: str, provider: Provider) -> None:
+    """Use this instance for the named provider (benchmarks and evaluations configure a quiz simulator)."""
+    _providers[name] = provider
+
+
 def reset_providers() -> None:
     """Forget every cached instance (tests change the configuration between cases)."""
     _providers.clear()
