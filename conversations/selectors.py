@@ -148,12 +148,14 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
         }
 
     tokens = conversation.metadata.get("tokens") or {"prompt": 0, "completion": 0, "total": 0}
+    agreement = result.details.get("agreement", result.confidence) if result else None
     return {
         "conversation_id": str(conversation.pk),
         "exchange": exchange,
         "agent_responses": [agent(m) for _, m in sorted(final.items())],
         "consensus_result": conversation.consensus_result or None,
         "confidence": conversation.confidence,
+        "agreement": agreement,
         "consensus": (
             {
                 "reached": result.reached,
@@ -161,6 +163,9 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
                 "winner": result.winner or None,
                 "position": result.details.get("position", ""),
                 "confidence": result.confidence,
+                "agreement": agreement,
+                "share": result.details.get("share"),
+                "margin": result.details.get("margin"),
                 "tallies": result.tallies,
                 "tie_break": result.tie_break or None,
                 "dissent": result.dissent,

@@ -30,7 +30,9 @@ class ChatRequestSerializer(StrictSerializer):
     conversation_id = StrictUUIDField(required=False, allow_null=True)
     num_agents = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     turns = serializers.IntegerField(required=False, allow_null=True, min_value=1)
-    strategy = serializers.ChoiceField(choices=["majority", "weighted"], required=False, default="majority")
+    strategy = serializers.ChoiceField(
+        choices=["majority", "weighted", "reliability"], required=False, default="majority"
+    )
 
     def validate_num_agents(self, value: int | None) -> int | None:
         limit = settings.CONFIG.MAX_AGENTS

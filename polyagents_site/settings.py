@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "conversations",
     "agents",
     "monitoring",
+    "quality",
     "health_check",
     "health_check.cache",
     "drf_spectacular_sidecar",

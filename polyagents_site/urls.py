@@ -11,6 +11,7 @@ urlpatterns = [
     path("", include("gateway.urls")),
     path("", include("conversations.urls")),
     path("", include("monitoring.urls")),
+    path("", include("quality.urls")),
     # API docs: OpenAPI schema, Swagger UI and ReDoc (assets served locally by the sidecar).
     path("schema", SpectacularAPIView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
