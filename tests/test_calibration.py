@@ -52,7 +52,9 @@ def test_yes_no_questions_use_two_values() -> None:
     odds = 0.7 / 0.3
     assert post.probabilities["yes"] == pytest.approx(odds**2 / (odds**2 + odds))
     assert post.none == 0.0
-    assert is_binary(["yes", "no"]) and not is_binary(["yes", "maybe"]) and not is_binary([])
+    assert is_binary(["yes", "no"])
+    assert not is_binary(["yes", "maybe"])
+    assert not is_binary([])
 
 
 def test_an_answer_nobody_gave_shares_the_none_mass() -> None:
@@ -66,7 +68,8 @@ def test_an_answer_nobody_gave_shares_the_none_mass() -> None:
 
 def test_no_answers_at_all_means_nothing_is_known() -> None:
     post = posterior([("m", "")], THIRD)
-    assert post.probabilities == {} and post.none == 1.0
+    assert post.probabilities == {}
+    assert post.none == 1.0
     assert post.of("42") == 0.0
 
 
@@ -129,7 +132,8 @@ def test_em_with_few_panels_stays_near_the_prior() -> None:
 
 def test_em_without_history_is_the_prior() -> None:
     fitted = fit_reliabilities([[("m", "")], []])
-    assert fitted.by_model == {} and fitted.panels == 0
+    assert fitted.by_model == {}
+    assert fitted.panels == 0
     assert fitted.of("m") == pytest.approx(0.7)
 
 
@@ -206,7 +210,8 @@ def test_without_weights_the_reliability_vote_is_the_majority_vote() -> None:
     ballots, options = three_way()
     ballots[2] = Ballot(voter="a2", choice="C", confidence=0.5)
     decision = reliability_vote(ballots, options, electorate=3)
-    assert decision.winner == "C" and decision.tallies == {"A": 0.0, "B": 1.0, "C": 2.0}
+    assert decision.winner == "C"
+    assert decision.tallies == {"A": 0.0, "B": 1.0, "C": 2.0}
 
 
 def test_a_zero_weight_ballot_still_counts_a_little() -> None:

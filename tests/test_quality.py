@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync
 from django.core.cache import cache
 
 from agents.providers.registry import reset_providers
-from consensus import Reliabilities, normalize_answer, posterior
+from consensus import Reliabilities, normalize_answer, parse_reply, posterior
 from conversations.models import ConsensusResult, Conversation, Event, Message
 from conversations.services import conversation_run, conversation_start
 from gateway.principal import Principal
@@ -134,7 +134,8 @@ def test_the_owner_stores_and_replaces_feedback(owned):
     conversation, client = owned
     first = feedback(client, conversation.pk, {"correct": True, "note": "checked"})
     assert first.status_code == 201, first.content
-    assert first.json()["correct"] is True and first.json()["exchange"] == 1
+    assert first.json()["correct"] is True
+    assert first.json()["exchange"] == 1
     second = feedback(client, conversation.pk, {"correct": False})
     assert second.status_code == 200
     row = Feedback.objects.get(conversation=conversation)
@@ -223,3 +224,84 @@ def test_enough_feedback_recalibrates_the_confidence():
     assert scaling.labelled == 40
     assert scaling(0.9) == pytest.approx(0.5, abs=0.1)
     assert assessment.recalibration() == scaling  # cached
+
+
+# --- manage.py evaluate ----------------------------------------------------------------------------
+
+
+def write_questions(tmp_path, lines: list[str]):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+QUESTIONS = [
+    '{"question": "What is 17 + 25?", "answer": "42"}',
+    '{"question": "What is the capital of France?", "answer": "Paris"}',
+    "",
+    '{"question": "Is 91 a prime number?", "answer": "No"}',
+]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("accuracy", "shown"), [(1.0, "100.0%"), (0.0, "0.0%")])
+def test_evaluate_scores_single_agents_and_the_panel(tmp_path, accuracy, shown):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    path = write_questions(tmp_path, QUESTIONS)
+    call_command(
+        "evaluate", str(path), "--agents", "3", "--turns", "1", "--quiz-accuracy", str(accuracy), stdout=out
+    )
+    text = out.getvalue()
+    assert "3 questions, 3 agents, 1 turns" in text
+    singles = [line for line in text.splitlines() if line.strip().startswith("single")]
+    assert len(singles) == 3
+    assert all(line.endswith(shown) for line in singles)
+    panel = next(line for line in text.splitlines() if line.strip().startswith("panel"))
+    assert panel.endswith(shown)
+    assert "failed runs 0" in text
+
+
+def test_the_shipped_question_set_is_well_formed():
+    from pathlib import Path
+
+    from quality.management.commands.evaluate import read_items
+
+    items = read_items(Path(__file__).resolve().parent.parent / "bench" / "questions.jsonl")
+    assert len(items) >= 30
+    assert len({i.question for i in items}) == len(items)
+    for item in items:
+        # Every expected answer survives the reply parser (no "n/a"-like or one-letter answers).
+        assert parse_reply("a", f"FINAL POSITION: {item.answer}") is not None, item.answer
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["not json"], ":1: not JSON"),
+        (['{"question": "q"}'], ':1: expected an object with exactly "question" and "answer"'),
+        (['{"question": "q", "answer": "a", "x": 1}'], ":1: expected an object"),
+        (['{"question": "", "answer": "a"}'], ":1: question must be"),
+        (['{"question": "q", "answer": true}'], ":1: answer must be"),
+        (['{"question": "q", "answer": "a"}', '{"question": "q", "answer": "..."}'], ":2: answer must be"),
+        ([""], "holds no questions"),
+    ],
+)
+def test_evaluate_refuses_a_malformed_file_naming_the_line(tmp_path, lines, message):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    path = write_questions(tmp_path, lines)
+    with pytest.raises(CommandError, match=message.replace("(", r"\(")):
+        call_command("evaluate", str(path), "--quiz-accuracy", "1")
+
+
+def test_evaluate_refuses_a_missing_file(tmp_path):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="cannot read"):
+        call_command("evaluate", str(tmp_path / "absent.jsonl"))

@@ -14,9 +14,12 @@ _providers: dict[str, Provider] = {}
 def _build(name: str) -> Provider:
     config = settings.CONFIG
     if name == "simulated":
-        from agents.providers.simulated import SimulatedProvider
+        from agents.providers.simulated import QuizConfig, SimulatedProvider
 
-        return SimulatedProvider(latency=config.SIMULATED_LATENCY, failure_rate=config.SIMULATED_FAILURE_RATE)
+        quiz = QuizConfig.from_dict(config.SIMULATED_QUIZ.model_dump()) if config.SIMULATED_QUIZ else None
+        return SimulatedProvider(
+            latency=config.SIMULATED_LATENCY, failure_rate=config.SIMULATED_FAILURE_RATE, quiz=quiz
+        )
     if name == "gemini":
         if not config.GEMINI_API_KEY:
             raise ProviderError("GEMINI_API_KEY is not set", kind="auth", provider="gemini")
