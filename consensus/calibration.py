@@ -167,6 +167,21 @@ def vote_weights(
     return {voter: evidence_weight(reliabilities.of(model), s) for voter, model in models.items()}
 
 
+def _canonical(item: Sequence[Answer]) -> tuple[Answer, ...]:
+    """The panel with its answers renamed by shape, so panels that differ only in the values coincide.
+
+    The model treats every value alike (yes/no alike too), so only which models agreed
+    matters: groups of agreeing models are sorted and renamed "0", "1"... (open questions)
+    or "yes", "no" (yes/no questions). The EM fit then weighs each shape by its count.
+    """
+    groups: dict[str, list[str]] = defaultdict(list)
+    for model, key in item:
+        groups[key].append(model)
+    shapes = sorted(tuple(sorted(models)) for models in groups.values())
+    names = ["yes", "no"] if is_binary(groups) else [str(i) for i in range(len(shapes))]
+    return tuple(sorted((model, names[i]) for i, shape in enumerate(shapes) for model in shape))
+
+
 def fit_reliabilities(
     panels: Iterable[Sequence[Answer]],
     *,
@@ -174,11 +189,13 @@ def fit_reliabilities(
     tolerance: float = 1e-6,
 ) -> Reliabilities:
     """EM estimate of every model's reliability (and of s) from unlabelled panels' answers."""
-    items = [[(m, k) for m, k in panel if k] for panel in panels]
-    items = [item for item in items if item]
-    models = sorted({m for item in items for m, _ in item})
-    current = Reliabilities(by_model={m: _mode(PRIOR_RELIABILITY) for m in models}, panels=len(items))
-    if not items:
+    patterns: Counter[tuple[Answer, ...]] = Counter(
+        canonical for panel in panels if (canonical := _canonical([(m, k) for m, k in panel if k]))
+    )
+    total = sum(patterns.values())
+    models = sorted({m for item in patterns for m, _ in item})
+    current = Reliabilities(by_model={m: _mode(PRIOR_RELIABILITY) for m in models}, panels=total)
+    if not patterns:
         return current
     ra, rb = PRIOR_RELIABILITY
     sa, sb = PRIOR_COINCIDENCE
@@ -186,27 +203,27 @@ def fit_reliabilities(
         right: dict[str, float] = defaultdict(float)
         seen: Counter[str] = Counter()
         pairs_same = pairs_all = 0.0
-        for item in items:
+        for item, times in patterns.items():
             post = posterior(item, current)
             counts = Counter(k for _, k in item)
             for model, key in item:
-                right[model] += post.probabilities[key]
-                seen[model] += 1
+                right[model] += times * post.probabilities[key]
+                seen[model] += times
             if is_binary(counts):
                 continue
             hypotheses = [(k, p) for k, p in post.probabilities.items()] + [("", post.none)]
             for truth, weight in hypotheses:
                 wrong = {k: n for k, n in counts.items() if k != truth}
                 n_wrong = sum(wrong.values())
-                pairs_same += weight * sum(n * (n - 1) / 2 for n in wrong.values())
-                pairs_all += weight * n_wrong * (n_wrong - 1) / 2
+                pairs_same += times * weight * sum(n * (n - 1) / 2 for n in wrong.values())
+                pairs_all += times * weight * n_wrong * (n_wrong - 1) / 2
         by_model = {m: (ra - 1 + right[m]) / (ra + rb - 2 + seen[m]) for m in models}
         coincidence = (sa - 1 + pairs_same) / (sa + sb - 2 + pairs_all)
         change = max(
             [abs(by_model[m] - current.by_model[m]) for m in models]
             + [abs(coincidence - current.coincidence)]
         )
-        current = Reliabilities(by_model=by_model, coincidence=coincidence, panels=len(items))
+        current = Reliabilities(by_model=by_model, coincidence=coincidence, panels=total)
         if change < tolerance:
             break
     return current

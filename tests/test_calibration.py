@@ -26,7 +26,7 @@ from consensus.calibration import (
     vote_weights,
 )
 
-PROPERTY = settings(max_examples=150, deadline=None, derandomize=True)
+PROPERTY = settings(max_examples=80, deadline=None, derandomize=True)
 THIRD = Reliabilities(by_model={"m": 0.7}, coincidence=1 / 3)
 
 
@@ -118,11 +118,11 @@ def synthetic(
 
 
 def test_em_recovers_unequal_skills_without_labels() -> None:
-    fitted = fit_reliabilities(synthetic(2000, {"strong1": 0.85, "weak1": 0.6, "weak2": 0.6}, seed=7))
+    fitted = fit_reliabilities(synthetic(600, {"strong1": 0.85, "weak1": 0.6, "weak2": 0.6}, seed=7))
     assert fitted.by_model["strong"] == pytest.approx(0.85, abs=0.04)
     assert fitted.by_model["weak"] == pytest.approx(0.6, abs=0.04)
     assert fitted.coincidence == pytest.approx(1 / 3, abs=0.05)
-    assert fitted.panels == 2000
+    assert fitted.panels == 600
 
 
 def test_em_with_few_panels_stays_near_the_prior() -> None:
@@ -144,8 +144,8 @@ def test_em_ignores_the_order_of_panels_and_answers() -> None:
 
 
 def test_shared_errors_look_like_agreement_to_the_unlabelled_fit() -> None:
-    independent = fit_reliabilities(synthetic(1000, {"m1": 0.6, "m2": 0.6, "m3": 0.6}, seed=5))
-    shared = fit_reliabilities(synthetic(1000, {"m1": 0.6, "m2": 0.6, "m3": 0.6}, seed=5, shared=True))
+    independent = fit_reliabilities(synthetic(300, {"m1": 0.6, "m2": 0.6, "m3": 0.6}, seed=5))
+    shared = fit_reliabilities(synthetic(300, {"m1": 0.6, "m2": 0.6, "m3": 0.6}, seed=5, shared=True))
     assert shared.coincidence > 0.9 > independent.coincidence
 
 
