@@ -219,10 +219,15 @@ def main() -> None:
     started = time.monotonic()
     results: list[tuple[Mutant, str]] = []
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for mutant, outcome in pool.map(evaluate, mutants):
+        futures = [pool.submit(evaluate, mutant) for mutant in mutants]
+        for future in concurrent.futures.as_completed(futures):
+            mutant, outcome = future.result()
             results.append((mutant, outcome))
-            if outcome != "killed":
-                print(f"{outcome:<9} {mutant.path}:{mutant.line} {mutant.description}", flush=True)
+            print(
+                f"{len(results):>4}/{len(mutants)} {outcome:<9} "
+                f"{mutant.path}:{mutant.line} {mutant.description}",
+                flush=True,
+            )
     equivalent = [(m, o) for m, o in results if (m.path, m.line, m.description) in EQUIVALENT]
     scored = [(m, o) for m, o in results if (m.path, m.line, m.description) not in EQUIVALENT]
     killed = sum(1 for _, o in scored if o.startswith("killed"))

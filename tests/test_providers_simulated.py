@@ -275,6 +275,12 @@ async def test_shared_errors_are_one_wrong_value_and_spread_errors_several() -> 
     assert all(a != t for a, t in zip(spread_first, expected, strict=True))
 
 
+def position_in(text: str) -> str:
+    match = REPLY.search(text)
+    assert match is not None, text
+    return match["position"]
+
+
 async def test_quiz_positions_are_paraphrased_but_normalise_alike() -> None:
     from agents.providers.simulated import QuizConfig
 
@@ -282,7 +288,7 @@ async def test_quiz_positions_are_paraphrased_but_normalise_alike() -> None:
     positions = set()
     for agent in range(12):
         text = (await provider.generate(answer_request("What is 17 + 25?", f"a{agent}"))).text
-        positions.add(REPLY.search(text)["position"])
+        positions.add(position_in(text))
     assert {"42", "42.0", "The answer is 42"} <= positions
     from consensus import normalize_answer
 
@@ -307,12 +313,12 @@ async def test_quiz_agents_herd_toward_a_strict_plurality() -> None:
     request = answer_request(
         "What is 17 + 25?", "a1", turn=2, previous_position="41", peer_positions=["43", "43"]
     )
-    assert REPLY.search((await always.generate(request)).text)["position"] == "43"
-    assert REPLY.search((await never.generate(request)).text)["position"] == "41"
+    assert position_in((await always.generate(request)).text) == "43"
+    assert position_in((await never.generate(request)).text) == "41"
     tie = answer_request(
         "What is 17 + 25?", "a1", turn=2, previous_position="41", peer_positions=["43", "44"]
     )
-    assert REPLY.search((await always.generate(tie)).text)["position"] == "41"
+    assert position_in((await always.generate(tie)).text) == "41"
 
 
 def test_quiz_settings_refuse_unknown_keys() -> None:

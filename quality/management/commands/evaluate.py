@@ -160,7 +160,7 @@ class Command(BaseCommand):
         answers = [first_turn_answers(o.results.get(1, {})) for o in outcomes]
         own = fit_reliabilities(answers)
         single: dict[str, list[bool]] = {p.agent_id: [] for p in panel}
-        rows = []
+        rows: list[dict[str, Any]] = []
         tokens = 0
         for item, outcome, first in zip(items, outcomes, answers, strict=True):
             truth = normalize_answer(item.answer)
