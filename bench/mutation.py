@@ -200,10 +200,11 @@ def evaluate(mutant: Mutant) -> tuple[Mutant, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--only", default="", help="only files whose path contains this text")
+    parser.add_argument("--only", default="", help="only paths containing one of these (comma-separated)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     args = parser.parse_args()
-    mutants = [m for path in TARGETS if args.only in path for m in mutants_of(path)]
+    wanted = args.only.split(",")
+    mutants = [m for path in TARGETS if any(part in path for part in wanted) for m in mutants_of(path)]
     if args.list:
         for m in mutants:
             print(f"{m.path}:{m.line} {m.description}")
