@@ -56,6 +56,7 @@ COMPARE_SWAPS: dict[type, type] = {
     ast.IsNot: ast.Is,
 }
 
+NO_WINNER = "certainty without a winner: never read (the confidence is 0 then)"
 # (file, line, description) -> why the mutant cannot change behaviour.
 EQUIVALENT: dict[tuple[str, int, str], str] = {
     (
@@ -75,6 +76,10 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     ): "share() of a label when nothing was cast: only read when there is no winner, "
     "and then the confidence is 0 whatever the runner-up",
     ("consensus/voting.py", 66, "0.0 -> -1.0"): "same as above",
+    ("consensus/voting.py", 81, "0.0 -> -1.0"): "runner-up default with a single option: "
+    "confidence_score clamps the runner-up into [0, share], so -1 reads as 0",
+    ("consensus/voting.py", 82, "0.0 -> 1.0"): NO_WINNER,
+    ("consensus/voting.py", 82, "0.0 -> -1.0"): NO_WINNER,
 }
 
 
