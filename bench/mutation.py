@@ -80,6 +80,8 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     "confidence_score clamps the runner-up into [0, share], so -1 reads as 0",
     ("consensus/voting.py", 82, "0.0 -> 1.0"): NO_WINNER,
     ("consensus/voting.py", 82, "0.0 -> -1.0"): NO_WINNER,
+    ("consensus/voting.py", 85, "Gt -> GtE"): "differs only when share - quorum is exactly EPSILON (1e-9), "
+    "which no sum of vote shares produces",
 }
 
 
