@@ -233,6 +233,7 @@ class Orchestrator:
         synthesis: str = "representative",
         chairman: AgentProfile | None = None,
         budget: Budget | None = None,
+        vote_weights: Mapping[str, float] | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
@@ -254,6 +255,7 @@ class Orchestrator:
         self.other_calls: list[AgentResult] = []  # calls outside the discussion turns (ballots, chairman)
         self.stopped: str | None = None
         self.stop_estimate: dict[str, Any] | None = None
+        self.vote_weights = dict(vote_weights or {})  # agent_id -> weight, for the "reliability" strategy
 
     # --- prompts -------------------------------------------------------------------------
     def _history_block(self) -> str:
@@ -692,7 +694,11 @@ class Orchestrator:
                 reason=ballot.reason,
             )
         decision = STRATEGIES[self.strategy](
-            ballots, options, electorate=len(self.panel), previous_leader=previous_leader
+            ballots,
+            options,
+            electorate=len(self.panel),
+            previous_leader=previous_leader,
+            weights=self.vote_weights,
         )
         answer = representative.get(decision.winner or "", "")
         return decision, answer, position_of

@@ -42,10 +42,25 @@ supporters. It lies in [0, 1], is 1.0 only for a unanimous electorate with full
 confidence, and falls with failed or abstaining agents (share), dissent (margin) and
 hesitant supporters (certainty). Example: 3 agents, votes 2-1, supporters at 0.8 ->
 ((2/3 + 1/3) / 2) x 0.9 = 0.45; 3-0 at 0.8 -> 0.9. The interim agreement uses the same
-formula over the turn's proposals.
+formula over the turn's proposals. This figure is the *agreement* (how much the panel
+agrees), not a probability of being right.
+
+Calibrated confidence (consensus/calibration.py): P(the answer is right | the agents'
+first-turn answers) under a one-coin Dawid-Skene model with per-model reliabilities,
+estimated without labels (EM) from past panels and recalibrated with labelled feedback
+(Platt). The "reliability" strategy weighs each ballot by its voter's evidence weight
+log(r / ((1 - r) s)), so the winner is the answer that model finds most probable.
 """
 
 from consensus.agreement import build_options, interim_agreement, is_unanimous
+from consensus.calibration import (
+    PlattScaling,
+    Posterior,
+    Reliabilities,
+    fit_reliabilities,
+    posterior,
+    vote_weights,
+)
 from consensus.formats import (
     BALLOT_INSTRUCTIONS,
     REPLY_INSTRUCTIONS,
@@ -71,7 +86,7 @@ from consensus.structured import (
     parse_structured_ballot,
     parse_structured_reply,
 )
-from consensus.voting import STRATEGIES, Strategy, majority_vote, weighted_vote
+from consensus.voting import STRATEGIES, Strategy, majority_vote, reliability_vote, weighted_vote
 
 __all__ = [
     "ANSWER_SCHEMA",
@@ -88,12 +103,16 @@ __all__ = [
     "Ballot",
     "Decision",
     "Option",
+    "PlattScaling",
+    "Posterior",
     "Proposal",
+    "Reliabilities",
     "Strategy",
     "ballot_schema",
     "build_options",
     "clean_answer",
     "confidence_score",
+    "fit_reliabilities",
     "interim_agreement",
     "is_unanimous",
     "last_sentence_position",
@@ -105,5 +124,8 @@ __all__ = [
     "parse_reply",
     "parse_structured_ballot",
     "parse_structured_reply",
+    "posterior",
+    "reliability_vote",
+    "vote_weights",
     "weighted_vote",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from consensus.records import Ballot, Decision, Option
@@ -24,6 +24,7 @@ class Strategy(Protocol):
         electorate: int,
         previous_leader: str | None = None,
         quorum: float = 0.5,
+        weights: Mapping[str, float] | None = None,
     ) -> Decision: ...
 
 
@@ -105,8 +106,9 @@ def majority_vote(
     electorate: int,
     previous_leader: str | None = None,
     quorum: float = 0.5,
+    weights: Mapping[str, float] | None = None,
 ) -> Decision:
-    """One ballot, one vote; reached when the winner has strictly more than quorum of the electorate."""
+    """One ballot, one vote (weights ignored); reached when the winner has more than quorum of the voters."""
     return _decide("majority", lambda _: 1.0, ballots, options, electorate, previous_leader, quorum)
 
 
@@ -117,6 +119,7 @@ def weighted_vote(
     electorate: int,
     previous_leader: str | None = None,
     quorum: float = 0.5,
+    weights: Mapping[str, float] | None = None,
 ) -> Decision:
     """Each ballot weighs its confidence (at least MIN_WEIGHT); same tie-break and quorum rule as majority."""
     return _decide(
@@ -130,4 +133,36 @@ def weighted_vote(
     )
 
 
-STRATEGIES: dict[str, Strategy] = {"majority": majority_vote, "weighted": weighted_vote}
+def reliability_vote(
+    ballots: Sequence[Ballot],
+    options: Sequence[Option],
+    *,
+    electorate: int,
+    previous_leader: str | None = None,
+    quorum: float = 0.5,
+    weights: Mapping[str, float] | None = None,
+) -> Decision:
+    """Each ballot weighs its voter's evidence weight (consensus.calibration.vote_weights).
+
+    weights maps a voter to log(r / ((1 - r) s)) of its model's reliability r, so the
+    winner is the answer the calibration model finds most probable; a voter missing from
+    weights (or no weights at all) weighs 1, so equal reliabilities give the majority
+    vote. Every valid ballot weighs at least MIN_WEIGHT.
+    """
+    table = weights or {}
+    return _decide(
+        "reliability",
+        lambda b: max(MIN_WEIGHT, table.get(b.voter, 1.0)),
+        ballots,
+        options,
+        electorate,
+        previous_leader,
+        quorum,
+    )
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "majority": majority_vote,
+    "weighted": weighted_vote,
+    "reliability": reliability_vote,
+}

@@ -172,6 +172,7 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
         "mode": used.get("mode", "representative") if conversation.consensus_result else None,
         "requested": meta.get("synthesis", "representative"),
     }
+    agreement = result.details.get("agreement", result.confidence) if result else None
     return {
         "conversation_id": str(conversation.pk),
         "exchange": exchange,
@@ -179,6 +180,7 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
         "consensus_result": conversation.consensus_result or None,
         "confidence": conversation.confidence,
         "synthesis": synthesis,
+        "agreement": agreement,
         "consensus": (
             {
                 "reached": result.reached,
@@ -186,6 +188,9 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
                 "winner": result.winner or None,
                 "position": result.details.get("position", ""),
                 "confidence": result.confidence,
+                "agreement": agreement,
+                "share": result.details.get("share"),
+                "margin": result.details.get("margin"),
                 "tallies": result.tallies,
                 "tie_break": result.tie_break or None,
                 "dissent": result.dissent,

@@ -36,7 +36,9 @@ class ChatRequestSerializer(StrictSerializer):
     conversation_id = StrictUUIDField(required=False, allow_null=True)
     num_agents = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     turns = serializers.IntegerField(required=False, allow_null=True, min_value=1)
-    strategy = serializers.ChoiceField(choices=["majority", "weighted"], required=False, default="majority")
+    strategy = serializers.ChoiceField(
+        choices=["majority", "weighted", "reliability"], required=False, default="majority"
+    )
     # Who writes consensus_result: the winner's best supporter, or a chairman model (one extra call).
     # Absent: SYNTHESIS_MODE.
     synthesis = serializers.ChoiceField(choices=list(SYNTHESIS_MODES), required=False)

@@ -25,6 +25,7 @@ from agents.providers.base import Usage
 from agents.synthesis import default_mode
 from consensus import Proposal, parse_reply
 from conversations import budget as admission
+from conversations.assessment import aassess, apanel_weights
 from conversations.events import EventLog
 from conversations.models import ConsensusResult, Conversation, Message, Vote
 from conversations.signals import conversation_completed
@@ -379,6 +380,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         prior=prior,
         synthesis=conversation.metadata.get("synthesis") or default_mode(),
         budget=admission.run_budget(conversation.metadata),
+        vote_weights=await apanel_weights(panel),
     )
     run = asyncio.ensure_future(orchestrator.run())
     watchdog = asyncio.ensure_future(_watchdog(conversation.pk, run))
@@ -425,7 +427,8 @@ async def _finish(
     duration = round(duration, 3)
     tokens = usage_dict(outcome.usage)
     conversation = await Conversation.objects.aget(pk=conversation_id)
-    if outcome.decision is not None:
+    assessment = await aassess(outcome)
+    if outcome.decision is not None and assessment is not None:
         decision = outcome.decision
         details = decision.to_dict()
         await ConsensusResult.objects.aupdate_or_create(
@@ -436,7 +439,7 @@ async def _finish(
                 "reached": decision.reached,
                 "winner": decision.winner or "",
                 "answer": outcome.answer if decision.reached else "",
-                "confidence": decision.confidence,
+                "confidence": assessment.confidence,
                 "tie_break": decision.tie_break or "",
                 "tallies": decision.tallies,
                 "dissent": details.get("dissent", []),
@@ -446,6 +449,10 @@ async def _finish(
                     "options": outcome.options,
                     "leading_answer": outcome.answer,
                     "synthesis": outcome.synthesis,
+                    "confidence": assessment.confidence,
+                    "agreement": assessment.agreement,
+                    "margin": assessment.margin,
+                    "calibration": assessment.details,
                 },
             },
         )
@@ -454,7 +461,10 @@ async def _finish(
             consensus=outcome.answer if decision.reached else None,
             position=decision.winner_position,
             reached=decision.reached,
-            confidence=round(decision.confidence, 4),
+            confidence=round(assessment.confidence, 4),
+            agreement=round(assessment.agreement, 4),
+            share=round(assessment.share, 4),
+            margin=round(assessment.margin, 4),
             method=decision.method,
             winner=decision.winner,
             tallies=decision.tallies,
@@ -466,7 +476,7 @@ async def _finish(
     conversation.status = status
     conversation.turns_completed = outcome.turns_completed
     conversation.consensus_result = outcome.answer if status == "completed" else ""
-    conversation.confidence = outcome.decision.confidence if outcome.decision else None
+    conversation.confidence = assessment.confidence if assessment is not None else None
     conversation.error = outcome.reason
     conversation.duration = duration
     conversation.completed_at = timezone.now()

@@ -67,6 +67,20 @@ class AgentSpec(BaseModel):
     fallback_models: list[str] = Field(default_factory=list)
 
 
+class QuizSpec(BaseModel):
+    """SIMULATED_QUIZ: the simulator's quiz mode (agents.providers.simulated.QuizConfig)."""
+
+    model_config = {"extra": "forbid"}
+
+    accuracy: float = Field(default=0.7, ge=0.0, le=1.0)
+    skills: dict[str, float] = Field(default_factory=dict)
+    wrong_values: int = Field(default=3, ge=1, le=100)
+    shared: float = Field(default=0.0, ge=0.0, le=1.0)
+    paraphrase: bool = True
+    ignore_format: float = Field(default=0.0, ge=0.0, le=1.0)
+    herding: float = Field(default=0.85, ge=0.0, le=1.0)
+
+
 def _split_list(value: object) -> object:
     if isinstance(value, str):
         text = value.strip()
@@ -123,6 +137,7 @@ class Config(BaseSettings):
     # Simulated provider
     SIMULATED_LATENCY: float = Field(default=0.05, ge=0.0, le=60.0)
     SIMULATED_FAILURE_RATE: float = Field(default=0.0, ge=0.0, le=1.0)
+    SIMULATED_QUIZ: QuizSpec | None = None
 
     # Security
     JWT_SECRET_KEY: str | None = Field(default=None, min_length=16)

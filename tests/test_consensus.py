@@ -22,6 +22,7 @@ from consensus import (
     parse_ballot,
     parse_confidence,
     parse_reply,
+    reliability_vote,
     weighted_vote,
 )
 
@@ -484,6 +485,11 @@ def test_weighted_vote_still_counts_zero_confidence_ballots() -> None:
 def test_invalid_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="quorum"):
         majority_vote([], options("x"), electorate=1, quorum=1.0)
+    for quorum in (-0.5, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="quorum"):
+            majority_vote([], options("x"), electorate=1, quorum=quorum)
+    assert majority_vote([], options("x"), electorate=1, quorum=0.0).quorum == 0.0
+    assert majority_vote([], options("x"), electorate=0).electorate == 0
     with pytest.raises(ValueError, match="electorate"):
         majority_vote([], options("x"), electorate=-1)
     with pytest.raises(ValueError, match="one ballot"):
@@ -509,4 +515,85 @@ def test_decision_is_json_ready_and_records_everything() -> None:
 def test_strategies_are_registered_by_name() -> None:
     assert STRATEGIES["majority"] is majority_vote
     assert STRATEGIES["weighted"] is weighted_vote
-    assert set(STRATEGIES) == {"majority", "weighted"}
+    assert STRATEGIES["reliability"] is reliability_vote
+    assert set(STRATEGIES) == {"majority", "weighted", "reliability"}
+
+
+# --- behaviour pinned by mutation testing (bench/mutation.py) --------------------------------------
+
+
+def test_the_margin_is_taken_from_the_best_runner_up_among_several_options() -> None:
+    ballots = [Ballot(f"v{i}", label, 1.0) for i, label in enumerate("AAABBC")]
+    decision = majority_vote(ballots, options("1", "2", "3"), electorate=6)
+    assert decision.winner == "A"
+    # share 1/2, runner-up B at 1/3 (not C at 1/6): ((1/2 + 1/6) / 2) x 1.
+    assert decision.confidence == pytest.approx(confidence_score(0.5, 2 / 6, 1.0))
+    assert decision.confidence == pytest.approx(1 / 3)
+
+
+def test_interim_margin_is_taken_from_the_best_runner_up() -> None:
+    proposals = [
+        Proposal(f"a{i}", "", answer, 1.0) for i, answer in enumerate(["1", "1", "1", "2", "2", "3"])
+    ]
+    agreement = interim_agreement(proposals, electorate=6)
+    assert agreement.confidence == pytest.approx(confidence_score(0.5, 2 / 6, 1.0))
+
+
+def test_a_one_agent_panel_is_unanimous_with_itself() -> None:
+    assert is_unanimous([Proposal("a1", "", "42", 0.9)], electorate=1)
+    assert not is_unanimous([], electorate=1)
+    assert not is_unanimous([Proposal("a1", "", "...", 0.9)], electorate=1)
+
+
+def test_a_proposal_without_a_confidence_weighs_one_half() -> None:
+    agreement = interim_agreement([Proposal("a1", "", "Yes", None), Proposal("a2", "", "Yes", None)], 2)
+    assert agreement.confidence == pytest.approx(confidence_score(1.0, 0.0, 0.5))
+    assert agreement.confidence == pytest.approx(0.75)
+    # The group's spelling tie is settled by the summed weights: 0.5 (None) beats 0.4.
+    group = [Proposal("a1", "", "YES", None), Proposal("a2", "", "yes", 0.4)]
+    assert build_options(group)[0].position == "YES"
+
+
+@pytest.mark.parametrize(("confidence", "weight"), [(-0.5, 0.0), (float("nan"), 0.0), (1.5, 1.0), (0.3, 0.3)])
+def test_confidences_are_clamped_to_the_unit_interval(confidence: float, weight: float) -> None:
+    agreement = interim_agreement([Proposal("a1", "", "Yes", confidence)], 1)
+    assert agreement.confidence == pytest.approx(confidence_score(1.0, 0.0, weight))
+    decision = weighted_vote([Ballot("v1", "A", confidence)], options("yes"), electorate=1)
+    assert decision.tallies["A"] == pytest.approx(max(0.05, weight))
+    assert 0.0 <= decision.confidence <= 1.0
+
+
+def test_confidence_score_clamps_each_input() -> None:
+    assert confidence_score(1.5, 0.0, 1.0) == 1.0
+    assert confidence_score(-0.5, 0.0, 1.0) == 0.0
+    assert confidence_score(1.0, 2.0, 1.0) == pytest.approx(0.5)  # runner-up capped at the share
+    assert confidence_score(1.0, -1.0, 1.0) == 1.0
+    assert confidence_score(1.0, 0.0, -1.0) == pytest.approx(0.5)
+    assert confidence_score(1.0, 0.0, float("nan")) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("words", "number"), [("five thousand", "5000"), ("one hundred and five", "105")])
+def test_number_words_with_scales(words: str, number: str) -> None:
+    assert normalize_answer(words) == number
+
+
+def test_an_empty_label_never_takes_another_label_as_its_value() -> None:
+    # The next line is another label: the position stays empty (an abstention), the
+    # confidence is still read, and the unlabelled "Yes" after it is not borrowed.
+    assert parse_reply("a1", "FINAL POSITION:\nCONFIDENCE: 0.8\nYes") is None
+    ballot = parse_ballot("a1", "VOTE:\nCONFIDENCE: 0.7\nB", ["A", "B"])
+    assert (ballot.choice, ballot.confidence, ballot.reason) == (None, 0.7, "[no label]")
+    ballot = parse_ballot("a1", "VOTE:\n\nB\nCONFIDENCE: 0.7", ["A", "B"])
+    assert (ballot.choice, ballot.confidence) == ("B", 0.7)
+
+
+def test_a_vote_without_valid_ballots_has_no_winner_and_no_share() -> None:
+    for strategy in STRATEGIES.values():
+        decision = strategy(
+            [Ballot("v1", None, 0.9), Ballot("v2", "Z", 0.9)], options("x", "y"), electorate=3
+        )
+        assert decision.winner is None
+        assert decision.share == 0.0
+        assert decision.confidence == 0.0
+        assert decision.reached is False
+        assert decision.abstentions == 3

@@ -221,3 +221,111 @@ def test_registry_refuses_openai_without_a_base_url(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ProviderError) as caught:
         get_provider("openai")
     assert caught.value.kind == "auth"
+
+
+# --- quiz mode -------------------------------------------------------------------------------------
+
+
+async def quiz_answers(quiz, questions: int, agent: str = "a1", model: str = "sim-1") -> list[str]:
+    from consensus import normalize_answer, parse_reply
+
+    provider = SimulatedProvider(latency=0, quiz=quiz)
+    keys = []
+    for index in range(questions):
+        request = answer_request(f"Quiz {index}: what is {index} + 1000?", agent)
+        request = GenerationRequest(model=model, prompt=request.prompt, metadata=request.metadata)
+        proposal = parse_reply(agent, (await provider.generate(request)).text)
+        keys.append(normalize_answer(proposal.position) if proposal else "")
+    return keys
+
+
+def truths(quiz, questions: int) -> list[str]:
+    from consensus import normalize_answer
+
+    return [
+        normalize_answer(quiz.truth(f"Quiz {index}: what is {index} + 1000?")) for index in range(questions)
+    ]
+
+
+async def test_quiz_agents_are_right_with_their_accuracy() -> None:
+    from agents.providers.simulated import QuizConfig
+
+    quiz = QuizConfig(accuracy=0.7, skills={"strong": 0.95})
+    expected = truths(quiz, 400)
+    weak = await quiz_answers(quiz, 400)
+    strong = await quiz_answers(quiz, 400, model="strong")
+    assert sum(a == t for a, t in zip(weak, expected, strict=True)) / 400 == pytest.approx(0.7, abs=0.06)
+    assert sum(a == t for a, t in zip(strong, expected, strict=True)) / 400 == pytest.approx(0.95, abs=0.04)
+    assert quiz.truth("What is 17 + 25?") == "42"
+
+
+async def test_shared_errors_are_one_wrong_value_and_spread_errors_several() -> None:
+    from agents.providers.simulated import QuizConfig
+
+    shared = QuizConfig(accuracy=0.0, shared=1.0)
+    spread = QuizConfig(accuracy=0.0, wrong_values=3)
+    expected = truths(shared, 60)
+    first = await quiz_answers(shared, 60, agent="a1")
+    second = await quiz_answers(shared, 60, agent="a2")
+    assert first == second
+    assert all(a != t for a, t in zip(first, expected, strict=True))
+    spread_first = await quiz_answers(spread, 60, agent="a1")
+    spread_second = await quiz_answers(spread, 60, agent="a2")
+    assert spread_first != spread_second
+    assert all(a != t for a, t in zip(spread_first, expected, strict=True))
+
+
+def position_in(text: str) -> str:
+    match = REPLY.search(text)
+    assert match is not None, text
+    return match["position"]
+
+
+async def test_quiz_positions_are_paraphrased_but_normalise_alike() -> None:
+    from agents.providers.simulated import QuizConfig
+
+    provider = SimulatedProvider(latency=0, quiz=QuizConfig(accuracy=1.0))
+    positions = set()
+    for agent in range(12):
+        text = (await provider.generate(answer_request("What is 17 + 25?", f"a{agent}"))).text
+        positions.add(position_in(text))
+    assert {"42", "42.0", "The answer is 42"} <= positions
+    from consensus import normalize_answer
+
+    assert {normalize_answer(p) for p in positions} == {"42"}
+
+
+async def test_a_share_of_quiz_replies_ignores_the_format() -> None:
+    from agents.providers.simulated import QuizConfig
+
+    provider = SimulatedProvider(latency=0, quiz=QuizConfig(accuracy=1.0, ignore_format=0.3))
+    texts = [(await provider.generate(answer_request(f"What is {i} + 5?", "a1"))).text for i in range(200)]
+    prose = [t for t in texts if "FINAL POSITION" not in t]
+    assert 0.2 < len(prose) / 200 < 0.4
+    assert all(re.search(r"\d+", t) for t in prose)
+
+
+async def test_quiz_agents_herd_toward_a_strict_plurality() -> None:
+    from agents.providers.simulated import QuizConfig
+
+    always = SimulatedProvider(latency=0, quiz=QuizConfig(accuracy=1.0, herding=1.0, paraphrase=False))
+    never = SimulatedProvider(latency=0, quiz=QuizConfig(accuracy=1.0, herding=0.0, paraphrase=False))
+    request = answer_request(
+        "What is 17 + 25?", "a1", turn=2, previous_position="41", peer_positions=["43", "43"]
+    )
+    assert position_in((await always.generate(request)).text) == "43"
+    assert position_in((await never.generate(request)).text) == "41"
+    tie = answer_request(
+        "What is 17 + 25?", "a1", turn=2, previous_position="41", peer_positions=["43", "44"]
+    )
+    assert position_in((await always.generate(tie)).text) == "41"
+
+
+def test_quiz_settings_refuse_unknown_keys() -> None:
+    from agents.providers.simulated import QuizConfig
+
+    assert QuizConfig.from_dict({"accuracy": 0.9}).accuracy == 0.9
+    with pytest.raises(ValueError, match="bogus"):
+        QuizConfig.from_dict({"bogus": 1})
+    assert QuizConfig(wrong_values=2).wrong("Paris") == ["Paris b", "Paris c"]
+    assert QuizConfig(wrong_values=3).wrong("42") == ["43", "41", "44"]

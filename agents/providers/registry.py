@@ -14,9 +14,12 @@ _providers: dict[str, Provider] = {}
 def _build(name: str) -> Provider:
     config = settings.CONFIG
     if name == "simulated":
-        from agents.providers.simulated import SimulatedProvider
+        from agents.providers.simulated import QuizConfig, SimulatedProvider
 
-        return SimulatedProvider(latency=config.SIMULATED_LATENCY, failure_rate=config.SIMULATED_FAILURE_RATE)
+        quiz = QuizConfig.from_dict(config.SIMULATED_QUIZ.model_dump()) if config.SIMULATED_QUIZ else None
+        return SimulatedProvider(
+            latency=config.SIMULATED_LATENCY, failure_rate=config.SIMULATED_FAILURE_RATE, quiz=quiz
+        )
     if name == "gemini":
         if not config.GEMINI_API_KEY:
             raise ProviderError("GEMINI_API_KEY is not set", kind="auth", provider="gemini")
@@ -44,6 +47,11 @@ def get_provider(name: str) -> Provider:
         if not settings.CONFIG.STRUCTURED_OUTPUT:
             provider.supports_structured = False  # every reply in the text format
     return provider
+
+
+def register_provider(name: str, provider: Provider) -> None:
+    """Use this instance for the named provider (benchmarks and evaluations configure a quiz simulator)."""
+    _providers[name] = provider
 
 
 def reset_providers() -> None:

@@ -6,6 +6,16 @@ labelled `simulated=True`. Asked for structured output (a response schema), it a
 the same content as a JSON object (answer, position, confidence / reason, vote,
 confidence), streamed in chunks like a real vendor. A seeded `random.Random` drives every choice (never the
 global RNG), so a panel's conversation replays identically.
+
+Quiz mode (``QuizConfig``, from bench code or the ``SIMULATED_QUIZ`` setting) turns the
+agents into quiz players with a known skill: each question has one right answer (given
+in ``answers``, else the question's favoured candidate, which for "What is 17 + 25?" is
+the sum); in turn 1 an agent answers right with its accuracy p (by model, then agent id,
+else ``accuracy``), otherwise it picks one of ``wrong_values`` wrong answers (with
+probability ``shared`` the first one, which every wrong agent then shares). Positions
+are paraphrased ("42", "42.0", "The answer is 42") when ``paraphrase`` is on; a share
+``ignore_format`` of replies is prose with no FINAL POSITION line; from turn 2 an
+agent adopts a strict plurality of the previous turn with probability ``herding``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ import re
 import string
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from agents.providers.base import DeltaCallback, Generation, GenerationRequest, Provider, ProviderError, Usage
@@ -135,6 +146,50 @@ def first_turn_position(question: str, agent_id: str) -> str:
     return rng.choice([c for c in candidates if c != favoured])
 
 
+@dataclass(frozen=True)
+class QuizConfig:
+    """Quiz mode: agents with known accuracy on questions with one right answer (see the module doc)."""
+
+    accuracy: float = 0.7
+    skills: Mapping[str, float] = field(default_factory=dict)  # model or agent id -> accuracy
+    wrong_values: int = 3
+    shared: float = 0.0
+    paraphrase: bool = True
+    ignore_format: float = 0.0
+    herding: float = FOLLOW_MAJORITY
+    answers: Mapping[str, str] = field(default_factory=dict)  # question -> right answer
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuizConfig:
+        """From the SIMULATED_QUIZ setting (unknown keys are an error)."""
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"unknown quiz settings: {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def skill(self, model: str, agent_id: str) -> float:
+        return float(self.skills.get(model, self.skills.get(agent_id, self.accuracy)))
+
+    def truth(self, question: str) -> str:
+        known = self.answers.get(question)
+        if known is not None:
+            return known
+        return _favoured(question, candidate_positions(question))
+
+    def wrong(self, truth: str) -> list[str]:
+        """wrong_values plausible wrong answers, distinct from the truth once normalised."""
+        count = max(1, self.wrong_values)
+        try:
+            number = int(float(truth.replace(",", "")))
+        except ValueError:
+            return [f"{truth} {'bcdefghijklmnopqrstuvwxyz'[i % 25]}{i // 25 or ''}" for i in range(count)]
+        offsets = [1, -1, 2, 10, -2, -10, 3, 100, -3, 5]
+        offsets += [o for o in range(4, 4 + count) if o not in offsets]
+        return [str(number + o) for o in offsets[:count]]
+
+
 class SimulatedProvider(Provider):
     """Deterministic offline answers with configurable latency and failure rate."""
 
@@ -142,9 +197,12 @@ class SimulatedProvider(Provider):
 
     supports_structured = True
 
-    def __init__(self, *, latency: float = 0.05, failure_rate: float = 0.0) -> None:
+    def __init__(
+        self, *, latency: float = 0.05, failure_rate: float = 0.0, quiz: QuizConfig | None = None
+    ) -> None:
         self.latency = latency
         self.failure_rate = failure_rate
+        self.quiz = quiz
         # How often each (prompt, agent, turn, kind) was asked, so a retry draws the next
         # entry of a deterministic failure schedule instead of failing forever.
         self._attempts: OrderedDict[int, int] = OrderedDict()
@@ -189,6 +247,11 @@ class SimulatedProvider(Provider):
             return _synthesis_text(meta, rng)
         if meta.get("kind") == "repair":
             fields = _repair_fields(meta, rng)
+        elif self.quiz is not None and meta.get("kind", "answer") == "answer":
+            reply = _quiz_reply(request, meta, rng, self.quiz)
+            if isinstance(reply, str):
+                return reply  # prose that ignores the reply format, structured or not
+            fields = reply
         else:
             fields = _answer_fields(request, meta, rng)
         if structured:
@@ -261,6 +324,57 @@ def _synthesis_text(meta: dict[str, Any], rng: random.Random) -> str:
         else "The panel was unanimous."
     )
     return f"The panel's answer is {position}. {rng.choice(REASONS)} {dissent}"
+
+
+PARAPHRASES = ("{}", "{}.0", "The answer is {}", "{}")
+PROSE = ("Putting it all together, my answer is {}.", "So the answer is {}, I think.", "I would say {}.")
+
+
+def quiz_first_answer(quiz: QuizConfig, question: str, agent_id: str, model: str) -> str:
+    """An agent's turn-1 answer in quiz mode (its independent draw; benchmarks replay it)."""
+    truth = quiz.truth(question)
+    wrong = quiz.wrong(truth)
+    draw = random.Random(_seed("quiz", quiz.seed, question, agent_id))
+    if draw.random() < quiz.skill(model, agent_id):
+        return truth
+    if draw.random() < quiz.shared:
+        return wrong[0]
+    return draw.choice(wrong)
+
+
+def _quiz_reply(
+    request: GenerationRequest, meta: dict[str, Any], rng: random.Random, quiz: QuizConfig
+) -> dict[str, Any] | str:
+    """A quiz player's reply: its fields, or prose (a str) when it ignores the reply format."""
+    question = str(meta.get("question") or request.prompt)
+    agent_id = str(meta.get("agent_id", "agent"))
+    turn = int(meta.get("turn", 1) or 1)
+    normalize = _normalizer()
+    truth = quiz.truth(question)
+    wrong = quiz.wrong(truth)
+    canonical = {normalize(v): v for v in [truth, *wrong]}
+
+    def value(position: str) -> str:
+        return canonical.get(normalize(position), position)
+
+    previous = str(meta.get("previous_position") or "")
+    position = value(previous) if previous else quiz_first_answer(quiz, question, agent_id, request.model)
+    peers = [value(str(p)) for p in meta.get("peer_positions") or [] if str(p).strip()]
+    if turn >= 2 and peers:
+        counts = Counter(normalize(p) for p in [*peers, position])
+        ranked = counts.most_common()
+        top_key, top_count = ranked[0]
+        strict = top_count > 1 and (len(ranked) == 1 or ranked[1][1] < top_count)
+        if strict and normalize(position) != top_key and rng.random() < quiz.herding:
+            position = canonical.get(top_key, next(p for p in peers if normalize(p) == top_key))
+    shown = rng.choice(PARAPHRASES).format(position) if quiz.paraphrase else position
+    if shown.endswith(".0") and not re.fullmatch(r"-?\d+\.0", shown):
+        shown = position  # only numbers get a ".0"
+    confidence = round(rng.uniform(0.6, 0.95), 2)
+    reasoning = f"{rng.choice(OPENERS)}, I worked it out. {rng.choice(REASONS)}"
+    if rng.random() < quiz.ignore_format:
+        return f"{reasoning} {rng.choice(PROSE).format(position)}"
+    return {"answer": reasoning, "position": shown, "confidence": confidence}
 
 
 def _ballot_fields(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:

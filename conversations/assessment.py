@@ -1,0 +1,188 @@
+"""The calibrated confidence of a finished run, from the stored history (see consensus/calibration.py).
+
+Reliabilities: every model's (``"<provider>:<model>"``) reliability is fitted without
+labels (EM) on the first-turn answers of the last ``HISTORY_EXCHANGES`` exchanges, and
+cached for ``CACHE_SECONDS`` in the Django cache (Redis when configured), so the hot path
+costs one cache read. Recalibration: once ``MIN_LABELLED`` exchanges carry feedback, a
+Platt map from the raw model probability to the observed hit rate is fitted and cached
+the same way (a new feedback clears it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.core.cache import cache
+
+from agents.orchestrator import AgentResult, RunOutcome
+from agents.profiles import AgentProfile
+from consensus import (
+    PlattScaling,
+    Reliabilities,
+    fit_reliabilities,
+    normalize_answer,
+    posterior,
+    vote_weights,
+)
+from consensus.calibration import MIN_LABELLED, is_binary
+from consensus.records import Decision
+
+logger = logging.getLogger("polyagents.quality")
+
+HISTORY_EXCHANGES = 500
+CACHE_SECONDS = 300
+RELIABILITY_KEY = "quality:reliabilities:v1"
+PLATT_KEY = "quality:platt:v1"
+
+
+def model_key(provider: str, model: str) -> str:
+    return f"{provider}:{model}"
+
+
+def load_reliabilities() -> Reliabilities:
+    """EM fit over the first-turn answers of the latest exchanges (no labels)."""
+    from conversations.models import Message
+
+    rows = (
+        Message.objects.filter(role=Message.Role.AGENT, turn=1, status=Message.Status.OK)
+        .exclude(position="")
+        .order_by("-created_at")
+        .values_list("conversation_id", "exchange", "provider", "model", "position")[: HISTORY_EXCHANGES * 10]
+    )
+    panels: dict[tuple[Any, int], list[tuple[str, str]]] = defaultdict(list)
+    for conversation_id, exchange, provider, model, position in rows:
+        key = (conversation_id, exchange)
+        if key not in panels and len(panels) >= HISTORY_EXCHANGES:
+            continue
+        panels[key].append((model_key(provider, model), normalize_answer(position)))
+    return fit_reliabilities(panels.values())
+
+
+def _reliabilities_from(data: Mapping[str, Any]) -> Reliabilities:
+    return Reliabilities(
+        by_model=dict(data["by_model"]),
+        coincidence=float(data["coincidence"]),
+        default=float(data["default"]),
+        panels=int(data["panels"]),
+    )
+
+
+def reliabilities() -> Reliabilities:
+    """The cached fit (recomputed at most every CACHE_SECONDS)."""
+    cached = cache.get(RELIABILITY_KEY)
+    if isinstance(cached, dict):
+        try:
+            return _reliabilities_from(cached)
+        except (KeyError, TypeError, ValueError):
+            logger.warning("ignoring a malformed cached reliability fit")
+    fitted = load_reliabilities()
+    cache.set(RELIABILITY_KEY, fitted.to_dict(), CACHE_SECONDS)
+    return fitted
+
+
+def load_recalibration() -> PlattScaling:
+    """Platt fit on (raw probability, feedback) of every exchange with feedback."""
+    from conversations.models import ConsensusResult, Feedback
+
+    labels = {(f.conversation_id, f.exchange): f.correct for f in Feedback.objects.all()[:10_000]}
+    if len(labels) < MIN_LABELLED:
+        return PlattScaling(labelled=len(labels))
+    conversations = {c for c, _ in labels}
+    outcomes = []
+    for result in ConsensusResult.objects.filter(conversation_id__in=conversations):
+        label = labels.get((result.conversation_id, result.exchange))
+        raw = (result.details.get("calibration") or {}).get("raw")
+        if label is not None and isinstance(raw, int | float) and math.isfinite(raw):
+            outcomes.append((float(raw), label))
+    return PlattScaling.fit(outcomes)
+
+
+def recalibration() -> PlattScaling:
+    cached = cache.get(PLATT_KEY)
+    if isinstance(cached, dict):
+        return PlattScaling(a=cached["a"], b=cached["b"], labelled=cached["labelled"])
+    fitted = load_recalibration()
+    cache.set(PLATT_KEY, {"a": fitted.a, "b": fitted.b, "labelled": fitted.labelled}, CACHE_SECONDS)
+    return fitted
+
+
+def forget_recalibration() -> None:
+    cache.delete(PLATT_KEY)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """How likely the panel's answer is right (confidence) and how much the panel agreed (agreement)."""
+
+    confidence: float
+    raw: float
+    agreement: float
+    share: float
+    margin: float
+    details: dict[str, Any]
+
+
+def margin_of(decision: Decision) -> float:
+    """Winner's share of the electorate minus the runner-up's (the agreement formula's margin)."""
+    tallies = sorted(decision.tallies.values(), reverse=True)
+    total = math.fsum(tallies)
+    if not decision.winner or total <= 0 or not decision.electorate:
+        return 0.0
+    turnout = (decision.electorate - decision.abstentions) / decision.electorate
+    runner_up = tallies[1] / total * turnout if len(tallies) > 1 else 0.0
+    return max(0.0, decision.share - runner_up)
+
+
+def first_turn_answers(results: Mapping[str, AgentResult]) -> list[tuple[str, str]]:
+    return [
+        (model_key(r.provider, r.model), normalize_answer(r.proposal.position))
+        for _, r in sorted(results.items())
+        if r.ok and r.proposal is not None
+    ]
+
+
+def assess(outcome: RunOutcome, fitted: Reliabilities, platt: PlattScaling) -> Assessment | None:
+    """The calibrated confidence of outcome's decision (None without a decision)."""
+    decision = outcome.decision
+    if decision is None:
+        return None
+    answers = first_turn_answers(outcome.results.get(1, {}))
+    raw = posterior(answers, fitted).of(decision.winner_key) if decision.winner_key else 0.0
+    confidence = min(1.0, max(0.0, platt(raw)))
+    return Assessment(
+        confidence=confidence,
+        raw=raw,
+        agreement=decision.confidence,
+        share=decision.share,
+        margin=margin_of(decision),
+        details={
+            "raw": round(raw, 6),
+            "model": "one-coin Dawid-Skene over first-turn answers",
+            "answers": len(answers),
+            "reliabilities": {m: round(fitted.of(m), 4) for m, _ in sorted(set(answers))},
+            "coincidence": round(fitted.coincidence, 4),
+            "history_panels": fitted.panels,
+            "recalibrated": platt.labelled >= MIN_LABELLED,
+            "labelled": platt.labelled,
+        },
+    )
+
+
+async def aassess(outcome: RunOutcome) -> Assessment | None:
+    """assess() with the cached reliabilities and recalibration (database reads off the event loop)."""
+    fitted = await sync_to_async(reliabilities)()
+    platt = await sync_to_async(recalibration)()
+    return assess(outcome, fitted, platt)
+
+
+async def apanel_weights(panel: list[AgentProfile]) -> dict[str, float]:
+    """Each agent's vote weight for the "reliability" strategy (open-question weights)."""
+    fitted = await sync_to_async(reliabilities)()
+    models = {p.agent_id: model_key(p.provider, p.model) for p in panel}
+    return vote_weights(models, fitted, binary=is_binary(()))

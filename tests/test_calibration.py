@@ -1,0 +1,284 @@
+"""consensus.calibration: the probability model, the EM fit, Platt recalibration, the reliability vote."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consensus import (
+    Ballot,
+    Option,
+    PlattScaling,
+    Reliabilities,
+    fit_reliabilities,
+    posterior,
+    reliability_vote,
+)
+from consensus.calibration import (
+    MIN_LABELLED,
+    calibration_errors,
+    evidence_weight,
+    is_binary,
+    vote_weights,
+)
+
+PROPERTY = settings(max_examples=80, deadline=None, derandomize=True)
+THIRD = Reliabilities(by_model={"m": 0.7}, coincidence=1 / 3)
+
+
+def test_a_two_to_one_split_is_exact_bayes_for_the_uniform_model() -> None:
+    # r = 0.7, s = 1/3 (wrong answers spread over 3 values, so 4 plausible values): w = log 7.
+    post = posterior([("m", "42"), ("m", "42"), ("m", "43")], THIRD)
+    rho = 3 + 1 - 2
+    assert post.probabilities["42"] == pytest.approx(49 / (rho + 49 + 7))
+    assert post.probabilities["43"] == pytest.approx(7 / (rho + 49 + 7))
+    assert post.none == pytest.approx(rho / (rho + 49 + 7))
+    assert post.unnamed == rho
+
+
+def test_a_unanimous_panel_is_more_confident_than_a_split_one() -> None:
+    unanimous = posterior([("m", "42")] * 3, THIRD).of("42")
+    split = posterior([("m", "42"), ("m", "42"), ("m", "43")], THIRD).of("42")
+    assert unanimous == pytest.approx(343 / (3 + 343))
+    assert 0.8 < split < unanimous < 1.0
+
+
+def test_yes_no_questions_use_two_values() -> None:
+    post = posterior([("m", "yes"), ("m", "yes"), ("m", "no")], Reliabilities(by_model={"m": 0.7}))
+    odds = 0.7 / 0.3
+    assert post.probabilities["yes"] == pytest.approx(odds**2 / (odds**2 + odds))
+    assert post.none == 0.0
+    assert is_binary(["yes", "no"])
+    assert not is_binary(["yes", "maybe"])
+    assert not is_binary([])
+
+
+def test_an_answer_nobody_gave_shares_the_none_mass() -> None:
+    post = posterior(
+        [("m", "1"), ("m", "2"), ("m", "3")], Reliabilities(by_model={"m": 0.7}, coincidence=0.1)
+    )
+    assert post.unnamed == pytest.approx(8.0)
+    assert post.of("99") == pytest.approx(post.none / 8)
+    assert post.of(None) == pytest.approx(post.none / 8)
+
+
+def test_no_answers_at_all_means_nothing_is_known() -> None:
+    post = posterior([("m", "")], THIRD)
+    assert post.probabilities == {}
+    assert post.none == 1.0
+    assert post.of("42") == 0.0
+
+
+def test_a_worse_than_chance_agent_carries_no_evidence() -> None:
+    assert evidence_weight(0.1, 1.0) == 0.0
+    assert evidence_weight(0.5, 1.0) == 0.0
+    assert evidence_weight(0.7, 1.0) == pytest.approx(math.log(0.7 / 0.3))
+    assert evidence_weight(float("nan"), 0.5) == 0.0
+    assert evidence_weight(1.0, 0.0) == pytest.approx(math.log(0.99 / (0.01 * 0.01)))
+
+
+def test_a_model_never_seen_gets_the_prior() -> None:
+    fitted = Reliabilities(by_model={"a": 0.9})
+    assert fitted.of("a") == 0.9
+    assert fitted.of("b") == pytest.approx(0.7)
+    assert Reliabilities().coincidence == pytest.approx(0.25)
+    assert Reliabilities(by_model={"a": 1.5}).of("a") == 0.99
+    assert Reliabilities(by_model={"a": -1}).of("a") == 0.01
+
+
+def test_vote_weights_follow_the_reliabilities() -> None:
+    fitted = Reliabilities(by_model={"strong": 0.85, "weak": 0.6}, coincidence=1 / 3)
+    weights = vote_weights({"a0": "strong", "a1": "weak"}, fitted)
+    assert weights["a0"] == pytest.approx(math.log(0.85 * 3 / 0.15))
+    assert weights["a1"] == pytest.approx(math.log(0.6 * 3 / 0.4))
+    binary = vote_weights({"a0": "strong"}, fitted, binary=True)
+    assert binary["a0"] == pytest.approx(math.log(0.85 / 0.15))
+
+
+# --- the EM fit ----------------------------------------------------------------------------------
+
+
+def synthetic(
+    panels: int, skills: dict[str, float], seed: int, shared: bool = False
+) -> list[list[tuple[str, str]]]:
+    rng = random.Random(seed)
+    items = []
+    for _ in range(panels):
+        item = []
+        for agent, p in skills.items():
+            model = agent.rstrip("0123456789")
+            wrong = "x" if shared else rng.choice(["x", "y", "z"])
+            item.append((model, "t" if rng.random() < p else wrong))
+        items.append(item)
+    return items
+
+
+def test_em_recovers_unequal_skills_without_labels() -> None:
+    fitted = fit_reliabilities(synthetic(600, {"strong1": 0.85, "weak1": 0.6, "weak2": 0.6}, seed=7))
+    assert fitted.by_model["strong"] == pytest.approx(0.85, abs=0.04)
+    assert fitted.by_model["weak"] == pytest.approx(0.6, abs=0.04)
+    assert fitted.coincidence == pytest.approx(1 / 3, abs=0.05)
+    assert fitted.panels == 600
+
+
+def test_em_with_few_panels_stays_near_the_prior() -> None:
+    fitted = fit_reliabilities(synthetic(3, {"m1": 0.95, "m2": 0.95, "m3": 0.95}, seed=1))
+    assert 0.7 < fitted.by_model["m"] < 0.95
+
+
+def test_em_without_history_is_the_prior() -> None:
+    fitted = fit_reliabilities([[("m", "")], []])
+    assert fitted.by_model == {}
+    assert fitted.panels == 0
+    assert fitted.of("m") == pytest.approx(0.7)
+
+
+def test_em_ignores_the_order_of_panels_and_answers() -> None:
+    items = synthetic(200, {"a1": 0.8, "b1": 0.6, "b2": 0.6}, seed=3)
+    shuffled = [list(reversed(item)) for item in reversed(items)]
+    assert fit_reliabilities(items).to_dict() == fit_reliabilities(shuffled).to_dict()
+
+
+def test_shared_errors_look_like_agreement_to_the_unlabelled_fit() -> None:
+    independent = fit_reliabilities(synthetic(300, {"m1": 0.6, "m2": 0.6, "m3": 0.6}, seed=5))
+    shared = fit_reliabilities(synthetic(300, {"m1": 0.6, "m2": 0.6, "m3": 0.6}, seed=5, shared=True))
+    assert shared.coincidence > 0.9 > independent.coincidence
+
+
+# --- Platt recalibration ---------------------------------------------------------------------------
+
+
+def test_platt_is_the_identity_below_the_minimum() -> None:
+    scaling = PlattScaling.fit([(0.9, False)] * (MIN_LABELLED - 1))
+    assert (scaling.a, scaling.b, scaling.labelled) == (1.0, 0.0, MIN_LABELLED - 1)
+    assert scaling(0.9) == 0.9
+    assert scaling(1.5) == 1.0
+
+
+def test_platt_pulls_an_overconfident_model_down() -> None:
+    outcomes = [(0.9, i % 10 < 6) for i in range(100)] + [(0.6, i % 10 < 4) for i in range(100)]
+    scaling = PlattScaling.fit(outcomes)
+    assert scaling.labelled == 200
+    assert scaling(0.9) == pytest.approx(0.6, abs=0.03)
+    assert scaling(0.6) == pytest.approx(0.4, abs=0.03)
+    assert scaling.a >= 0
+
+
+def test_platt_never_reverses_the_order() -> None:
+    outcomes = [(0.9, False)] * 40 + [(0.2, True)] * 40
+    scaling = PlattScaling.fit(outcomes)
+    assert scaling.a == 0.0
+    assert scaling(0.9) == pytest.approx(scaling(0.2))
+
+
+def test_calibration_errors() -> None:
+    errors = calibration_errors([(0.9, True), (0.9, False), (0.1, False), (0.1, False)])
+    assert errors["confidence"] == pytest.approx(0.5)
+    assert errors["accuracy"] == pytest.approx(0.25)
+    assert errors["ece"] == pytest.approx(0.5 * 0.4 + 0.5 * 0.1)
+    assert errors["brier"] == pytest.approx((0.01 + 0.81 + 0.01 + 0.01) / 4)
+    assert math.isnan(calibration_errors([])["ece"])
+    assert calibration_errors([(1.0, True)])["ece"] == 0.0
+
+
+# --- the reliability vote ----------------------------------------------------------------------------
+
+
+def three_way() -> tuple[list[Ballot], list[Option]]:
+    options = [
+        Option(label=label, position=key, key=key, supporters=(voter,))
+        for label, key, voter in (("A", "1", "a0"), ("B", "2", "a1"), ("C", "3", "a2"))
+    ]
+    ballots = [Ballot(voter=f"a{i}", choice=label, confidence=0.5) for i, label in enumerate("CBA")]
+    return ballots, options
+
+
+def test_the_reliable_voter_settles_a_three_way_split() -> None:
+    ballots, options = three_way()
+    decision = reliability_vote(ballots, options, electorate=3, weights={"a0": 2.8, "a1": 1.5, "a2": 1.5})
+    assert decision.winner == "C"  # a0 voted C
+    assert decision.method == "reliability"
+    assert decision.tie_break is None
+    assert decision.tallies == {"A": 1.5, "B": 1.5, "C": 2.8}
+
+
+def test_without_weights_the_reliability_vote_is_the_majority_vote() -> None:
+    ballots, options = three_way()
+    ballots[2] = Ballot(voter="a2", choice="C", confidence=0.5)
+    decision = reliability_vote(ballots, options, electorate=3)
+    assert decision.winner == "C"
+    assert decision.tallies == {"A": 0.0, "B": 1.0, "C": 2.0}
+
+
+def test_a_zero_weight_ballot_still_counts_a_little() -> None:
+    ballots, options = three_way()
+    decision = reliability_vote(ballots, options, electorate=3, weights={"a0": 0.0, "a1": 0.0, "a2": 0.0})
+    assert decision.tallies == {"A": 0.05, "B": 0.05, "C": 0.05}
+
+
+# --- properties ------------------------------------------------------------------------------------
+
+MODELS = st.sampled_from(["m1", "m2", "m3"])
+KEYS = st.sampled_from(["1", "2", "3", "yes", "no", ""])
+PANELS = st.lists(st.tuples(MODELS, KEYS), min_size=0, max_size=7)
+FITS = st.builds(
+    Reliabilities,
+    by_model=st.dictionaries(MODELS, st.floats(0.0, 1.0)),
+    coincidence=st.floats(0.0, 1.0),
+)
+
+
+@PROPERTY
+@given(PANELS, FITS)
+def test_probabilities_stay_in_the_unit_interval_and_sum_to_one(answers, fitted) -> None:
+    post = posterior(answers, fitted)
+    for p in [*post.probabilities.values(), post.none]:
+        assert 0.0 <= p <= 1.0
+    if post.probabilities:
+        assert math.fsum(post.probabilities.values()) + post.none == pytest.approx(1.0)
+
+
+@PROPERTY
+@given(PANELS, FITS, st.randoms(use_true_random=False))
+def test_the_order_of_the_answers_never_matters(answers, fitted, rng) -> None:
+    shuffled = list(answers)
+    rng.shuffle(shuffled)
+    left, right = posterior(answers, fitted), posterior(shuffled, fitted)
+    assert left.probabilities.keys() == right.probabilities.keys()
+    for key in left.probabilities:
+        assert left.probabilities[key] == pytest.approx(right.probabilities[key])
+
+
+@PROPERTY
+@given(PANELS, FITS, MODELS, st.sampled_from(["1", "2", "yes"]))
+def test_one_more_supporter_never_lowers_an_answers_probability(answers, fitted, model, key) -> None:
+    keys = {k for _, k in answers if k}
+    if key not in keys or is_binary(keys) != is_binary(keys | {key}):
+        return
+    before = posterior(answers, fitted).of(key)
+    after = posterior([*answers, (model, key)], fitted).of(key)
+    assert after >= before - 1e-12
+
+
+@PROPERTY
+@given(PANELS, FITS, MODELS)
+def test_winning_over_a_dissenter_never_lowers_the_confidence(answers, fitted, model) -> None:
+    keys = sorted({k for _, k in answers if k})
+    if len(keys) < 2:
+        return
+    winner, other = keys[0], keys[1]
+    index = next((i for i, (_, k) in enumerate(answers) if k == other), None)
+    assert index is not None
+    switched = list(answers)
+    switched[index] = (answers[index][0], winner)
+    assert posterior(switched, fitted).of(winner) >= posterior(answers, fitted).of(winner) - 1e-12
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.floats(0.0, 1.0), st.booleans()), min_size=0, max_size=80), st.floats(0.0, 1.0))
+def test_recalibrated_confidence_stays_in_the_unit_interval(outcomes, p) -> None:
+    assert 0.0 <= PlattScaling.fit(outcomes)(p) <= 1.0
