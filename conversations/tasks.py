@@ -141,6 +141,8 @@ async def sweep(context: JobContext, timestamp: int) -> dict[str, Any]:
         "requeued": report.requeued,
         "resumed": report.resumed,
         "failed": report.failed,
+        "queued": report.queued,
+        "alive": report.alive,
     }
 
 
