@@ -237,7 +237,9 @@ async def _recover_job(
         return
     if len(dead) < len(doing):
         report.alive.append(str(conversation.pk))  # a live worker runs it: a heartbeat proves life
-        logger.info("stale conversation left to its live worker", extra={"conversation_id": str(conversation.pk)})
+        logger.info(
+            "stale conversation left to its live worker", extra={"conversation_id": str(conversation.pk)}
+        )
         return
     manager = app.job_manager
     if todo:

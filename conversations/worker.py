@@ -39,7 +39,12 @@ def backoff(failures: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-async def keep_running(name: str, step: Callable[[], Awaitable[Any]], interval: float) -> None:
+async def keep_running(
+    name: str,
+    step: Callable[[], Awaitable[Any]],
+    interval: float,
+    on_error: Callable[[], None] | None = None,
+) -> None:
     """Run `step` every `interval` seconds forever; an error is logged and retried with back-off."""
     failures = 0
     while True:
@@ -48,6 +53,8 @@ async def keep_running(name: str, step: Callable[[], Awaitable[Any]], interval: 
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if on_error is not None:
+                on_error()
             failures += 1
             logger.warning(f"{name} failed; retrying", extra={"error": repr(exc), "failures": failures})
             await asyncio.sleep(backoff(failures))
@@ -59,9 +66,17 @@ async def keep_running(name: str, step: Callable[[], Awaitable[Any]], interval: 
 
 
 class ResilientWorker(worker.Worker):
+    # When this worker last failed to reach the database (event loop time).
+    _database_lost_at = float("-inf")
+
+    def _database_lost(self) -> None:
+        self._database_lost_at = asyncio.get_running_loop().time()
+
     async def _update_heartbeat(self) -> None:
         await asyncio.sleep(self.update_heartbeat_interval)
-        await keep_running("worker heartbeat", self._beat, self.update_heartbeat_interval)
+        await keep_running(
+            "worker heartbeat", self._beat, self.update_heartbeat_interval, on_error=self._database_lost
+        )
 
     async def _beat(self) -> None:
         assert self.worker_id is not None
@@ -98,6 +113,7 @@ class ResilientWorker(worker.Worker):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._database_lost()
                 failures += 1
                 logger.warning("listener lost its connection; reconnecting", extra={"error": repr(exc)})
             await asyncio.sleep(backoff(failures + 1))
@@ -121,13 +137,19 @@ class ResilientWorker(worker.Worker):
         from conversations.jobs import sweep_stale_conversations
         from conversations.tasks import fresh_connections
 
+        loop = asyncio.get_running_loop()
+
         async def step() -> None:
+            # After an outage every heartbeat is old, live runs' too: give them time to beat
+            # again before anything is taken over.
+            if loop.time() - self._database_lost_at < settings.CONVERSATION_STALE_SECONDS:
+                return
             async with fresh_connections():
                 await sweep_stale_conversations()
 
         interval = settings.RECOVERY_SWEEP_SECONDS
         await asyncio.sleep(random.uniform(0, interval))
-        await keep_running("recovery sweep", step, interval)
+        await keep_running("recovery sweep", step, interval, on_error=self._database_lost)
 
     def _start_side_tasks(self) -> list[asyncio.Task[Any]]:
         listen, self.listen_notify = self.listen_notify, False
@@ -145,6 +167,7 @@ class ResilientWorker(worker.Worker):
         try:
             await super()._fetch_and_process_jobs()
         except Exception as exc:  # ConnectorException, PoolTimeout: the database is away
+            self._database_lost()
             # The main loop polls again after fetch_job_polling_interval.
             logger.warning("fetching jobs failed", extra={"error": repr(exc)})
 
