@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Q
 from django.utils import timezone
 
@@ -165,6 +165,8 @@ async def sweep_stale_conversations(
                 await _recover_job(conversation, seconds, cutoff, now, max_requeues, report)
             else:
                 await _requeue_or_fail(conversation, seconds, max_requeues, report)
+        except (OperationalError, InterfaceError):
+            raise  # the database is away: the whole sweep is tried again later
         except Exception:
             # One conversation must not stop the sweep of the others.
             logger.exception(

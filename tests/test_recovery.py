@@ -31,6 +31,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from conversations.events import STORE_RETRY_SECONDS
 from conversations.jobs import enqueue_run, job_lock
 from conversations.models import Conversation, Event, Message
 from conversations.services import conversation_start
@@ -60,10 +61,19 @@ def run(args: list[str], **kwargs: Any) -> str:
 
 @dataclass
 class Cluster:
-    """A PostgreSQL server this test owns: restart it at will."""
+    """A PostgreSQL server this test owns: restart or stop it at will."""
 
     port: int
-    restart: Callable[[], None]
+    ctl: Callable[[str], None]  # "restart", "stop" or "start", as pg_ctl means them
+
+    def restart(self) -> None:
+        self.ctl("restart")
+
+    def outage(self, seconds: float) -> None:
+        """Down for `seconds`: longer than the event log's retries, so runs in flight crash."""
+        self.ctl("stop")
+        time.sleep(seconds)
+        self.ctl("start")
 
     @property
     def url(self) -> str:
@@ -93,8 +103,8 @@ def private_postgres(tmp_path: Path) -> Iterator[Cluster]:
         )
         ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", version, name]
 
-        def restart() -> None:
-            run([*ctl, "restart", "-m", "fast"])
+        def restart(action: str) -> None:
+            run([*ctl, action, *(["-m", "fast"] if action != "start" else [])])
 
         try:
             _wait_ready(port)
@@ -113,8 +123,9 @@ def private_postgres(tmp_path: Path) -> Iterator[Cluster]:
     log = str(tmp_path / "postgres.log")
     run([pg_ctl, "-D", str(data), "-o", options, "-l", log, "-w", "start"])
 
-    def restart_local() -> None:
-        run([pg_ctl, "-D", str(data), "-o", options, "-l", log, "-w", "-m", "fast", "restart"])
+    def restart_local(action: str) -> None:
+        mode = ["-m", "fast"] if action != "start" else []
+        run([pg_ctl, "-D", str(data), "-o", options, "-l", log, "-w", *mode, action])
 
     try:
         _wait_ready(port)
@@ -232,9 +243,12 @@ def check_complete_once(rows: Rows, conversation_id: str, *, resumed: bool | Non
 @requires_postgres
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("event", ["restart", "outage"])
 async def test_postgres_restart_under_a_worker_and_a_live_run(
-    private_postgres: Cluster, tmp_path: Path
+    private_postgres: Cluster, tmp_path: Path, event: str
 ) -> None:
+    """`restart`: pg_ctl restart -m fast (seconds). `outage`: down for 15 s, longer than the
+    event log retries a write, so the run in flight crashes and its job's retry resumes it."""
     env = live_env(DATABASE_URL=private_postgres.url, SIMULATED_LATENCY="0.5")
     raw = await asyncio.to_thread(prepare, env)
     rows = Rows(url=private_postgres.url)
@@ -248,7 +262,10 @@ async def test_postgres_restart_under_a_worker_and_a_live_run(
         await wait_for(lambda: len(rows.agent_messages(interrupted)) >= 3, 90, "turn 1 to be stored")
         assert rows.status(interrupted) == "running"
         began = time.monotonic()
-        await asyncio.to_thread(private_postgres.restart)
+        if event == "restart":
+            await asyncio.to_thread(private_postgres.restart)
+        else:
+            await asyncio.to_thread(private_postgres.outage, STORE_RETRY_SECONDS + 5)
         back = time.monotonic()
         # A new run started right after the restart, while the interrupted one recovers.
         after = await start_stream(base, raw, {"message": "Tea or coffee?", "num_agents": 2, "turns": 1})
@@ -261,12 +278,12 @@ async def test_postgres_restart_under_a_worker_and_a_live_run(
         assert worker.popen.poll() is None, worker.output()
         # The run either rode through the restart (its writes retried) or was retried and
         # resumed after its last complete turn: both finish, nothing twice, no gap.
-        resumed = check_complete_once(rows, interrupted, resumed=None)
+        resumed = check_complete_once(rows, interrupted, resumed=True if event == "outage" else None)
         check_complete_once(rows, after["conversation_id"], resumed=False)
         print(
-            f"\nPostgreSQL restart: server back after {back - began:.1f}s; interrupted run"
+            f"\nPostgreSQL {event}: server back after {back - began:.1f}s; interrupted run"
             f" {'resumed by a retry' if resumed else 'rode through'}, finished {done - began:.1f}s"
-            " after the restart began"
+            f" after the {event} began"
         )
         # Nothing left behind in the queue: every run job finished.
         left = rows.query(
