@@ -149,12 +149,14 @@ async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: d
     so many conversations of one process store their events in parallel instead of queueing
     behind Django's single thread-sensitive executor; SQLite keeps one writer thread.
 
-    A lost connection (a database restart) is retried with back-off for about
-    STORE_RETRY_SECONDS: the pool hands out a checked connection each time.
+    A lost connection (a database restart) is retried with back-off until STORE_RETRY_SECONDS
+    have passed (a try may itself wait for the pool's timeout): the pool hands out a checked
+    connection each time. After that the caller's run stops and is resumed by its retry.
     """
     thread_sensitive = not settings.USING_POSTGRES
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + STORE_RETRY_SECONDS
     delay = 0.25
-    waited = 0.0
     retried = False
     while True:
         try:
@@ -167,7 +169,7 @@ async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: d
                 return
             raise
         except (OperationalError, InterfaceError) as exc:
-            if waited >= STORE_RETRY_SECONDS:
+            if loop.time() >= give_up:
                 raise
             logger.warning(
                 "events not stored yet; retrying",
@@ -176,7 +178,6 @@ async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: d
             if thread_sensitive:
                 await sync_to_async(close_old_connections)()
             await asyncio.sleep(delay)
-            waited += delay
             delay = min(delay * 2, 2.0)
             retried = True
 

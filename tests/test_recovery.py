@@ -249,14 +249,14 @@ async def test_postgres_restart_under_a_worker_and_a_live_run(
 ) -> None:
     """`restart`: pg_ctl restart -m fast (seconds). `outage`: down for 15 s, longer than the
     event log retries a write, so the run in flight crashes and its job's retry resumes it."""
-    env = live_env(DATABASE_URL=private_postgres.url, SIMULATED_LATENCY="0.5")
+    env = live_env(DATABASE_URL=private_postgres.url, SIMULATED_LATENCY="0.8")
     raw = await asyncio.to_thread(prepare, env)
     rows = Rows(url=private_postgres.url)
     web, base = await asyncio.to_thread(start_web, env, tmp_path)
     worker = start_worker(env, tmp_path)
     try:
         started = await start_stream(
-            base, raw, {"message": "Should cities ban cars?", "num_agents": 3, "turns": 4}
+            base, raw, {"message": "Is a hot dog a sandwich?", "num_agents": 3, "turns": 4}
         )
         interrupted = started["conversation_id"]
         await wait_for(lambda: len(rows.agent_messages(interrupted)) >= 3, 90, "turn 1 to be stored")
