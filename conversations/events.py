@@ -23,7 +23,14 @@ import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connection,
+    transaction,
+)
 from django.db.models import Max
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -31,6 +38,9 @@ from redis.exceptions import RedisError
 from conversations.models import Conversation, Event
 
 logger = logging.getLogger("polyagents.events")
+
+# How long a batch of events is retried while the database is away (a restart takes seconds).
+STORE_RETRY_SECONDS = 10.0
 
 # One asyncio Redis client per event loop (a client is bound to the loop that made it).
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, aioredis.Redis]] = (
@@ -122,16 +132,58 @@ def _store_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: da
             connection.close()  # back to the pool: pool threads never hold a connection
 
 
+def _stored_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]]) -> bool:
+    """Whether every event of the batch is stored (an earlier try committed, its answer was lost)."""
+    try:
+        seqs = [event["seq"] for event in batch]
+        return Event.objects.filter(conversation_id=conversation_id, seq__in=seqs).count() == len(seqs)
+    finally:
+        if settings.USING_POSTGRES:
+            connection.close()
+
+
 async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:
     """Write the Event rows of a batch and the conversation's last_seq, in one transaction.
 
     On PostgreSQL this runs in the thread pool (each thread has its own pooled connection),
     so many conversations of one process store their events in parallel instead of queueing
     behind Django's single thread-sensitive executor; SQLite keeps one writer thread.
+
+    A lost connection (a database restart) is retried with back-off until STORE_RETRY_SECONDS
+    have passed (a try may itself wait for the pool's timeout): the pool hands out a checked
+    connection each time. After that the caller's run stops and is resumed by its retry.
     """
-    await sync_to_async(_store_sync, thread_sensitive=not settings.USING_POSTGRES)(
-        conversation_id, batch, now
-    )
+    thread_sensitive = not settings.USING_POSTGRES
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + STORE_RETRY_SECONDS
+    delay = 0.25
+    retried = False
+    while True:
+        try:
+            await sync_to_async(_store_sync, thread_sensitive=thread_sensitive)(conversation_id, batch, now)
+            return
+        except IntegrityError:
+            if retried and await sync_to_async(_stored_sync, thread_sensitive=thread_sensitive)(
+                conversation_id, batch
+            ):
+                return
+            raise
+        except (OperationalError, InterfaceError) as exc:
+            if loop.time() >= give_up:
+                raise
+            logger.warning(
+                "events not stored yet; retrying",
+                extra={"conversation_id": str(conversation_id), "seq": batch[0]["seq"], "error": repr(exc)},
+            )
+            if thread_sensitive:
+                await sync_to_async(close_old_connections)()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            retried = True
+
+
+class EventLogBroken(Exception):
+    """Events of the log could not be stored: the run must stop (and be resumed later)."""
 
 
 class EventLog:
@@ -153,6 +205,9 @@ class EventLog:
         self.buffered = buffered
         self._pending: list[dict[str, Any]] = []
         self._writer: asyncio.Task[None] | None = None
+        # Set when a batch could not be stored: later events are refused, so the stored log
+        # never has a gap (a resumed run continues after the last stored seq).
+        self._broken: BaseException | None = None
         # One writer at a time: a follower must never see seq N+1 before N is stored.
         self._lock = asyncio.Lock()
 
@@ -164,6 +219,7 @@ class EventLog:
 
     async def emit(self, type: str, **data: Any) -> dict[str, Any]:
         """Queue the event under the next seq; unless buffered, wait until it is stored and sent."""
+        self._raise_if_broken()
         self.last_seq += 1
         now = timezone.now()
         event = {
@@ -188,23 +244,30 @@ class EventLog:
             if self._writer is None or self._writer.done():
                 self._writer = asyncio.get_running_loop().create_task(self._drain())
             await asyncio.shield(self._writer)
+        self._raise_if_broken()
+
+    def _raise_if_broken(self) -> None:
+        if self._broken is not None:
+            raise EventLogBroken(f"events of {self.conversation_id} not stored: {self._broken!r}")
 
     async def _drain(self) -> None:
         async with self._lock:
-            while self._pending:
+            while self._pending and self._broken is None:
                 batch, self._pending = self._pending, []
                 try:
                     await _store(self.conversation_id, batch, timezone.now())
-                except Exception:
-                    # Never publish what is not stored; the run goes on and says so in the log.
+                except Exception as exc:
+                    # Never publish what is not stored, nor store anything after it (no gap).
+                    self._broken = exc
+                    self._pending = []
                     logger.exception(
-                        "events not stored; dropped from the live path",
+                        "events not stored; the event log stops",
                         extra={
                             "conversation_id": str(self.conversation_id),
                             "seqs": [e["seq"] for e in batch],
                         },
                     )
-                    continue
+                    return
                 await _append_to_stream(batch)
                 for event in batch:
                     await _publish(event)

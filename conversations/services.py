@@ -15,7 +15,14 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    transaction,
+)
 from django.utils import timezone
 
 from agents.budget import Budget
@@ -26,7 +33,7 @@ from agents.synthesis import default_mode
 from consensus import Proposal, parse_reply
 from conversations import budget as admission
 from conversations.assessment import aassess, apanel_weights
-from conversations.events import EventLog
+from conversations.events import EventLog, EventLogBroken
 from conversations.models import ConsensusResult, Conversation, Message, Vote
 from conversations.signals import conversation_completed
 from gateway import quota
@@ -325,15 +332,26 @@ def _load_prior(
 
 
 async def _watchdog(conversation_id: uuid.UUID, run: asyncio.Task[RunOutcome]) -> None:
-    """Beat the heartbeat and cancel the run when someone asked for it."""
+    """Beat the heartbeat and cancel the run when someone asked for it.
+
+    A failed beat (the database is away) is logged and tried again at the next one: the
+    heartbeat proves that the run is alive, so it must outlive a lost connection.
+    """
     while not run.done():
         await asyncio.sleep(HEARTBEAT_SECONDS)
-        await Conversation.objects.filter(pk=conversation_id).aupdate(heartbeat_at=timezone.now())
-        flag = (
-            await Conversation.objects.filter(pk=conversation_id)
-            .values_list("cancel_requested", flat=True)
-            .afirst()
-        )
+        try:
+            await Conversation.objects.filter(pk=conversation_id).aupdate(heartbeat_at=timezone.now())
+            flag = (
+                await Conversation.objects.filter(pk=conversation_id)
+                .values_list("cancel_requested", flat=True)
+                .afirst()
+            )
+        except DatabaseError as exc:
+            logger.warning(
+                "heartbeat not saved", extra={"conversation": str(conversation_id), "error": repr(exc)}
+            )
+            await sync_to_async(close_old_connections)()
+            continue
         if flag:
             run.cancel()
             return
@@ -390,6 +408,11 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         if not run.cancelled():
             raise  # we ourselves are being cancelled (shutdown): leave it resumable
         return await _finish_cancelled(conversation.pk, exchange, recorder, time.monotonic() - started)
+    except (OperationalError, InterfaceError, EventLogBroken):
+        # The database went away: the run is not over. Leave the conversation running; the
+        # job's retry (or the stale sweep) resumes it from its last stored turn.
+        logger.warning("conversation run interrupted", extra={"conversation": str(conversation.pk)})
+        raise
     except Exception as exc:
         logger.exception("conversation run crashed", extra={"conversation": str(conversation.pk)})
         outcome = RunOutcome(

@@ -7,14 +7,18 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
 django_asgi_app = get_asgi_application()
 
+from collections.abc import MutableMapping  # noqa: E402
+from typing import Any  # noqa: E402
+
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from polyagents_site.warmup import awarm_up, schedule_on_server_loop, warm_up  # noqa: E402
+from streaming.jobs import start_in_process_sweeper  # noqa: E402
 from streaming.routing import websocket_urlpatterns  # noqa: E402
 
-application = ProtocolTypeRouter(
+router = ProtocolTypeRouter(
     {
         "http": ASGIStaticFilesHandler(django_asgi_app),
         "websocket": URLRouter(websocket_urlpatterns),
@@ -25,3 +29,9 @@ application = ProtocolTypeRouter(
 if settings.CONFIG.WARM_UP:
     warm_up()
     schedule_on_server_loop(awarm_up)
+
+
+async def application(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    # Embedded defaults: the first request starts resuming the runs a previous process left.
+    start_in_process_sweeper()
+    await router(scope, receive, send)

@@ -90,6 +90,9 @@ if CONFIG.DATABASE_URL and CONFIG.DATABASE_URL.startswith(("postgres://", "postg
     _db = dj_database_url.parse(CONFIG.DATABASE_URL, conn_max_age=0)
     _db["ENGINE"] = "django.db.backends.postgresql"
     _db["OPTIONS"] = {"pool": {"min_size": 1, "max_size": CONFIG.DATABASE_POOL_MAX, "timeout": 10}}
+    # With a pool, Django passes `check=ConnectionPool.check_connection`: a pooled connection is
+    # tested before it is handed out, so those a database restart killed are replaced.
+    _db["CONN_HEALTH_CHECKS"] = True
     _db["CONN_MAX_AGE"] = 0  # persistent connections leak under ASGI; the pool reuses them
 elif CONFIG.DATABASE_URL:
     _db = dj_database_url.parse(CONFIG.DATABASE_URL)
@@ -117,14 +120,22 @@ USING_POSTGRES = DATABASES["default"]["ENGINE"].endswith("postgresql")
 if USING_POSTGRES:
     INSTALLED_APPS.append("procrastinate.contrib.django")
 PROCRASTINATE_AUTODISCOVER_MODULE_NAME = "tasks"
+# A "running" conversation whose heartbeat (every 2 s) is older than this, run by no live
+# worker, is resumed elsewhere or failed (streaming/jobs.py `sweep_stale_conversations`).
+CONVERSATION_STALE_SECONDS = CONFIG.CONVERSATION_STALE_SECONDS
+# How often each worker (and, on SQLite, the web process) looks for dead runs.
+RECOVERY_SWEEP_SECONDS = 5.0
+RECOVERY_SWEEP_IN_PROCESS = True  # SQLite: the web process resumes the runs a restart interrupted
+# A worker is dead once its heartbeat (every 5 s) is older than this.
+WORKER_STALLED_SECONDS = float(CONVERSATION_STALE_SECONDS)
 PROCRASTINATE_WORKER_DEFAULTS = {
     "concurrency": CONFIG.WORKER_CONCURRENCY,
     "delete_jobs": "successful",
     "update_heartbeat_interval": 5.0,
-    "stalled_worker_timeout": 30.0,
+    "stalled_worker_timeout": WORKER_STALLED_SECONDS,
 }
-# A "running" conversation whose heartbeat is older than this is re-enqueued or failed.
-CONVERSATION_STALE_SECONDS = CONFIG.CONVERSATION_STALE_SECONDS
+# Workers that survive a lost database connection (streaming/worker.py).
+PROCRASTINATE_ON_APP_READY = "streaming.worker.on_app_ready"
 
 # --- Redis: cache, channel layer and streams when REDIS_URL is set.
 REDIS_URL = CONFIG.REDIS_URL

@@ -20,3 +20,6 @@ os.environ.setdefault("REDIS_KEY_PREFIX", "test:" + uuid.uuid4().hex[:12])
 from polyagents_site.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Tests drive the in-process recovery sweep themselves, unless a child process is asked to.
+RECOVERY_SWEEP_IN_PROCESS = os.environ.get("RECOVERY_SWEEP_IN_PROCESS") == "1"

@@ -8,12 +8,15 @@ default it is an asyncio task of the web process.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Q
 from django.utils import timezone
 
@@ -56,18 +59,42 @@ async def enqueue_run(conversation_id: uuid.UUID, exchange: int) -> str:
 
 
 async def run_in_process(conversation_id: uuid.UUID, exchange: int) -> None:
-    """The SQLite path: sweep runs a previous process left behind, then run this exchange."""
+    """The SQLite path: run this exchange in this process (`start_in_process_sweeper` resumes dead ones)."""
     from conversations.services import conversation_run
 
     try:
-        await sweep_stale_conversations(requeue=False)
-    except Exception:
-        logger.exception("stale sweep failed")
-    try:
         await conversation_run(conversation_id=conversation_id, exchange=exchange)
     except Exception:
-        # conversation_run records its own failures; this only keeps the task from dying silently.
+        # conversation_run records its own failures; one it could not record (the database
+        # was away) leaves the conversation running: the sweep resumes it once it is stale.
         logger.exception("in-process run crashed", extra={"conversation_id": str(conversation_id)})
+
+
+# One recovery loop per event loop of a web process on the embedded defaults.
+_sweepers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+
+
+def start_in_process_sweeper() -> None:
+    """On SQLite, resume (in this process) or fail the runs a previous web process left behind.
+
+    Called on the first request a web process serves (polyagents_site/asgi.py); then every
+    RECOVERY_SWEEP_SECONDS. A run is taken over only once its heartbeat is older than
+    CONVERSATION_STALE_SECONDS, so the live runs of another process are left alone.
+    """
+    if settings.USING_POSTGRES or not settings.RECOVERY_SWEEP_IN_PROCESS:
+        return
+    loop = asyncio.get_running_loop()
+    if loop in _sweepers:
+        return
+    for other in [key for key in _sweepers if key.is_closed()]:
+        del _sweepers[other]
+    _sweepers[loop] = loop.create_task(_sweep_forever(), name="recovery sweep")
+
+
+async def _sweep_forever() -> None:
+    from streaming.worker import keep_running
+
+    await keep_running("recovery sweep", sweep_stale_conversations, settings.RECOVERY_SWEEP_SECONDS)
 
 
 async def wait_for_background_runs(timeout: float | None = None) -> None:
@@ -80,8 +107,11 @@ async def wait_for_background_runs(timeout: float | None = None) -> None:
 
 @dataclass
 class SweepReport:
-    requeued: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)  # a new job was queued
+    resumed: list[str] = field(default_factory=list)  # the dead worker's job was put back in the queue
     failed: list[str] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)  # a queued job will resume it
+    alive: list[str] = field(default_factory=list)  # a live worker still runs it
 
 
 async def fail_conversation(conversation: Conversation, reason: str) -> None:
@@ -95,18 +125,31 @@ async def fail_conversation(conversation: Conversation, reason: str) -> None:
 
 
 async def sweep_stale_conversations(
-    *, older_than: float | None = None, requeue: bool | None = None, max_requeues: int = SWEEP_MAX_REQUEUES
+    *,
+    older_than: float | None = None,
+    requeue: bool = True,
+    max_requeues: int = SWEEP_MAX_REQUEUES,
+    now: datetime | None = None,
 ) -> SweepReport:
-    """Find "running" conversations with an old heartbeat: re-enqueue them (bounded) or fail them.
+    """The one owner of the recovery of dead runs: resume or fail "running" conversations
+    whose heartbeat is older than `older_than` seconds (CONVERSATION_STALE_SECONDS).
 
-    `requeue` defaults to True on PostgreSQL (a worker resumes from the last completed
-    turn); in-process runs cannot be handed over, so there they are failed.
+    On PostgreSQL the procrastinate job behind a stale conversation decides:
+    - a `doing` job of a live worker (worker heartbeat fresh): left alone, a live worker owns it;
+    - a `doing` job of a dead worker: that same job is put back to `todo` (it keeps its lock,
+      so no second job can ever wait behind it), up to RUN_MAX_ATTEMPTS, then the
+      conversation is failed;
+    - a `todo` job: it will resume the run; a dead `doing` job beside it (left by older
+      versions) is failed, so its lock no longer blocks the queued one;
+    - no job at all (lost, or failed while the database was away): a new job, at most
+      `max_requeues` times, then the conversation is failed.
+    On SQLite the run is resumed in this process (bounded the same way). With
+    `requeue=False` stale conversations are failed. `now` is the clock (tests inject one).
     """
     seconds = settings.CONVERSATION_STALE_SECONDS if older_than is None else older_than
-    requeue = settings.USING_POSTGRES if requeue is None else requeue
-    cutoff = timezone.now() - timedelta(seconds=seconds)
-    # Running with an old heartbeat. With requeueing (PostgreSQL) also pending ones whose job
-    # may be lost: re-enqueueing a job that is still queued is a no-op (queueing lock).
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=seconds)
+    # Running with an old heartbeat; with requeueing also pending ones, whose job may be lost.
     statuses = [Conversation.Status.RUNNING]
     if requeue:
         statuses.append(Conversation.Status.PENDING)
@@ -115,24 +158,120 @@ async def sweep_stale_conversations(
     )
     report = SweepReport()
     async for conversation in stale:
-        attempts = int(conversation.metadata.get("sweep_requeues", 0))
-        if requeue and attempts < max_requeues:
-            metadata = {**conversation.metadata, "sweep_requeues": attempts + 1}
-            # Touch the heartbeat so the next sweep gives the new run time to start.
-            await Conversation.objects.filter(pk=conversation.pk).aupdate(
-                metadata=metadata, heartbeat_at=timezone.now()
+        try:
+            if not requeue:
+                await _fail_stale(conversation, f"worker lost: no heartbeat for {seconds:g}s", report)
+            elif settings.USING_POSTGRES:
+                await _recover_job(conversation, seconds, cutoff, now, max_requeues, report)
+            else:
+                await _requeue_or_fail(conversation, seconds, max_requeues, report)
+        except (OperationalError, InterfaceError):
+            raise  # the database is away: the whole sweep is tried again later
+        except Exception:
+            # One conversation must not stop the sweep of the others.
+            logger.exception(
+                "stale conversation not recovered", extra={"conversation_id": str(conversation.pk)}
             )
-            if await enqueue_run(conversation.pk, conversation.exchanges) == "already_queued":
-                # Its job is still waiting for a worker: not a lost run, so no attempt is spent.
-                await Conversation.objects.filter(pk=conversation.pk).aupdate(metadata=conversation.metadata)
-                continue
-            report.requeued.append(str(conversation.pk))
-            logger.warning("stale conversation re-enqueued", extra={"conversation_id": str(conversation.pk)})
-        else:
-            reason = f"worker lost: no heartbeat for {seconds:g}s"
-            if requeue:
-                reason += f" after {attempts} re-enqueue(s)"
-            await fail_conversation(conversation, reason)
-            report.failed.append(str(conversation.pk))
-            logger.warning("stale conversation failed", extra={"conversation_id": str(conversation.pk)})
     return report
+
+
+async def _fail_stale(conversation: Conversation, reason: str, report: SweepReport) -> None:
+    await fail_conversation(conversation, reason)
+    report.failed.append(str(conversation.pk))
+    logger.warning(
+        "stale conversation failed", extra={"conversation_id": str(conversation.pk), "reason": reason}
+    )
+
+
+async def _requeue_or_fail(
+    conversation: Conversation, seconds: float, max_requeues: int, report: SweepReport
+) -> None:
+    """No run behind the conversation: start a new one (bounded), or fail it."""
+    attempts = int(conversation.metadata.get("sweep_requeues", 0))
+    if attempts >= max_requeues:
+        reason = f"worker lost: no heartbeat for {seconds:g}s after {attempts} re-enqueue(s)"
+        await _fail_stale(conversation, reason, report)
+        return
+    # Claim it (status and heartbeat unchanged since read): two sweeps never both start a run.
+    claimed = await Conversation.objects.filter(
+        pk=conversation.pk, status=conversation.status, heartbeat_at=conversation.heartbeat_at
+    ).aupdate(metadata={**conversation.metadata, "sweep_requeues": attempts + 1}, heartbeat_at=timezone.now())
+    if not claimed:
+        return
+    if await enqueue_run(conversation.pk, conversation.exchanges) == "already_queued":
+        # Its job is still waiting for a worker: not a lost run, so no attempt is spent.
+        await Conversation.objects.filter(pk=conversation.pk).aupdate(metadata=conversation.metadata)
+        return
+    report.requeued.append(str(conversation.pk))
+    logger.warning("stale conversation re-enqueued", extra={"conversation_id": str(conversation.pk)})
+
+
+async def _recover_job(
+    conversation: Conversation,
+    seconds: float,
+    cutoff: datetime,
+    now: datetime,
+    max_requeues: int,
+    report: SweepReport,
+) -> None:
+    from procrastinate.contrib.django import app
+    from procrastinate.contrib.django.models import ProcrastinateJob
+    from procrastinate.jobs import Status
+
+    from streaming.tasks import RUN_MAX_ATTEMPTS
+
+    worker_cutoff = now - timedelta(seconds=settings.WORKER_STALLED_SECONDS)
+    rows = [
+        row
+        async for row in ProcrastinateJob.objects.filter(  # type: ignore[misc]
+            lock=job_lock(conversation.pk), status__in=["todo", "doing"]
+        ).select_related("worker")
+    ]
+    todo = [row for row in rows if row.status == "todo"]
+    doing = [row for row in rows if row.status == "doing"]
+    dead = [row for row in doing if row.worker is None or row.worker.last_heartbeat < worker_cutoff]
+    # Read again after the jobs: a run that just finished or beat its heartbeat is not dead.
+    current = await Conversation.objects.filter(pk=conversation.pk).afirst()
+    if current is None or current.is_terminal:
+        return
+    beat = current.heartbeat_at or current.updated_at
+    if beat is not None and beat >= cutoff:
+        return
+    if len(dead) < len(doing):
+        report.alive.append(str(conversation.pk))  # a live worker runs it: a heartbeat proves life
+        logger.info(
+            "stale conversation left to its live worker", extra={"conversation_id": str(conversation.pk)}
+        )
+        return
+    manager = app.job_manager
+    if todo:
+        for row in dead:
+            await manager.finish_job_by_id_async(row.id, status=Status.FAILED, delete_job=False)
+            logger.warning("dead job behind a queued one failed", extra={"job_id": row.id})
+        report.queued.append(str(conversation.pk))
+        return
+    if dead:
+        row = dead[0]
+        if row.attempts + 1 >= RUN_MAX_ATTEMPTS:
+            await manager.finish_job_by_id_async(row.id, status=Status.FAILED, delete_job=False)
+            reason = f"worker lost: no heartbeat for {seconds:g}s, {row.attempts + 1} attempt(s)"
+            await _fail_stale(current, reason, report)
+            return
+        await manager.retry_job(row.procrastinate_job)
+        await sync_to_async(_notify_job_queued)(row.id, row.queue_name)
+        report.resumed.append(str(conversation.pk))
+        logger.warning(
+            "dead run's job retried", extra={"conversation_id": str(conversation.pk), "job_id": row.id}
+        )
+        return
+    await _requeue_or_fail(current, seconds, max_requeues, report)
+
+
+def _notify_job_queued(job_id: int, queue: str) -> None:
+    """Wake listening workers now: procrastinate notifies inserted jobs, not retried ones."""
+    payload = json.dumps({"type": "job_inserted", "job_id": job_id})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_notify('procrastinate_any_queue_v1', %s), pg_notify(%s, %s)",
+            [payload, f"procrastinate_queue_v1#{queue}", payload],
+        )

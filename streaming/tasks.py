@@ -8,9 +8,14 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import attr
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
 from procrastinate import App, JobContext, RetryDecision, RetryStrategy
 from procrastinate.contrib.django import app
 from procrastinate.contrib.django.django_connector import DjangoConnector
@@ -19,15 +24,20 @@ from procrastinate.manager import JobManager
 
 logger = logging.getLogger("polyagents.tasks")
 
-RUN_MAX_ATTEMPTS = 4
+# A run's retries (a crash, a lost database) wait 2.5-5 s, 5-10 s, 10-20 s, 20-40 s, 30-60 s:
+# together at least 67 s, so they span a database restart or a short outage.
+RUN_MAX_ATTEMPTS = 6
 STALLED_JOB_SECONDS = 30.0
 STALLED_MAX_ATTEMPTS = RUN_MAX_ATTEMPTS
+RUN_TASK = "conversations.run_conversation"
 
 
 def worker_app() -> App:
     """The app on a psycopg pool connector: what workers need (Django's connector returns jsonb as text)."""
+    from streaming.worker import install
+
     connector = cast(DjangoConnector, app.connector)
-    return app.with_connector(connector.get_worker_connector())
+    return install(app.with_connector(connector.get_worker_connector()))
 
 
 async def run_worker_until_idle(**options: Any) -> None:
@@ -40,7 +50,8 @@ async def run_worker_until_idle(**options: Any) -> None:
 
 @attr.dataclass(kw_only=True)
 class JitteredRetry(RetryStrategy):
-    """procrastinate's RetryStrategy (bounded by max_attempts) plus full jitter, capped at max_wait."""
+    """procrastinate's RetryStrategy (bounded by max_attempts), exponential from `wait` seconds,
+    capped at max_wait, with "equal jitter": between half and all of the step."""
 
     max_wait: int = 60
 
@@ -48,39 +59,62 @@ class JitteredRetry(RetryStrategy):
         decision = super().get_retry_decision(exception=exception, job=job)
         if decision is None:
             return None
-        ceiling = min(self.max_wait, self.wait + self.exponential_wait ** (job.attempts + 1))
-        return RetryDecision(retry_in={"seconds": random.randint(1, max(1, ceiling))})
+        step = min(self.max_wait, self.wait * self.exponential_wait**job.attempts)
+        wait = timedelta(seconds=random.uniform(step / 2, step))
+        return RetryDecision(retry_at=datetime.now(UTC) + wait)
+
+
+@asynccontextmanager
+async def fresh_connections() -> AsyncIterator[None]:
+    """Discard the broken or expired Django connections of the ORM thread before and after a job.
+
+    Django does this around each web request; a worker has no requests, so a connection a
+    database restart killed would otherwise fail every later job ("the connection is closed").
+    """
+    await sync_to_async(close_old_connections)()
+    try:
+        yield
+    finally:
+        await sync_to_async(close_old_connections)()
 
 
 @app.task(
-    name="conversations.run_conversation",
-    retry=JitteredRetry(max_attempts=RUN_MAX_ATTEMPTS, wait=1, exponential_wait=2, max_wait=30),
+    name=RUN_TASK,
+    retry=JitteredRetry(max_attempts=RUN_MAX_ATTEMPTS, wait=5, exponential_wait=2, max_wait=60),
 )
 async def run_conversation(conversation_id: str, exchange: int) -> None:
     """Run (or resume after a crash) one exchange of a conversation."""
     from conversations.services import conversation_run
 
-    await conversation_run(conversation_id=uuid.UUID(conversation_id), exchange=exchange)
+    async with fresh_connections():
+        await conversation_run(conversation_id=uuid.UUID(conversation_id), exchange=exchange)
 
 
 async def retry_stalled_jobs(
     manager: JobManager, seconds_since_heartbeat: float = STALLED_JOB_SECONDS
 ) -> int:
-    """Put back in the queue the jobs of workers that stopped sending heartbeats (killed, lost)."""
+    """Put back in the queue the jobs of workers that stopped sending heartbeats (killed, lost).
+
+    Conversation runs are not touched here: `sweep_stale_conversations` alone recovers them,
+    from the conversation's own heartbeat, so two paths never race for one dead run.
+    """
     stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat)
     count = 0
     for job in stalled:
+        if job.task_name == RUN_TASK:
+            continue
         if job.attempts + 1 >= STALLED_MAX_ATTEMPTS:
-            # A job that keeps killing its worker must not loop forever: fail it. The
-            # conversation's own sweep then re-enqueues it (bounded) or marks it failed.
+            # A job that keeps killing its worker must not loop forever: fail it.
             if job.id is not None:
                 await manager.finish_job_by_id_async(job.id, status=Status.FAILED, delete_job=False)
             logger.error("stalled job failed after too many attempts", extra={"job_id": job.id})
             continue
         try:
             await manager.retry_job(job)
-        except Exception:  # e.g. a newer job already holds its queueing lock
-            logger.exception("stalled job not retried", extra={"job_id": job.id, "task": job.task_name})
+        except Exception:  # e.g. a newer job already holds its queueing lock: this one is not needed
+            if job.id is not None:
+                await manager.finish_job_by_id_async(job.id, status=Status.FAILED, delete_job=False)
+            logger.warning("stalled job failed: a newer one is queued", extra={"job_id": job.id})
             continue
         count += 1
         logger.warning("stalled job retried", extra={"job_id": job.id, "task": job.task_name})
@@ -90,9 +124,21 @@ async def retry_stalled_jobs(
 @app.periodic(cron="* * * * *")
 @app.task(name="conversations.sweep", queueing_lock="conversations.sweep", pass_context=True)
 async def sweep(context: JobContext, timestamp: int) -> dict[str, Any]:
-    """Every minute: retry stalled jobs, then re-enqueue or fail conversations with a dead heartbeat."""
+    """Every minute: retry stalled maintenance jobs, and recover dead runs.
+
+    Each worker also recovers dead runs every RECOVERY_SWEEP_SECONDS (streaming/worker.py);
+    this is the same idempotent sweep, for a worker whose side tasks are not ours.
+    """
     from streaming.jobs import sweep_stale_conversations
 
-    retried = await retry_stalled_jobs(context.app.job_manager)
-    report = await sweep_stale_conversations()
-    return {"stalled_jobs_retried": retried, "requeued": report.requeued, "failed": report.failed}
+    async with fresh_connections():
+        retried = await retry_stalled_jobs(context.app.job_manager)
+        report = await sweep_stale_conversations()
+    return {
+        "stalled_jobs_retried": retried,
+        "requeued": report.requeued,
+        "resumed": report.resumed,
+        "failed": report.failed,
+        "queued": report.queued,
+        "alive": report.alive,
+    }
