@@ -17,6 +17,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from conversations import schemas
 from conversations.selectors import achat_result, conversation_detail, recent_conversations
 from conversations.serializers import ChatRequestSerializer
 from conversations.services import (
@@ -25,6 +26,7 @@ from conversations.services import (
     conversation_start,
 )
 from gateway.errors import error_body
+from gateway.openapi import errors, links
 from gateway.permissions import CanWrite
 from gateway.principal import principal_of
 from gateway.validation import query_params
@@ -49,12 +51,23 @@ def conversation_problem(exc: ConversationError) -> Response:
     return problem(exc.status_code, exc.code, str(exc))
 
 
+# An OpenAPI link: the conversation_id of a /chat or /stream answer opens /conversations/{id}.
+FOLLOW_CONVERSATION = ("conversations_detail", {"conversation_id": "$response.body#/conversation_id"})
+
+
 class ChatView(APIView):
     permission_classes = [CanWrite]
 
     @extend_schema(
         request=ChatRequestSerializer,
-        responses={200: dict, 400: dict, 401: dict, 403: dict, 404: dict, 409: dict, 429: dict, 503: dict},
+        responses={
+            200: OpenApiResponse(
+                schemas.CHAT_RESPONSE, description="The panel's answers, ballots and consensus."
+            ),
+            # 404: an unknown (or someone else's) conversation_id; 409: it is running already.
+            **errors(404, 409, 503),
+        },
+        extensions=links(GetConversation=FOLLOW_CONVERSATION),
         examples=[
             OpenApiExample(
                 "Ask three agents",
@@ -107,7 +120,7 @@ class ChatView(APIView):
 
 
 class RecentQuery(serializers.Serializer):
-    limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
+    limit = serializers.IntegerField(min_value=1, max_value=100, default=10, help_text="1..100")
 
 
 CONVERSATION_EXAMPLE = {
@@ -130,8 +143,8 @@ class RecentConversationsView(APIView):
     @extend_schema(
         operation_id="conversations_recent",
         summary="Recent conversations (newest first)",
-        parameters=[OpenApiParameter("limit", int, description="1..100, default 10")],
-        responses={200: OpenApiResponse(OpenApiTypes.OBJECT)},
+        parameters=[RecentQuery],
+        responses={200: OpenApiResponse(schemas.RECENT_CONVERSATIONS)},
         examples=[
             OpenApiExample(
                 "recent", value={"conversations": [CONVERSATION_EXAMPLE], "count": 1}, response_only=True
@@ -148,7 +161,8 @@ class ConversationDetailView(APIView):
     @extend_schema(
         operation_id="conversations_detail",
         summary="A conversation with its messages, ballots and consensus results",
-        responses={200: OpenApiResponse(OpenApiTypes.OBJECT), 404: OpenApiResponse(OpenApiTypes.OBJECT)},
+        parameters=[OpenApiParameter("conversation_id", OpenApiTypes.UUID, OpenApiParameter.PATH)],
+        responses={200: OpenApiResponse(schemas.CONVERSATION_DETAIL)},
         examples=[
             OpenApiExample(
                 "detail",
