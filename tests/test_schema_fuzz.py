@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import schemathesis
+from django.conf import settings
 from django.core.signals import request_finished, request_started
 from django.core.wsgi import get_wsgi_application
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import events, from_schema
 
@@ -47,6 +48,22 @@ class FreshAdminKey:
 
     def set(self, case: Any, data: str, ctx: Any) -> None:
         case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+
+def queued_jobs_watermark() -> int:
+    """The last procrastinate job id (PostgreSQL), so the jobs this test queues can be removed."""
+    if not settings.USING_POSTGRES:
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT coalesce(max(id), 0) FROM procrastinate_jobs")
+        return int(cursor.fetchone()[0])
+
+
+def drop_queued_jobs(after: int) -> None:
+    """Remove the runs POST /stream queued: the table is not Django's, so the flush keeps them."""
+    if settings.USING_POSTGRES:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM procrastinate_jobs WHERE id > %s", [after])
 
 
 @pytest.fixture
@@ -88,6 +105,7 @@ def wsgi_schema(transactional_db: None, settings: Any, monkeypatch: pytest.Monke
     # (with CONN_MAX_AGE=0 it would, and the test transaction with it).
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
+    last_job = queued_jobs_watermark()
     try:
         schema = schemathesis.openapi.from_wsgi("/schema?format=json", get_wsgi_application(), config=config)
         schema.auth(refresh_interval=None)(FreshAdminKey)
@@ -105,6 +123,7 @@ def wsgi_schema(transactional_db: None, settings: Any, monkeypatch: pytest.Monke
     finally:
         request_started.connect(close_old_connections)
         request_finished.connect(close_old_connections)
+        drop_queued_jobs(after=last_job)
 
 
 def describe(recorder: Any) -> list[str]:
