@@ -9,38 +9,30 @@ from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from archive import export, retention
+from archive import export, retention, schemas
 from archive.search import search_conversations
 from conversations.views import CONVERSATION_EXAMPLE
 from gateway.permissions import IsAdmin
 from gateway.principal import principal_of
-from gateway.validation import SafeCharField, query_params
+from gateway.validation import SafeCharField, StrictSerializer, query_params
 
 STREAM_PIECE_BYTES = 64 * 1024
 
 
-class SearchBody(serializers.Serializer):
+class SearchBody(StrictSerializer):
     query = SafeCharField(max_length=500, min_length=1)
     limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        unknown = (
-            sorted(set(self.initial_data) - set(self.fields)) if isinstance(self.initial_data, dict) else []
-        )
-        if unknown:
-            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
-        return attrs
 
 
 class CleanupQuery(serializers.Serializer):
     days = serializers.IntegerField(min_value=1, max_value=retention.MAX_DAYS, default=30)
-    dry_run = serializers.BooleanField(default=False)
+    dry_run = serializers.BooleanField(default=False, help_text="count only")
 
 
 class ExportQuery(serializers.Serializer):
@@ -53,7 +45,7 @@ class SearchConversationsView(APIView):
         operation_id="conversations_search",
         summary="Search conversations: full text, plus semantic search when Qdrant is configured",
         request=SearchBody,
-        responses={200: OpenApiResponse(OpenApiTypes.OBJECT), 400: OpenApiResponse(OpenApiTypes.OBJECT)},
+        responses={200: OpenApiResponse(schemas.SEARCH_RESULTS)},
         examples=[
             OpenApiExample("query", value={"query": "renewable energy", "limit": 10}, request_only=True),
             OpenApiExample(
@@ -93,11 +85,8 @@ class CleanupView(APIView):
         operation_id="admin_cleanup",
         summary="Delete conversations, Redis streams and Qdrant points older than `days` (admin)",
         request=None,
-        parameters=[
-            OpenApiParameter("days", int, description="default 30"),
-            OpenApiParameter("dry_run", bool, description="count only, default false"),
-        ],
-        responses={200: OpenApiResponse(OpenApiTypes.OBJECT)},
+        parameters=[CleanupQuery],
+        responses={200: OpenApiResponse(schemas.CLEANUP_RESULTS)},
         examples=[
             OpenApiExample(
                 "cleanup",
@@ -161,10 +150,7 @@ class ExportView(APIView):
     @extend_schema(
         operation_id="admin_export",
         summary="Stream conversations of the last `days` days as json, jsonl or csv (admin)",
-        parameters=[
-            OpenApiParameter("format", str, enum=list(export.FORMATS), description="default json"),
-            OpenApiParameter("days", int, description="default 7"),
-        ],
+        parameters=[ExportQuery],
         responses={
             (200, "application/json"): OpenApiResponse(OpenApiTypes.OBJECT),
             (200, "application/x-ndjson"): OpenApiResponse(OpenApiTypes.STR),

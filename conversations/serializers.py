@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.conf import settings
 from rest_framework import serializers
 
@@ -12,21 +10,11 @@ from gateway.validation import (
     SafeCharField,
     StrictPositiveIntegerField,
     StrictPositiveNumberField,
+    StrictSerializer,
     StrictUUIDField,
 )
 
 MAX_MESSAGE_CHARS = 8000
-
-
-class StrictSerializer(serializers.Serializer):
-    """Refuses fields it does not know, so a typo is an error rather than a silent default."""
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(self.initial_data, dict):
-            unknown = sorted(set(self.initial_data) - set(self.fields))
-            if unknown:
-                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
-        return attrs
 
 
 class ChatRequestSerializer(StrictSerializer):
@@ -49,14 +37,25 @@ class ChatRequestSerializer(StrictSerializer):
         required=False, allow_null=True, max_value=1_000_000_000, help_text="Budget in tokens."
     )
 
-    def validate_num_agents(self, value: int | None) -> int | None:
-        limit = settings.CONFIG.MAX_AGENTS
-        if value is not None and value > limit:
-            raise serializers.ValidationError(f"Ensure this value is less than or equal to {limit}.")
-        return value
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # The upper bounds are settings: the same bound validates and appears in the schema.
+        fields = super().get_fields()
+        config = settings.CONFIG
+        fields["num_agents"] = serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=config.MAX_AGENTS
+        )
+        fields["turns"] = serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=config.MAX_TURNS
+        )
+        return fields
 
-    def validate_turns(self, value: int | None) -> int | None:
-        limit = settings.CONFIG.MAX_TURNS
-        if value is not None and value > limit:
-            raise serializers.ValidationError(f"Ensure this value is less than or equal to {limit}.")
-        return value
+
+class StreamRequestSerializer(ChatRequestSerializer):
+    """The schema of POST /stream/{conversation_id}'s body (documentation only): the /chat body,
+    whose conversation is the path's. A `conversation_id` in the body is still tolerated when it
+    equals the path's, so the schema leaves it out rather than describe that equality."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        fields.pop("conversation_id")
+        return fields

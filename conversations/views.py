@@ -17,6 +17,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from conversations import schemas
 from conversations.models import Conversation
 from conversations.selectors import achat_result, conversation_detail, recent_conversations
 from conversations.serializers import ChatRequestSerializer
@@ -26,6 +27,7 @@ from conversations.services import (
     conversation_start,
 )
 from gateway.errors import error_body
+from gateway.openapi import errors, links
 from gateway.permissions import CanWrite
 from gateway.principal import principal_of
 from gateway.validation import query_params
@@ -50,22 +52,23 @@ def conversation_problem(exc: ConversationError) -> Response:
     return problem(exc.status_code, exc.code, str(exc), **getattr(exc, "extra", {}))
 
 
+# An OpenAPI link: the conversation_id of a /chat or /stream answer opens /conversations/{id}.
+FOLLOW_CONVERSATION = ("conversations_detail", {"conversation_id": "$response.body#/conversation_id"})
+
+
 class ChatView(APIView):
     permission_classes = [CanWrite]
 
     @extend_schema(
         request=ChatRequestSerializer,
         responses={
-            200: dict,
-            400: dict,
-            401: dict,
-            403: dict,
-            404: dict,
-            409: dict,
-            422: dict,
-            429: dict,
-            503: dict,
+            200: OpenApiResponse(
+                schemas.CHAT_RESPONSE, description="The panel's answers, ballots and consensus."
+            ),
+            # 404: an unknown (or someone else's) conversation_id; 409: it is running already.
+            **errors(404, 409, 422, 503),
         },
+        extensions=links(GetConversation=FOLLOW_CONVERSATION),
         examples=[
             OpenApiExample(
                 "Ask three agents",
@@ -121,7 +124,7 @@ class ChatView(APIView):
 
 
 class RecentQuery(serializers.Serializer):
-    limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
+    limit = serializers.IntegerField(min_value=1, max_value=100, default=10, help_text="1..100")
     status = serializers.ChoiceField(choices=Conversation.Status.choices, required=False)
 
 
@@ -145,11 +148,8 @@ class RecentConversationsView(APIView):
     @extend_schema(
         operation_id="conversations_recent",
         summary="Recent conversations (newest first)",
-        parameters=[
-            OpenApiParameter("limit", int, description="1..100, default 10"),
-            OpenApiParameter("status", str, enum=Conversation.Status.values, description="only this status"),
-        ],
-        responses={200: OpenApiResponse(OpenApiTypes.OBJECT)},
+        parameters=[RecentQuery],
+        responses={200: OpenApiResponse(schemas.RECENT_CONVERSATIONS)},
         examples=[
             OpenApiExample(
                 "recent", value={"conversations": [CONVERSATION_EXAMPLE], "count": 1}, response_only=True
@@ -166,7 +166,8 @@ class ConversationDetailView(APIView):
     @extend_schema(
         operation_id="conversations_detail",
         summary="A conversation with its messages, ballots and consensus results",
-        responses={200: OpenApiResponse(OpenApiTypes.OBJECT), 404: OpenApiResponse(OpenApiTypes.OBJECT)},
+        parameters=[OpenApiParameter("conversation_id", OpenApiTypes.UUID, OpenApiParameter.PATH)],
+        responses={200: OpenApiResponse(schemas.CONVERSATION_DETAIL)},
         examples=[
             OpenApiExample(
                 "detail",

@@ -8,6 +8,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
@@ -113,6 +114,7 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Json
     return error_response(404, "not_found", f"No route for {request.path}.")
 
 
+@csrf_exempt  # a POST to an unknown path is a JSON 404, not Django's HTML CSRF page
 def not_found(request: HttpRequest, *args: object, **kwargs: object) -> JsonResponse:
     """Catch-all route: JSON 404 even in DEBUG, where Django would render its HTML 404 page."""
     return handler404(request)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from gateway.models import ApiKey, QuotaUnit, generate_key, hash_key
 from gateway.principal import Principal
+
+logger = logging.getLogger("polyagents.keys")
 
 PERMISSIONS = ("read", "write", "admin")
 PREFIX_LENGTH = 10
@@ -126,36 +130,72 @@ def key_find(identifier: str) -> ApiKey:
 
 
 def keys_load_defaults(specs: Iterable[object] | None = None) -> list[tuple[str, str]]:
-    """Load DEFAULT_API_KEYS idempotently (matched by name, source "env"); returns (name, action)."""
+    """Load DEFAULT_API_KEYS idempotently (matched by name, source "env"); returns (name, action).
+
+    Safe when several processes start at once: the row is locked while it is compared, and
+    a process that loses the race to create it (the key hash is unique) loads it again.
+    """
     specs = settings.CONFIG.DEFAULT_API_KEYS if specs is None else specs
     done: list[tuple[str, str]] = []
     for spec in specs:
-        name: str = spec.name  # type: ignore[attr-defined]
-        raw: str = spec.key  # type: ignore[attr-defined]
-        perms = normalise_permissions(spec.permissions)  # type: ignore[attr-defined]
-        override: int | None = spec.rate_limit_override  # type: ignore[attr-defined]
-        daily_quota: float | None = getattr(spec, "daily_quota", None)
-        quota_unit: str = getattr(spec, "daily_quota_unit", QuotaUnit.TOKENS)
-        with transaction.atomic():
-            existing = ApiKey.objects.select_for_update().filter(name=name, source=ApiKey.Source.ENV).first()
-            if existing is None:
-                key_create(name=name, permissions=perms, rate_limit_override=override,
-                           source=ApiKey.Source.ENV, raw=raw, daily_quota=daily_quota,
-                           daily_quota_unit=quota_unit)
-                done.append((name, "created"))
-                continue
-            wanted = {"key_hash": hash_key(raw), "prefix": raw[:PREFIX_LENGTH], "permissions": perms,
-                      "rate_limit_override": override, "revoked_at": None, "daily_quota": daily_quota,
-                      "daily_quota_unit": quota_unit}
-            changed = [f for f, v in wanted.items() if getattr(existing, f) != v]
-            if not changed:
-                done.append((name, "unchanged"))
-                continue
-            for field in changed:
-                setattr(existing, field, wanted[field])
-            existing.save(update_fields=changed)
-            done.append((name, "updated"))
+        try:
+            done.append(_load_default(spec))
+        except IntegrityError:
+            done.append(_load_default(spec))  # created by another process meanwhile
     return done
+
+
+def _load_default(spec: object) -> tuple[str, str]:
+    name: str = spec.name  # type: ignore[attr-defined]
+    raw: str = spec.key  # type: ignore[attr-defined]
+    perms = normalise_permissions(spec.permissions)  # type: ignore[attr-defined]
+    override: int | None = spec.rate_limit_override  # type: ignore[attr-defined]
+    daily_quota: float | None = getattr(spec, "daily_quota", None)
+    quota_unit: str = getattr(spec, "daily_quota_unit", QuotaUnit.TOKENS)
+    with transaction.atomic():
+        existing = ApiKey.objects.select_for_update().filter(name=name, source=ApiKey.Source.ENV).first()
+        if existing is None:
+            key_create(name=name, permissions=perms, rate_limit_override=override,
+                       source=ApiKey.Source.ENV, raw=raw, daily_quota=daily_quota,
+                       daily_quota_unit=quota_unit)
+            return name, "created"
+        wanted = {"key_hash": hash_key(raw), "prefix": raw[:PREFIX_LENGTH], "permissions": perms,
+                  "rate_limit_override": override, "revoked_at": None, "daily_quota": daily_quota,
+                  "daily_quota_unit": quota_unit}
+        changed = [f for f, v in wanted.items() if getattr(existing, f) != v]
+        if not changed:
+            return name, "unchanged"
+        for field in changed:
+            setattr(existing, field, wanted[field])
+        existing.save(update_fields=changed)
+        return name, "updated"
+
+
+def load_default_keys_at_start() -> None:
+    """Start-up hook of the web process: load DEFAULT_API_KEYS, or say loudly why not.
+
+    Runs in a thread of its own, so it works whether or not an event loop is running.
+    """
+    if not settings.CONFIG.DEFAULT_API_KEYS:
+        return
+
+    def load() -> None:
+        try:
+            done = keys_load_defaults()
+        except Exception as exc:  # e.g. not migrated yet: the server still starts
+            logger.warning(
+                "DEFAULT_API_KEYS were NOT loaded at start-up (%s: %s); run manage.py migrate, "
+                "then manage.py load_api_keys",
+                type(exc).__name__, str(exc)[:200],
+            )
+        else:
+            logger.info("DEFAULT_API_KEYS loaded: %s", ", ".join(f"{n} {a}" for n, a in done))
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=load, name="load-default-api-keys")
+    thread.start()
+    thread.join()
 
 
 def principal_for_key(key: ApiKey) -> Principal:

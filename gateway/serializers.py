@@ -16,6 +16,8 @@ from gateway.validation import SafeCharField, StrictPositiveNumberField
 class TokenRequestSerializer(serializers.Serializer):
     """Either `api_key`, or `username` and `password`."""
 
+    openapi_body_required = True  # its schema is a oneOf (gateway.openapi.TokenRequestExtension)
+
     api_key = SafeCharField(max_length=200, required=False)
     username = SafeCharField(max_length=150, required=False)
     password = serializers.CharField(max_length=256, required=False, trim_whitespace=False)

@@ -83,6 +83,17 @@ class StrictPositiveIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, so a typo is an error rather than a silent default."""
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(self.initial_data, dict):
+            unknown = sorted(set(self.initial_data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return attrs
+
+
 def parse_uuid(value: object, *, field: str = "id") -> uuid.UUID:
     """The UUID in `value`, or a ValidationError naming `field`."""
     if isinstance(value, uuid.UUID):

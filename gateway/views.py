@@ -20,6 +20,7 @@ from gateway.auth import AuthError, report_auth_failure
 from gateway.keys import KeyRejected, key_authenticate, key_create, key_revoke, key_rotate
 from gateway.models import ApiKey
 from gateway.net import client_ip
+from gateway.openapi import errors
 from gateway.permissions import CanRead, IsAdmin
 from gateway.principal import Principal
 from gateway.security import log_security_event
@@ -65,7 +66,7 @@ class _PublicTokenView(APIView):
 class TokenView(_PublicTokenView):
     """POST /auth/token: an API key, or a Django user's credentials, for a JWT pair."""
 
-    @extend_schema(request=TokenRequestSerializer, responses={200: TokenPairSerializer})
+    @extend_schema(request=TokenRequestSerializer, responses={200: TokenPairSerializer, **errors(401)})
     def post(self, request: Request) -> Response:
         body = TokenRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -85,7 +86,7 @@ class TokenView(_PublicTokenView):
 class TokenRefreshView(_PublicTokenView):
     """POST /auth/token/refresh: a new pair; the old refresh token is blacklisted."""
 
-    @extend_schema(request=RefreshSerializer, responses={200: TokenPairSerializer})
+    @extend_schema(request=RefreshSerializer, responses={200: TokenPairSerializer, **errors(401)})
     def post(self, request: Request) -> Response:
         body = RefreshSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -101,7 +102,10 @@ class TokenRevokeView(_PublicTokenView):
 
     @extend_schema(
         request=RefreshSerializer,
-        responses={200: inline_serializer("TokenRevoked", {"revoked": serializers.BooleanField()})},
+        responses={
+            200: inline_serializer("TokenRevoked", {"revoked": serializers.BooleanField()}),
+            **errors(401),
+        },
     )
     def post(self, request: Request) -> Response:
         body = RefreshSerializer(data=request.data)
@@ -178,7 +182,7 @@ class KeyRotateView(APIView):
 
     permission_classes = [IsAdmin]
 
-    @extend_schema(request=RotateSerializer, responses={201: ApiKeyCreatedSerializer})
+    @extend_schema(request=RotateSerializer, responses={201: ApiKeyCreatedSerializer, **errors(409)})
     def post(self, request: Request, key_id: int) -> Response:
         body = RotateSerializer(data=request.data)
         body.is_valid(raise_exception=True)

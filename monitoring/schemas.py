@@ -2,8 +2,55 @@
 
 from __future__ import annotations
 
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse
+
+from conversations.schemas import DATETIME, FREE_OBJECT, INTEGER, NUMBER, STRING, nullable, obj
+
+HEALTH_STATUS = {"type": "string", "enum": ["healthy", "degraded", "unhealthy", "unknown"]}
+HEALTH_SCHEMA = obj(
+    {
+        "status": HEALTH_STATUS,
+        "timestamp": DATETIME,
+        "components": {
+            "type": "object",
+            "additionalProperties": obj(
+                {"status": HEALTH_STATUS, "response_time_ms": NUMBER, "details": FREE_OBJECT}
+            ),
+        },
+        "summary": {"type": "object", "additionalProperties": INTEGER},
+    }
+)
+_PERCENTILES = obj(
+    {"samples": INTEGER, "p50": nullable(NUMBER), "p95": nullable(NUMBER), "p99": nullable(NUMBER)},
+    required=["samples"],
+)
+STATISTICS_SCHEMA = obj(
+    {
+        "conversations": obj(
+            {
+                "total_conversations": INTEGER,
+                "conversations_today": INTEGER,
+                "average_duration": nullable(NUMBER),
+                "success_rate": nullable(NUMBER),
+            },
+            required=[],
+        ),
+        "agents": obj(
+            {
+                "total_messages": INTEGER,
+                "average_response_time": nullable(NUMBER),
+                "model_distribution": {"type": "object", "additionalProperties": NUMBER},
+            },
+            required=[],
+        ),
+        "errors": FREE_OBJECT,
+        "circuit_breakers": {"type": "object", "additionalProperties": FREE_OBJECT},
+        "latency": obj(
+            {"agent_response_seconds": _PERCENTILES, "conversation_duration_seconds": _PERCENTILES}
+        ),
+        "generated_at": STRING,
+    }
+)
 
 HEALTH_EXAMPLE = {
     "status": "healthy",
@@ -28,7 +75,7 @@ HEALTH_EXAMPLE = {
     "summary": {"total_components": 3, "healthy": 3, "degraded": 0, "unhealthy": 0, "unknown": 0},
 }
 HEALTH_RESPONSE = OpenApiResponse(
-    response=OpenApiTypes.OBJECT,
+    response=HEALTH_SCHEMA,
     description="Overall status, one entry per component, and counts by status (503 when unhealthy).",
 )
 
@@ -54,4 +101,4 @@ STATISTICS_EXAMPLE = {
     },
     "generated_at": "2026-01-01T12:00:00Z",
 }
-STATISTICS_RESPONSE = OpenApiResponse(response=OpenApiTypes.OBJECT, description="System statistics.")
+STATISTICS_RESPONSE = OpenApiResponse(response=STATISTICS_SCHEMA, description="System statistics.")

@@ -14,9 +14,14 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from gateway.keys import load_default_keys_at_start  # noqa: E402
 from polyagents_site.warmup import awarm_up, schedule_on_server_loop, warm_up  # noqa: E402
 from streaming.jobs import start_in_process_sweeper  # noqa: E402
 from streaming.routing import websocket_urlpatterns  # noqa: E402
+
+# DEFAULT_API_KEYS take effect whenever a web process starts (make run, daphne, Docker),
+# idempotently: several processes starting together load the same rows.
+load_default_keys_at_start()
 
 router = ProtocolTypeRouter(
     {

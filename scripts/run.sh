@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up and run the service. With no configuration it uses the embedded defaults
-# (SQLite, in-memory channel layer, simulated agents unless GEMINI_API_KEY is set),
-# runs in DEBUG, prints a demo API key and serves on API_HOST:API_PORT (0.0.0.0:8000).
+# (SQLite, in-memory channel layer, simulated agents unless GEMINI_API_KEY is set).
+# On first run it writes a development .env (DEBUG=true, generated secrets) that every
+# manage.py command then reads too; an existing .env is never modified. It loads
+# DEFAULT_API_KEYS, prints a demo API key and serves on API_HOST:API_PORT (0.0.0.0:8000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-export DEBUG=${DEBUG:-true}
+.venv/bin/python scripts/dev_env.py .env
 .venv/bin/python manage.py migrate --noinput
 .venv/bin/python manage.py collectstatic --noinput --verbosity 0
 .venv/bin/python manage.py load_api_keys

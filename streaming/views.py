@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from adrf.views import APIView
-from drf_spectacular.utils import OpenApiExample, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from conversations.serializers import ChatRequestSerializer
+from conversations import schemas
+from conversations.serializers import ChatRequestSerializer, StreamRequestSerializer
 from conversations.services import ConversationError, conversation_start
-from conversations.views import conversation_problem
+from conversations.views import FOLLOW_CONVERSATION, conversation_problem
+from gateway.openapi import errors, links
 from gateway.permissions import CanWrite
 from gateway.validation import parse_uuid
 from streaming.jobs import enqueue_run
@@ -23,8 +26,14 @@ class StreamView(APIView):
     permission_classes = [CanWrite]
 
     @extend_schema(
-        request=ChatRequestSerializer,
-        responses={202: dict, 400: dict, 401: dict, 403: dict, 404: dict, 409: dict, 422: dict, 429: dict},
+        request=StreamRequestSerializer,
+        responses={
+            202: OpenApiResponse(schemas.STREAM_STARTED, description="Started; follow it on websocket_url."),
+            # 404: the id is someone else's conversation; 409: it is running already.
+            **errors(409, 422),
+        },
+        parameters=[OpenApiParameter("conversation_id", OpenApiTypes.UUID, OpenApiParameter.PATH)],
+        extensions=links(GetConversation=FOLLOW_CONVERSATION),
         examples=[
             OpenApiExample(
                 "Stream three agents",

@@ -101,7 +101,9 @@ def candidate_positions(question: str) -> list[str]:
     """A small set of plausible short answers derived from the question's shape."""
     text = " ".join(question.split())
     lowered = text.casefold()
-    either = re.search(r"([\w+#.-]+(?:\s[\w+#.-]+)?)\s+or\s+([\w+#.-]+(?:\s[\w+#.-]+)?)", text)
+    # Starts only at the start of a word: without the lookbehind, a long word makes the search
+    # quadratic (8000 digits took seconds per call).
+    either = re.search(r"(?<![\w+#.-])([\w+#.-]+(?:\s[\w+#.-]+)?)\s+or\s+([\w+#.-]+(?:\s[\w+#.-]+)?)", text)
     if either:
         first = either.group(1).split()[-1].strip(string.punctuation)
         second = either.group(2).split()[0].strip(string.punctuation)
