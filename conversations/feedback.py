@@ -6,7 +6,6 @@ import uuid
 from typing import Any
 
 from django.db import transaction
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
@@ -14,11 +13,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from conversations import schemas
 from conversations.assessment import forget_recalibration
 from conversations.models import ConsensusResult, Conversation, Feedback
 from conversations.selectors import visible_conversations
 from conversations.serializers import StrictSerializer
 from gateway.errors import error_body
+from gateway.openapi import errors
 from gateway.permissions import CanWrite
 from gateway.principal import Principal
 from gateway.validation import SafeCharField
@@ -55,13 +56,10 @@ class FeedbackView(APIView):
         summary="Say whether the panel's answer was right (owner or admin); used to recalibrate confidence",
         request=FeedbackBody,
         responses={
-            200: OpenApiResponse(OpenApiTypes.OBJECT, description="feedback replaced"),
-            201: OpenApiResponse(OpenApiTypes.OBJECT, description="feedback stored"),
-            400: OpenApiResponse(OpenApiTypes.OBJECT),
-            401: OpenApiResponse(OpenApiTypes.OBJECT),
-            403: OpenApiResponse(OpenApiTypes.OBJECT),
-            404: OpenApiResponse(OpenApiTypes.OBJECT),
-            409: OpenApiResponse(OpenApiTypes.OBJECT),
+            200: OpenApiResponse(schemas.FEEDBACK, description="Feedback replaced."),
+            201: OpenApiResponse(schemas.FEEDBACK, description="Feedback stored."),
+            # 404: unknown or someone else's conversation; 409: the exchange has no answer yet.
+            **errors(409),
         },
         examples=[
             OpenApiExample(

@@ -97,7 +97,7 @@ CHAT_RESPONSE = obj(
                 "turns_requested": INTEGER,
                 "num_agents": INTEGER,
                 "early_stop": BOOLEAN,
-                "strategy": {"type": "string", "enum": ["majority", "weighted"]},
+                "strategy": {"type": "string", "enum": ["majority", "weighted", "reliability"]},
                 "simulated": BOOLEAN,
                 "error": nullable(STRING),
             }
@@ -196,5 +196,17 @@ CONVERSATION_DETAIL = obj(
                 }
             ),
         },
+    }
+)
+
+FEEDBACK = obj(
+    {
+        "conversation_id": UUID,
+        "exchange": INTEGER,
+        "correct": BOOLEAN,
+        "note": STRING,
+        "confidence": nullable(NUMBER),
+        "created_at": DATETIME,
+        "updated_at": DATETIME,
     }
 )

@@ -198,3 +198,25 @@ class TokenRequestExtension(OpenApiSerializerExtension):
                 },
             ]
         }
+
+
+class StrictPositiveNumberExtension(OpenApiSerializerFieldExtension):
+    """StrictPositiveNumberField: a number strictly greater than 0 (OpenAPI 3.0's exclusiveMinimum)."""
+
+    target_class = "gateway.validation.StrictPositiveNumberField"
+
+    def map_serializer_field(self, auto_schema: Any, direction: Any) -> Any:
+        schema = auto_schema._map_serializer_field(self.target, direction, bypass_extensions=True)
+        schema.update({"minimum": 0, "exclusiveMinimum": True})
+        return schema
+
+
+class StrictPositiveIntegerExtension(OpenApiSerializerFieldExtension):
+    """StrictPositiveIntegerField: an integer of at least 1."""
+
+    target_class = "gateway.validation.StrictPositiveIntegerField"
+
+    def map_serializer_field(self, auto_schema: Any, direction: Any) -> Any:
+        schema = auto_schema._map_serializer_field(self.target, direction, bypass_extensions=True)
+        schema["minimum"] = 1
+        return schema

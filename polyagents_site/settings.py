@@ -201,6 +201,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Multi-agent conversations with consensus by vote, streamed live.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # One name for the quota unit enum, wherever an API key's fields appear.
+    "ENUM_NAME_OVERRIDES": {"QuotaUnitEnum": "gateway.models.QuotaUnit"},
     # Swagger UI and ReDoc assets served from drf-spectacular-sidecar, not a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
