@@ -312,8 +312,10 @@ def _answer_fields(request: GenerationRequest, meta: dict[str, Any], rng: random
 def _repair_fields(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     """A restated position: what the earlier reply said the answer was (its "my answer is ..." sentence)."""
     reply = str(meta.get("reply") or "")
-    match = re.search(r"answer is\s+([^.\n]+)", reply)
-    position = match.group(1).strip() if match else "I don't know"
+    # The position an agent meant, as its prose put it: "my answer is 3.5.", "the answer is 42, I
+    # think", "I would say Paris." (the last such phrase; a decimal point is not a sentence end).
+    found = re.findall(r"(?:answer is|would say)\s+(.+?)(?=,|\.(?:\s|$)|\n|$)", reply)
+    position = found[-1].strip() if found else "I don't know"
     return {"answer": "", "position": position, "confidence": round(rng.uniform(0.5, 0.85), 2)}
 
 
