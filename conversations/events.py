@@ -28,6 +28,7 @@ from django.db.models import Max
 from django.utils import timezone
 from redis.exceptions import RedisError
 
+from conversations import store
 from conversations.models import Conversation, Event
 
 logger = logging.getLogger("polyagents.events")
@@ -152,6 +153,10 @@ class EventLog:
         self.last_seq = last_seq
         self.buffered = buffered
         self._pending: list[dict[str, Any]] = []
+        # On PostgreSQL the rows an event stands beside are staged here and written in the same
+        # pipelined transaction as the event (conversations.store); SQLite keeps the ORM path.
+        self.pipelined = bool(settings.USING_POSTGRES)
+        self._rows = store.Rows()
         self._writer: asyncio.Task[None] | None = None
         # One writer at a time: a follower must never see seq N+1 before N is stored.
         self._lock = asyncio.Lock()
@@ -161,6 +166,18 @@ class EventLog:
         """Continue the log of a conversation after its last stored event."""
         result = await Event.objects.filter(conversation_id=conversation_id).aaggregate(m=Max("seq"))
         return cls(conversation_id, result["m"] or 0, buffered=buffered)
+
+    def stage_message(self, fields: dict[str, Any]) -> None:
+        """Write this Message row (fields by attname) with the next batch (pipelined logs only)."""
+        self._rows.messages.append({"conversation_id": self.conversation_id, **fields})
+
+    def stage_vote(self, fields: dict[str, Any]) -> None:
+        """Insert or replace this ballot with the next batch (pipelined logs only)."""
+        self._rows.votes.append({"conversation_id": self.conversation_id, **fields})
+
+    def stage_conversation(self, **fields: Any) -> None:
+        """Set these Conversation fields with the next batch (pipelined logs only)."""
+        self._rows.conversation.update(fields)
 
     async def emit(self, type: str, **data: Any) -> dict[str, Any]:
         """Queue the event under the next seq; unless buffered, wait until it is stored and sent."""
@@ -184,17 +201,21 @@ class EventLog:
 
     async def flush(self) -> None:
         """Wait until every event emitted so far is stored, appended and published."""
-        while self._pending or (self._writer is not None and not self._writer.done()):
+        while self._pending or self._rows or (self._writer is not None and not self._writer.done()):
             if self._writer is None or self._writer.done():
                 self._writer = asyncio.get_running_loop().create_task(self._drain())
             await asyncio.shield(self._writer)
 
     async def _drain(self) -> None:
         async with self._lock:
-            while self._pending:
+            while self._pending or self._rows:
                 batch, self._pending = self._pending, []
+                rows, self._rows = self._rows, store.Rows()
                 try:
-                    await _store(self.conversation_id, batch, timezone.now())
+                    if self.pipelined:
+                        await store.write_batch(self.conversation_id, batch, rows, timezone.now())
+                    elif batch:
+                        await _store(self.conversation_id, batch, timezone.now())
                 except Exception:
                     # Never publish what is not stored; the run goes on and says so in the log.
                     logger.exception(
@@ -202,6 +223,7 @@ class EventLog:
                         extra={
                             "conversation_id": str(self.conversation_id),
                             "seqs": [e["seq"] for e in batch],
+                            "rows": len(rows.messages) + len(rows.votes),
                         },
                     )
                     continue

@@ -244,6 +244,10 @@ class RunRecorder:
         )
 
     async def _store_message(self, **fields: Any) -> None:
+        if self.log.pipelined:
+            # Written with the event that announces it, in one transaction (ON CONFLICT DO NOTHING).
+            self.log.stage_message({"exchange": self.exchange, "role": Message.Role.AGENT, **fields})
+            return
         try:
             await Message.objects.acreate(
                 conversation_id=self.conversation.pk,
@@ -256,11 +260,25 @@ class RunRecorder:
             logger.info("message already stored", extra={"conversation": str(self.conversation.pk), **fields})
 
     async def _on_turn_completed(self, data: dict[str, Any]) -> None:
+        if self.log.pipelined:
+            self.log.stage_conversation(turns_completed=data["turn"], heartbeat_at=timezone.now())
+            return
         await Conversation.objects.filter(pk=self.conversation.pk).aupdate(
             turns_completed=data["turn"], heartbeat_at=timezone.now()
         )
 
     async def _on_vote(self, data: dict[str, Any]) -> None:
+        if self.log.pipelined:
+            self.log.stage_vote(
+                {
+                    "exchange": self.exchange,
+                    "voter": data["voter"],
+                    "choice": data.get("choice") or "",
+                    "confidence": data.get("confidence"),
+                    "reason": (data.get("reason") or "")[:2000],
+                }
+            )
+            return
         await Vote.objects.aupdate_or_create(
             conversation_id=self.conversation.pk,
             exchange=self.exchange,
