@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Max
@@ -102,6 +102,31 @@ async def _publish(event: dict[str, Any]) -> None:
             "event not published live; clients will get it by replay",
             extra={"conversation_id": event["conversation_id"], "seq": event["seq"], "error": str(exc)},
         )
+
+
+async def has_watchers(conversation_id: uuid.UUID | str) -> bool:
+    """Whether a live WebSocket follows the conversation now (a /chat run streams only then).
+
+    With the in-memory layer: the group has a member in this process. With the Redis pub/sub
+    layer: the group's pub/sub channel has a subscriber (`PUBSUB NUMSUB`), in any web process.
+    An unknown layer, or Redis not answering, counts as watched: streaming is the safe default.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return False
+    group = group_name(conversation_id)
+    if isinstance(layer, InMemoryChannelLayer):
+        return bool(layer.groups.get(group))
+    client = redis_client()
+    channel_of = getattr(layer, "_get_group_channel_name", None)  # channels_redis's group channel
+    if client is None or channel_of is None:
+        return True
+    try:
+        counts = await client.pubsub_numsub(channel_of(group))
+    except (RedisError, OSError) as exc:
+        logger.warning("subscriber count unknown; streaming", extra={"error": str(exc)})
+        return True
+    return any(int(n) > 0 for _channel, n in counts)
 
 
 def _store_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:

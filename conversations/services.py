@@ -25,7 +25,7 @@ from agents.providers.base import Usage
 from agents.synthesis import default_mode
 from consensus import Proposal, parse_reply
 from conversations import budget as admission
-from conversations.events import EventLog
+from conversations.events import EventLog, has_watchers
 from conversations.models import ConsensusResult, Conversation, Message, Vote
 from conversations.signals import conversation_completed
 from gateway import quota
@@ -356,8 +356,15 @@ async def _watchdog(conversation_id: uuid.UUID, run: asyncio.Task[RunOutcome]) -
             return
 
 
-async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conversation:
-    """Run (or resume) the panel for one exchange to a terminal state; idempotent when done."""
+async def conversation_run(
+    *, conversation_id: uuid.UUID, exchange: int, stream_when_watched: bool = False
+) -> Conversation:
+    """Run (or resume) the panel for one exchange to a terminal state; idempotent when done.
+
+    A /stream run streams every reply (agent_delta events). `stream_when_watched` (a /chat
+    run) streams a round only if a WebSocket follows the conversation when it starts, and
+    otherwise makes the cheaper non-streaming provider call.
+    """
     conversation = await Conversation.objects.aget(pk=conversation_id)
     if exchange != conversation.exchanges:
         raise ConversationError(f"exchange {exchange} is not the current one ({conversation.exchanges})")
@@ -397,6 +404,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         prior=prior,
         synthesis=conversation.metadata.get("synthesis") or default_mode(),
         budget=admission.run_budget(conversation.metadata),
+        watched=(lambda: has_watchers(conversation_id)) if stream_when_watched else None,
     )
     run = asyncio.ensure_future(orchestrator.run())
     watchdog = asyncio.ensure_future(_watchdog(conversation.pk, run))
