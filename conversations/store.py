@@ -125,6 +125,7 @@ async def pool() -> Any:
             timeout=10,
             check=AsyncConnectionPool.check_connection,
             name="polyagents-events",
+            kwargs={"application_name": "polyagents-events"},  # visible in pg_stat_activity
         )
         cached = (conninfo, new, loop.create_task(new.open(wait=True, timeout=10)))
         _pools[loop] = cached
