@@ -234,6 +234,7 @@ class Orchestrator:
         chairman: AgentProfile | None = None,
         budget: Budget | None = None,
         vote_weights: Mapping[str, float] | None = None,
+        watched: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
@@ -249,6 +250,8 @@ class Orchestrator:
         self.strategy = strategy
         self.deadline = time.monotonic() + deadline_seconds
         self.stream = stream
+        # When set, asked before each round whether anyone watches: stream only then.
+        self.watched = watched
         self.max_output_tokens = max_output_tokens
         self.results: dict[int, dict[str, AgentResult]] = {t: dict(r) for t, r in (prior or {}).items()}
         self.budget = budget
@@ -303,6 +306,11 @@ class Orchestrator:
         lines.append("\nVote for the proposal you judge best supported.")
         # The ballot format (JSON or VOTE lines) is appended by Provider.complete.
         return "".join(lines)
+
+    async def _check_watchers(self) -> None:
+        """Before a round: stream from the provider only if someone can watch the deltas."""
+        if self.watched is not None:
+            self.stream = await self.watched()
 
     # --- one agent call ------------------------------------------------------------------
     async def _call(
@@ -462,6 +470,7 @@ class Orchestrator:
             for turn in range(start_turn, self.turns + 1):
                 if not self._budget_allows(turn):
                     break
+                await self._check_watchers()
                 await self.emit("turn_started", turn=turn)
                 stored = self.results.setdefault(turn, {})
                 pending = [p for p in self.panel if p.agent_id not in stored]
@@ -578,6 +587,7 @@ class Orchestrator:
             electorate=decision.electorate,
             votes_for_winner=votes,
         )
+        await self._check_watchers()
         batcher = DeltaBatcher(self.emit, chairman.agent_id, self.turns + 1, type="synthesis_delta")
         metadata = {"kind": "synthesis", "position": winner.position, "options": len(decision.options)}
         try:

@@ -16,12 +16,15 @@ import logging
 import time
 import uuid
 import weakref
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+import psycopg
+import psycopg_pool
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from django.db import (
     IntegrityError,
@@ -35,6 +38,7 @@ from django.db.models import Max
 from django.utils import timezone
 from redis.exceptions import RedisError
 
+from conversations import store
 from conversations.models import Conversation, Event
 
 logger = logging.getLogger("polyagents.events")
@@ -113,6 +117,31 @@ async def _publish(event: dict[str, Any]) -> None:
         )
 
 
+async def has_watchers(conversation_id: uuid.UUID | str) -> bool:
+    """Whether a live WebSocket follows the conversation now (a /chat run streams only then).
+
+    With the in-memory layer: the group has a member in this process. With the Redis pub/sub
+    layer: the group's pub/sub channel has a subscriber (`PUBSUB NUMSUB`), in any web process.
+    An unknown layer, or Redis not answering, counts as watched: streaming is the safe default.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return False
+    group = group_name(conversation_id)
+    if isinstance(layer, InMemoryChannelLayer):
+        return bool(layer.groups.get(group))
+    client = redis_client()
+    channel_of = getattr(layer, "_get_group_channel_name", None)  # channels_redis's group channel
+    if client is None or channel_of is None:
+        return True
+    try:
+        counts = await client.pubsub_numsub(channel_of(group))
+    except (RedisError, OSError) as exc:
+        logger.warning("subscriber count unknown; streaming", extra={"error": str(exc)})
+        return True
+    return any(int(n) > 0 for _channel, n in counts)
+
+
 def _store_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:
     try:
         with transaction.atomic():
@@ -154,29 +183,90 @@ async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: d
     connection each time. After that the caller's run stops and is resumed by its retry.
     """
     thread_sensitive = not settings.USING_POSTGRES
+
+    async def write() -> None:
+        await sync_to_async(_store_sync, thread_sensitive=thread_sensitive)(conversation_id, batch, now)
+
+    async def reset() -> None:
+        if thread_sensitive:
+            await sync_to_async(close_old_connections)()
+
+    await _retrying(
+        write,
+        conversation_id,
+        batch,
+        thread_sensitive=thread_sensitive,
+        reset=reset,
+        lost=(OperationalError, InterfaceError),
+        duplicate=IntegrityError,
+    )
+
+
+async def _store_pipelined(
+    conversation_id: uuid.UUID, batch: list[dict[str, Any]], rows: store.Rows, now: datetime
+) -> None:
+    """PostgreSQL: the batch's events and staged rows in one pipelined transaction, retried like `_store`."""
+
+    async def write() -> None:
+        await store.write_batch(conversation_id, batch, rows, now)
+
+    async def reset() -> None:
+        return None  # the pool checks each connection it hands out
+
+    await _retrying(
+        write,
+        conversation_id,
+        batch,
+        thread_sensitive=False,
+        reset=reset,
+        lost=(psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout),
+        duplicate=psycopg.IntegrityError,
+    )
+
+
+async def _retrying(
+    write: Callable[[], Awaitable[None]],
+    conversation_id: uuid.UUID,
+    batch: list[dict[str, Any]],
+    *,
+    thread_sensitive: bool,
+    reset: Callable[[], Awaitable[None]],
+    lost: tuple[type[BaseException], ...],
+    duplicate: type[BaseException],
+) -> None:
+    """Run a batch write; a lost connection (a database restart) is retried with back-off until
+    STORE_RETRY_SECONDS have passed. A retry that finds the batch already stored (the commit
+    went through, its answer was lost) is a success."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + STORE_RETRY_SECONDS
     delay = 0.25
     retried = False
     while True:
         try:
-            await sync_to_async(_store_sync, thread_sensitive=thread_sensitive)(conversation_id, batch, now)
+            await write()
             return
-        except IntegrityError:
-            if retried and await sync_to_async(_stored_sync, thread_sensitive=thread_sensitive)(
-                conversation_id, batch
+        except duplicate:
+            if (
+                retried
+                and batch
+                and await sync_to_async(_stored_sync, thread_sensitive=thread_sensitive)(
+                    conversation_id, batch
+                )
             ):
                 return
             raise
-        except (OperationalError, InterfaceError) as exc:
+        except lost as exc:
             if loop.time() >= give_up:
                 raise
             logger.warning(
                 "events not stored yet; retrying",
-                extra={"conversation_id": str(conversation_id), "seq": batch[0]["seq"], "error": repr(exc)},
+                extra={
+                    "conversation_id": str(conversation_id),
+                    "seq": batch[0]["seq"] if batch else None,
+                    "error": repr(exc),
+                },
             )
-            if thread_sensitive:
-                await sync_to_async(close_old_connections)()
+            await reset()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             retried = True
@@ -204,6 +294,10 @@ class EventLog:
         self.last_seq = last_seq
         self.buffered = buffered
         self._pending: list[dict[str, Any]] = []
+        # On PostgreSQL the rows an event stands beside are staged here and written in the same
+        # pipelined transaction as the event (conversations.store); SQLite keeps the ORM path.
+        self.pipelined = bool(settings.USING_POSTGRES)
+        self._rows = store.Rows()
         self._writer: asyncio.Task[None] | None = None
         # Set when a batch could not be stored: later events are refused, so the stored log
         # never has a gap (a resumed run continues after the last stored seq).
@@ -216,6 +310,18 @@ class EventLog:
         """Continue the log of a conversation after its last stored event."""
         result = await Event.objects.filter(conversation_id=conversation_id).aaggregate(m=Max("seq"))
         return cls(conversation_id, result["m"] or 0, buffered=buffered)
+
+    def stage_message(self, fields: dict[str, Any]) -> None:
+        """Write this Message row (fields by attname) with the next batch (pipelined logs only)."""
+        self._rows.messages.append({"conversation_id": self.conversation_id, **fields})
+
+    def stage_vote(self, fields: dict[str, Any]) -> None:
+        """Insert or replace this ballot with the next batch (pipelined logs only)."""
+        self._rows.votes.append({"conversation_id": self.conversation_id, **fields})
+
+    def stage_conversation(self, **fields: Any) -> None:
+        """Set these Conversation fields with the next batch (pipelined logs only)."""
+        self._rows.conversation.update(fields)
 
     async def emit(self, type: str, **data: Any) -> dict[str, Any]:
         """Queue the event under the next seq; unless buffered, wait until it is stored and sent."""
@@ -240,7 +346,7 @@ class EventLog:
 
     async def flush(self) -> None:
         """Wait until every event emitted so far is stored, appended and published."""
-        while self._pending or (self._writer is not None and not self._writer.done()):
+        while self._pending or self._rows or (self._writer is not None and not self._writer.done()):
             if self._writer is None or self._writer.done():
                 self._writer = asyncio.get_running_loop().create_task(self._drain())
             await asyncio.shield(self._writer)
@@ -252,10 +358,14 @@ class EventLog:
 
     async def _drain(self) -> None:
         async with self._lock:
-            while self._pending and self._broken is None:
+            while (self._pending or self._rows) and self._broken is None:
                 batch, self._pending = self._pending, []
+                rows, self._rows = self._rows, store.Rows()
                 try:
-                    await _store(self.conversation_id, batch, timezone.now())
+                    if self.pipelined:
+                        await _store_pipelined(self.conversation_id, batch, rows, timezone.now())
+                    elif batch:
+                        await _store(self.conversation_id, batch, timezone.now())
                 except Exception as exc:
                     # Never publish what is not stored, nor store anything after it (no gap).
                     self._broken = exc
@@ -265,6 +375,7 @@ class EventLog:
                         extra={
                             "conversation_id": str(self.conversation_id),
                             "seqs": [e["seq"] for e in batch],
+                            "rows": len(rows.messages) + len(rows.votes),
                         },
                     )
                     return

@@ -26,15 +26,22 @@ from django.db import (
 from django.utils import timezone
 
 from agents.budget import Budget
-from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, extra_calls, usage_dict
+from agents.orchestrator import (
+    AgentResult,
+    Orchestrator,
+    RunOutcome,
+    extra_calls,
+    response_payload,
+    usage_dict,
+)
 from agents.profiles import build_panel
 from agents.providers.base import Usage
 from agents.synthesis import default_mode
 from consensus import Proposal, parse_reply
 from conversations import budget as admission
 from conversations.assessment import aassess, apanel_weights
-from conversations.events import EventLog, EventLogBroken
-from conversations.models import ConsensusResult, Conversation, Message, Vote
+from conversations.events import EventLog, EventLogBroken, has_watchers
+from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 from conversations.signals import conversation_completed
 from gateway import quota
 from gateway.principal import Principal
@@ -193,6 +200,47 @@ async def conversation_cancel(*, conversation_id: uuid.UUID) -> None:
     ).aupdate(cancel_requested=True)
 
 
+async def _announce_unsent(
+    log: EventLog,
+    conversation_id: uuid.UUID,
+    exchange: int,
+    prior: dict[int, dict[str, AgentResult]],
+    personality: dict[str, str],
+) -> None:
+    """Emit the agent events of stored answers whose event a dead run never wrote.
+
+    A run killed between an answer's row and its event (the embedded path writes them apart)
+    leaves the answer stored but unsent; the resumed run reuses the answer, so without this the
+    log would lack it. Emitted straight to the log: the row exists already.
+    """
+    sent = {
+        (data.get("turn"), data.get("agent_id"))
+        async for data in Event.objects.filter(
+            conversation_id=conversation_id, type__in=["agent_response", "agent_error"]
+        ).values_list("data", flat=True)
+        if isinstance(data, dict) and data.get("exchange") == exchange
+    }
+    for turn, results in sorted(prior.items()):
+        for agent_id, result in sorted(results.items()):
+            if (turn, agent_id) in sent:
+                continue
+            if result.ok:
+                payload = response_payload(result, personality.get(agent_id, ""))
+                await log.emit("agent_response", exchange=exchange, recovered=True, **payload)
+            else:
+                await log.emit(
+                    "agent_error",
+                    exchange=exchange,
+                    recovered=True,
+                    agent_id=agent_id,
+                    turn=turn,
+                    error=result.error,
+                    kind=result.error_kind,
+                    model=result.model,
+                    provider=result.provider,
+                )
+
+
 class RunRecorder:
     """Stores what each orchestrator event means, then appends it to the event log."""
 
@@ -252,6 +300,10 @@ class RunRecorder:
         )
 
     async def _store_message(self, **fields: Any) -> None:
+        if self.log.pipelined:
+            # Written with the event that announces it, in one transaction (ON CONFLICT DO NOTHING).
+            self.log.stage_message({"exchange": self.exchange, "role": Message.Role.AGENT, **fields})
+            return
         try:
             await Message.objects.acreate(
                 conversation_id=self.conversation.pk,
@@ -264,11 +316,25 @@ class RunRecorder:
             logger.info("message already stored", extra={"conversation": str(self.conversation.pk), **fields})
 
     async def _on_turn_completed(self, data: dict[str, Any]) -> None:
+        if self.log.pipelined:
+            self.log.stage_conversation(turns_completed=data["turn"], heartbeat_at=timezone.now())
+            return
         await Conversation.objects.filter(pk=self.conversation.pk).aupdate(
             turns_completed=data["turn"], heartbeat_at=timezone.now()
         )
 
     async def _on_vote(self, data: dict[str, Any]) -> None:
+        if self.log.pipelined:
+            self.log.stage_vote(
+                {
+                    "exchange": self.exchange,
+                    "voter": data["voter"],
+                    "choice": data.get("choice") or "",
+                    "confidence": data.get("confidence"),
+                    "reason": (data.get("reason") or "")[:2000],
+                }
+            )
+            return
         await Vote.objects.aupdate_or_create(
             conversation_id=self.conversation.pk,
             exchange=self.exchange,
@@ -357,8 +423,15 @@ async def _watchdog(conversation_id: uuid.UUID, run: asyncio.Task[RunOutcome]) -
             return
 
 
-async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conversation:
-    """Run (or resume) the panel for one exchange to a terminal state; idempotent when done."""
+async def conversation_run(
+    *, conversation_id: uuid.UUID, exchange: int, stream_when_watched: bool = False
+) -> Conversation:
+    """Run (or resume) the panel for one exchange to a terminal state; idempotent when done.
+
+    A /stream run streams every reply (agent_delta events). `stream_when_watched` (a /chat
+    run) streams a round only if a WebSocket follows the conversation when it starts, and
+    otherwise makes the cheaper non-streaming provider call.
+    """
     conversation = await Conversation.objects.aget(pk=conversation_id)
     if exchange != conversation.exchanges:
         raise ConversationError(f"exchange {exchange} is not the current one ({conversation.exchanges})")
@@ -386,6 +459,8 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         agents=[p.describe() for p in panel],
         resumed=resumed,
     )
+    if resumed:
+        await _announce_unsent(log, conversation.pk, exchange, prior, recorder.personality)
     orchestrator = Orchestrator(
         panel=panel,
         question=question,
@@ -399,6 +474,7 @@ async def conversation_run(*, conversation_id: uuid.UUID, exchange: int) -> Conv
         synthesis=conversation.metadata.get("synthesis") or default_mode(),
         budget=admission.run_budget(conversation.metadata),
         vote_weights=await apanel_weights(panel),
+        watched=(lambda: has_watchers(conversation_id)) if stream_when_watched else None,
     )
     run = asyncio.ensure_future(orchestrator.run())
     watchdog = asyncio.ensure_future(_watchdog(conversation.pk, run))

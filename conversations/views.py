@@ -103,7 +103,7 @@ class ChatView(APIView):
         # one connection per waiting client (200 clients would otherwise drain the pool).
         await sync_to_async(_release_connection)()
         task = asyncio.get_running_loop().create_task(
-            conversation_run(conversation_id=conversation.pk, exchange=exchange),
+            conversation_run(conversation_id=conversation.pk, exchange=exchange, stream_when_watched=True),
             context=contextvars.Context(),
         )
         _RUNNING.add(task)

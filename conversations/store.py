@@ -1,0 +1,174 @@
+"""One round trip per batch on PostgreSQL: a batch's events, the rows they stand beside and
+the conversation's counters, in one pipelined transaction.
+
+The event log (`conversations.events`) calls `write_batch` before it appends anything to the
+Redis Stream or publishes it, so durability is the ORM path's: a client never sees an event
+that is not stored. Each event loop has one small psycopg `AsyncConnectionPool` (a pool is
+bound to the loop that opened it); a connection is checked before it is lent, so a restarted
+database costs one reconnect, not a failed batch. SQLite keeps the ORM path.
+
+Column lists come from the Django models, so the SQL follows the schema and its migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import connections
+
+from conversations.models import Conversation, Event, Message, Vote
+
+POOL_MAX = 4  # per event loop: batches of many conversations share a few connections
+
+_pools: dict[asyncio.AbstractEventLoop, tuple[str, Any, asyncio.Task[None]]] = {}
+
+
+@dataclass
+class Rows:
+    """What a batch writes beside its events: agent messages, ballots, conversation fields."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    votes: list[dict[str, Any]] = field(default_factory=list)
+    conversation: dict[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.messages or self.votes or self.conversation)
+
+
+def _column(model: type[Any], name: str) -> str:
+    return str(model._meta.get_field(name).column)
+
+
+def _columns(model: type[Any]) -> list[Any]:
+    return [f for f in model._meta.concrete_fields if not f.primary_key]
+
+
+def _insert(model: type[Any], fields: list[Any], suffix: str = "") -> str:
+    columns = ", ".join(f'"{f.column}"' for f in fields)
+    marks = ", ".join(["%s"] * len(fields))
+    # Identifiers come from the models, never from input; values are bound parameters.
+    return f'INSERT INTO "{model._meta.db_table}" ({columns}) VALUES ({marks}){suffix}'  # noqa: S608
+
+
+_MESSAGE_FIELDS = _columns(Message)
+_VOTE_FIELDS = _columns(Vote)
+_EVENT_FIELDS = _columns(Event)
+# A message already stored by an earlier attempt of the run is kept (msg_one_answer_per_agent_turn).
+_MESSAGE_SQL = _insert(Message, _MESSAGE_FIELDS, " ON CONFLICT DO NOTHING")
+_VOTE_SQL = _insert(
+    Vote,
+    _VOTE_FIELDS,
+    ' ON CONFLICT ("conversation_id", "exchange", "voter") DO UPDATE SET '
+    + ", ".join(
+        f'"{_column(Vote, n)}" = EXCLUDED."{_column(Vote, n)}"' for n in ("choice", "confidence", "reason")
+    ),
+)
+_EVENT_SQL = _insert(Event, _EVENT_FIELDS)
+
+
+def _values(fields: list[Any], given: dict[str, Any]) -> tuple[Any, ...]:
+    """Column values in order: given by attname, else the model field's default (as the ORM does)."""
+    values = (given[f.attname] if f.attname in given else f.get_default() for f in fields)
+    return tuple(v.value if isinstance(v, enum.Enum) else v for v in values)  # TextChoices -> str
+
+
+def _conversation_sql(names: list[str]) -> str:
+    sets = ", ".join(f'"{_column(Conversation, n)}" = %s' for n in names)
+    return f'UPDATE "{Conversation._meta.db_table}" SET {sets} WHERE "id" = %s'  # noqa: S608
+
+
+def _conninfo() -> str:
+    from psycopg.conninfo import make_conninfo
+
+    s = connections["default"].settings_dict
+    params = {
+        "dbname": s.get("NAME"),
+        "user": s.get("USER"),
+        "password": s.get("PASSWORD"),
+        "host": s.get("HOST"),
+        "port": str(s["PORT"]) if s.get("PORT") else None,
+    }
+    return make_conninfo("", **{k: v for k, v in params.items() if v})
+
+
+def _forget_closed_loops() -> None:
+    """Drop the pools of loops that have closed (tests, async_to_sync), ending their connections."""
+    for loop in [loop for loop in _pools if loop.is_closed()]:
+        pool = _pools.pop(loop)[1]
+        for conn in list(getattr(pool, "_pool", ())):  # idle connections; nothing can await them now
+            with contextlib.suppress(Exception):  # best effort on a dead loop
+                conn.pgconn.finish()
+
+
+async def pool() -> Any:
+    """The open connection pool of the running event loop (created on first use)."""
+    from psycopg_pool import AsyncConnectionPool
+
+    loop = asyncio.get_running_loop()
+    conninfo = _conninfo()
+    cached = _pools.get(loop)
+    if cached is None or cached[0] != conninfo:
+        _forget_closed_loops()
+        if cached is not None:
+            await cached[1].close()
+        new = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=POOL_MAX,
+            open=False,
+            timeout=10,
+            check=AsyncConnectionPool.check_connection,
+            name="polyagents-events",
+            kwargs={"application_name": "polyagents-events"},  # visible in pg_stat_activity
+        )
+        cached = (conninfo, new, loop.create_task(new.open(wait=True, timeout=10)))
+        _pools[loop] = cached
+    await asyncio.shield(cached[2])
+    return cached[1]
+
+
+async def close_pool() -> None:
+    """Close the running loop's pool (tests and process shutdown)."""
+    cached = _pools.pop(asyncio.get_running_loop(), None)
+    if cached is not None:
+        await cached[1].close()
+
+
+async def write_batch(
+    conversation_id: uuid.UUID, batch: list[dict[str, Any]], rows: Rows, now: datetime
+) -> None:
+    """Insert the events, the messages and ballots, and update the conversation: one transaction."""
+    from psycopg.types.json import Jsonb
+
+    updates = {**rows.conversation, "last_seq": batch[-1]["seq"]} if batch else dict(rows.conversation)
+    events = [
+        _values(
+            _EVENT_FIELDS,
+            {
+                "conversation_id": conversation_id,
+                "seq": e["seq"],
+                "type": e["type"],
+                "data": Jsonb(e),
+                "created_at": now,
+            },
+        )
+        for e in batch
+    ]
+    messages = [_values(_MESSAGE_FIELDS, m) for m in rows.messages]
+    votes = [_values(_VOTE_FIELDS, v) for v in rows.votes]
+    names = list(updates)
+    async with (await pool()).connection() as conn, conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+        if messages:
+            await cur.executemany(_MESSAGE_SQL, messages)
+        if votes:
+            await cur.executemany(_VOTE_SQL, votes)
+        if events:
+            await cur.executemany(_EVENT_SQL, events)
+        if names:
+            await cur.execute(_conversation_sql(names), [*(updates[n] for n in names), conversation_id])

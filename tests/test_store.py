@@ -1,0 +1,102 @@
+"""PostgreSQL: a batch's events, messages, ballots and conversation counters in one transaction."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.db import connections
+from django.utils import timezone
+
+from conversations import store
+from conversations.events import EventLog
+from conversations.models import Conversation, Event, Message, Vote
+from tests.conftest import requires_postgres
+
+pytestmark = [pytest.mark.django_db(transaction=True), requires_postgres]
+
+
+def event(conversation: Conversation, seq: int, type: str = "agent_response") -> dict[str, object]:
+    return {"type": type, "conversation_id": str(conversation.pk), "seq": seq, "exchange": 1}
+
+
+def message(turn: int, agent_id: str, content: str) -> dict[str, object]:
+    return {"exchange": 1, "role": Message.Role.AGENT, "agent_id": agent_id, "turn": turn, "content": content}
+
+
+async def new_conversation() -> Conversation:
+    return await Conversation.objects.acreate(owner="key:1", status="running", exchanges=1)
+
+
+async def test_one_batch_writes_events_messages_votes_and_counters() -> None:
+    conversation = await new_conversation()
+    beat = timezone.now()
+    rows = store.Rows(
+        messages=[{"conversation_id": conversation.pk, **message(1, "agent_0", "Blue.")}],
+        votes=[{"conversation_id": conversation.pk, "exchange": 1, "voter": "agent_0", "choice": "A"}],
+        conversation={"turns_completed": 1, "heartbeat_at": beat},
+    )
+    await store.write_batch(conversation.pk, [event(conversation, 1), event(conversation, 2)], rows, beat)
+    await conversation.arefresh_from_db()
+    assert (conversation.last_seq, conversation.turns_completed, conversation.heartbeat_at) == (2, 1, beat)
+    stored = await Message.objects.aget(conversation=conversation)
+    # Columns the batch did not give get the model's defaults, as with the ORM.
+    assert (stored.content, stored.raw_content, stored.repair_calls, stored.cost_usd) == ("Blue.", "", 0, 0.0)
+    assert (stored.role, stored.status, stored.cost_estimated) == ("agent", "ok", False)
+    vote = await Vote.objects.aget(conversation=conversation)
+    assert (vote.choice, vote.confidence, vote.reason) == ("A", None, "")
+    assert [e.data["seq"] async for e in Event.objects.filter(conversation=conversation)] == [1, 2]
+
+
+async def test_a_stored_message_is_kept_and_a_ballot_is_replaced() -> None:
+    conversation = await new_conversation()
+    first = store.Rows(
+        messages=[{"conversation_id": conversation.pk, **message(1, "agent_0", "first")}],
+        votes=[{"conversation_id": conversation.pk, "exchange": 1, "voter": "agent_0", "choice": "A"}],
+    )
+    again = store.Rows(
+        messages=[{"conversation_id": conversation.pk, **message(1, "agent_0", "second")}],
+        votes=[{"conversation_id": conversation.pk, "exchange": 1, "voter": "agent_0", "choice": "B"}],
+    )
+    await store.write_batch(conversation.pk, [event(conversation, 1)], first, timezone.now())
+    await store.write_batch(conversation.pk, [event(conversation, 2)], again, timezone.now())
+    assert [m.content async for m in Message.objects.filter(conversation=conversation)] == ["first"]
+    assert [v.choice async for v in Vote.objects.filter(conversation=conversation)] == ["B"]
+
+
+async def test_a_failed_batch_stores_none_of_its_rows() -> None:
+    conversation = await new_conversation()
+    await store.write_batch(conversation.pk, [event(conversation, 1)], store.Rows(), timezone.now())
+    rows = store.Rows(messages=[{"conversation_id": conversation.pk, **message(1, "agent_0", "lost")}])
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        await store.write_batch(conversation.pk, [event(conversation, 1)], rows, timezone.now())
+    assert await Message.objects.filter(conversation=conversation).acount() == 0
+    await conversation.arefresh_from_db()
+    assert conversation.last_seq == 1
+
+
+async def test_the_pool_survives_a_restarted_database_connection() -> None:
+    conversation = await new_conversation()
+    await store.write_batch(conversation.pk, [event(conversation, 1)], store.Rows(), timezone.now())
+    name = connections["default"].settings_dict["NAME"]
+    # End every pooled connection server-side, as a database restart would.
+    with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name = 'polyagents-events'",
+            [name],
+        ).fetchall()
+    assert ended
+    await store.write_batch(conversation.pk, [event(conversation, 2)], store.Rows(), timezone.now())
+    assert await Event.objects.filter(conversation=conversation).acount() == 2
+
+
+async def test_the_run_recorder_path_stages_rows_with_their_event() -> None:
+    conversation = await new_conversation()
+    log = await EventLog.open(conversation.pk, buffered=True)
+    assert log.pipelined
+    log.stage_message(message(1, "agent_1", "Red."))
+    await log.emit("agent_response", exchange=1, agent_id="agent_1", turn=1, content="Red.")
+    stored = await Message.objects.aget(conversation=conversation)
+    assert stored.content == "Red."
+    assert await Event.objects.filter(conversation=conversation, type="agent_response").aexists()
