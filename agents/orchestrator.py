@@ -605,17 +605,7 @@ class Orchestrator:
             }
             await self.emit("synthesis", **info, content=representative, tokens=usage_dict(Usage()))
             return representative, info, Usage()
-        self.other_calls.append(
-            AgentResult(
-                agent_id=chairman.agent_id,
-                turn=self.turns + 1,
-                ok=True,
-                model=generation.model,
-                provider=generation.provider,
-                usage=generation.usage,
-                simulated=generation.simulated,
-            )
-        )
+        self._record_call(chairman.agent_id, generation)
         text = clean_answer(generation.text).strip() or representative
         info = {
             "mode": "chairman",
@@ -677,17 +667,7 @@ class Orchestrator:
                     return Ballot(
                         voter=profile.agent_id, choice=None, confidence=0.0, reason=f"failed: {exc.kind}"
                     )
-                self.other_calls.append(
-                    AgentResult(
-                        agent_id=profile.agent_id,
-                        turn=self.turns + 1,
-                        ok=True,
-                        model=generation.model,
-                        provider=generation.provider,
-                        usage=generation.usage,
-                        simulated=generation.simulated,
-                    )
-                )
+                self._record_call(profile.agent_id, generation)
                 if generation.data is not None:
                     return parse_structured_ballot(profile.agent_id, generation.data, labels)
                 return parse_ballot(profile.agent_id, generation.text, labels)
@@ -712,6 +692,20 @@ class Orchestrator:
         )
         answer = representative.get(decision.winner or "", "")
         return decision, answer, position_of
+
+    def _record_call(self, agent_id: str, generation: Generation) -> None:
+        """Count a call outside the discussion turns (a ballot, the chairman) in usage and cost."""
+        self.other_calls.append(
+            AgentResult(
+                agent_id=agent_id,
+                turn=self.turns + 1,
+                ok=True,
+                model=generation.model,
+                provider=generation.provider,
+                usage=generation.usage,
+                simulated=generation.simulated,
+            )
+        )
 
     def total_usage(self) -> Usage:
         """Tokens of every call: the discussion turns and the calls outside them (ballots)."""
