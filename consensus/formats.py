@@ -205,9 +205,14 @@ def parse_ballot(voter: str, text: str, labels: Sequence[str]) -> Ballot:
         items = _VOTE_ITEM.match(whole)
         if items and items.end() == len(whole):
             vote = whole
-    choice, why = _choice(vote, labels)
-    confidence = _confidence_in(text)
-    reason = (_labelled(text, _REASON_LABEL) or "")[:MAX_REASON_CHARS]
+    return make_ballot(
+        voter, *_choice(vote, labels), _confidence_in(text), _labelled(text, _REASON_LABEL) or ""
+    )
+
+
+def make_ballot(voter: str, choice: str | None, why: str, confidence: float | None, reason: str) -> Ballot:
+    """A ballot from its parsed parts: the reason bounded and prefixed with why a vote was void."""
+    reason = reason[:MAX_REASON_CHARS]
     if why:
         reason = f"[{why}] {reason}".strip()
     return Ballot(

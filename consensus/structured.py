@@ -25,11 +25,10 @@ from consensus.formats import (
     _CONFIDENCE_LABEL,
     _LINE_PREFIX,
     _POSITION_LABEL,
-    DEFAULT_BALLOT_CONFIDENCE,
     MAX_POSITION_CHARS,
-    MAX_REASON_CHARS,
     NON_ANSWERS,
     _choice,
+    make_ballot,
     parse_confidence,
     parse_reply,
 )
@@ -179,15 +178,8 @@ def parse_structured_ballot(voter: str, data: Mapping[str, Any], labels: Sequenc
     """The ballot of a structured reply; an unusable vote is an abstention with the reason why."""
     raw_vote = data.get("vote")
     choice, why = _choice(raw_vote if isinstance(raw_vote, str) else None, labels)
-    confidence = _confidence_value(data.get("confidence"))
-    reason = _text_value(data.get("reason"))[:MAX_REASON_CHARS]
-    if why:
-        reason = f"[{why}] {reason}".strip()
-    return Ballot(
-        voter=voter,
-        choice=choice,
-        confidence=DEFAULT_BALLOT_CONFIDENCE if confidence is None else confidence,
-        reason=reason,
+    return make_ballot(
+        voter, choice, why, _confidence_value(data.get("confidence")), _text_value(data.get("reason"))
     )
 
 
