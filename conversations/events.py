@@ -211,7 +211,7 @@ async def _store_pipelined(
         await store.write_batch(conversation_id, batch, rows, now)
 
     async def reset() -> None:
-        return None  # the pool checks each connection it hands out
+        await store.discard_pool()  # the next try opens a fresh pool
 
     await _retrying(
         write,
@@ -296,7 +296,7 @@ class EventLog:
         self._pending: list[dict[str, Any]] = []
         # On PostgreSQL the rows an event stands beside are staged here and written in the same
         # pipelined transaction as the event (conversations.store); SQLite keeps the ORM path.
-        self.pipelined = bool(settings.USING_POSTGRES)
+        self.pipelined = bool(settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED)
         self._rows = store.Rows()
         self._writer: asyncio.Task[None] | None = None
         # Set when a batch could not be stored: later events are refused, so the stored log

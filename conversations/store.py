@@ -26,6 +26,8 @@ from conversations.models import Conversation, Event, Message, Vote
 
 POOL_MAX = 4  # per event loop: batches of many conversations share a few connections
 
+# Short, so a write retried while the database is away tries a fresh pool several times.
+GETCONN_TIMEOUT = 3.0
 _pools: dict[asyncio.AbstractEventLoop, tuple[str, Any, asyncio.Task[None]]] = {}
 
 
@@ -113,6 +115,9 @@ async def pool() -> Any:
     loop = asyncio.get_running_loop()
     conninfo = _conninfo()
     cached = _pools.get(loop)
+    if cached is not None and cached[2].done() and cached[2].exception() is not None:
+        await discard_pool()  # it never opened (the database was away): start afresh
+        cached = None
     if cached is None or cached[0] != conninfo:
         _forget_closed_loops()
         if cached is not None:
@@ -131,6 +136,22 @@ async def pool() -> Any:
         _pools[loop] = cached
     await asyncio.shield(cached[2])
     return cached[1]
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+async def discard_pool() -> None:
+    """Drop the running loop's pool after a failed write; the next write opens a fresh one.
+
+    A pool whose connections died with the database reconnects with a growing back-off and
+    can keep refusing for a while after the database is back; a new pool connects at once.
+    """
+    cached = _pools.pop(asyncio.get_running_loop(), None)
+    if cached is not None:
+        task = asyncio.get_running_loop().create_task(cached[1].close(timeout=1.0))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
 
 
 async def close_pool() -> None:
@@ -163,7 +184,13 @@ async def write_batch(
     messages = [_values(_MESSAGE_FIELDS, m) for m in rows.messages]
     votes = [_values(_VOTE_FIELDS, v) for v in rows.votes]
     names = list(updates)
-    async with (await pool()).connection() as conn, conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+    events_pool = await pool()
+    async with (
+        events_pool.connection(timeout=GETCONN_TIMEOUT) as conn,
+        conn.pipeline(),
+        conn.transaction(),
+        conn.cursor() as cur,
+    ):
         if messages:
             await cur.executemany(_MESSAGE_SQL, messages)
         if votes:

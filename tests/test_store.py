@@ -91,7 +91,8 @@ async def test_the_pool_survives_a_restarted_database_connection() -> None:
     assert await Event.objects.filter(conversation=conversation).acount() == 2
 
 
-async def test_the_run_recorder_path_stages_rows_with_their_event() -> None:
+async def test_the_run_recorder_path_stages_rows_with_their_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings.CONFIG, "EVENT_STORE_PIPELINED", True)
     conversation = await new_conversation()
     log = await EventLog.open(conversation.pk, buffered=True)
     assert log.pipelined
