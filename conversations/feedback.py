@@ -21,7 +21,7 @@ from conversations.serializers import StrictSerializer
 from gateway.errors import error_body
 from gateway.openapi import errors
 from gateway.permissions import CanWrite
-from gateway.principal import Principal
+from gateway.principal import principal_of
 from gateway.validation import SafeCharField
 
 MAX_NOTE_CHARS = 2000
@@ -68,8 +68,7 @@ class FeedbackView(APIView):
         ],
     )
     def post(self, request: Request, conversation_id: str) -> Response:
-        principal = request.user
-        assert isinstance(principal, Principal)  # guaranteed by CanWrite
+        principal = principal_of(request)
         try:
             pk = uuid.UUID(conversation_id)
         except ValueError:

@@ -84,7 +84,7 @@ class ChatView(APIView):
         data = serializer.validated_data
         try:
             conversation, exchange = await conversation_start(
-                principal=request.user,  # type: ignore[arg-type]
+                principal=principal_of(request),
                 message=data["message"],
                 conversation_id=data.get("conversation_id"),
                 num_agents=data.get("num_agents"),

@@ -16,6 +16,7 @@ from conversations.services import ConversationError, conversation_start
 from conversations.views import FOLLOW_CONVERSATION, conversation_problem
 from gateway.openapi import errors, links
 from gateway.permissions import CanWrite
+from gateway.principal import principal_of
 from gateway.validation import parse_uuid
 from streaming.jobs import enqueue_run
 
@@ -53,7 +54,7 @@ class StreamView(APIView):
             raise ValidationError({"conversation_id": ["Must match the conversation id of the path."]})
         try:
             conversation, exchange = await conversation_start(
-                principal=request.user,  # type: ignore[arg-type]
+                principal=principal_of(request),
                 message=data["message"],
                 conversation_id=conv_id,
                 num_agents=data.get("num_agents"),
