@@ -347,6 +347,8 @@ class EventLog:
     async def flush(self) -> None:
         """Wait until every event emitted so far is stored, appended and published."""
         while self._pending or self._rows or (self._writer is not None and not self._writer.done()):
+            # A broken log stores nothing more: rows staged after it broke must not keep us here.
+            self._raise_if_broken()
             if self._writer is None or self._writer.done():
                 self._writer = asyncio.get_running_loop().create_task(self._drain())
             await asyncio.shield(self._writer)
@@ -369,7 +371,7 @@ class EventLog:
                 except Exception as exc:
                     # Never publish what is not stored, nor store anything after it (no gap).
                     self._broken = exc
-                    self._pending = []
+                    self._pending, self._rows = [], store.Rows()
                     logger.exception(
                         "events not stored; the event log stops",
                         extra={

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 from django.conf import settings
@@ -9,7 +11,7 @@ from django.db import connections
 from django.utils import timezone
 
 from conversations import store
-from conversations.events import EventLog
+from conversations.events import EventLog, EventLogBroken
 from conversations.models import Conversation, Event, Message, Vote
 from tests.conftest import requires_postgres
 
@@ -101,3 +103,24 @@ async def test_the_run_recorder_path_stages_rows_with_their_event(monkeypatch: p
     stored = await Message.objects.aget(conversation=conversation)
     assert stored.content == "Red."
     assert await Event.objects.filter(conversation=conversation, type="agent_response").aexists()
+
+
+async def test_a_broken_log_refuses_rows_staged_after_it_broke(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run behind a log whose batch could not be stored stops at once; it never spins on rows
+    it staged after the log broke (it would hang its job, and its retry would never come)."""
+    monkeypatch.setattr(settings.CONFIG, "EVENT_STORE_PIPELINED", True)
+    conversation = await new_conversation()
+    log = await EventLog.open(conversation.pk, buffered=True)
+
+    async def refused(*args: object) -> None:
+        raise psycopg.errors.UniqueViolation("refused")
+
+    monkeypatch.setattr(store, "write_batch", refused)
+    with pytest.raises(EventLogBroken):
+        await log.emit("agent_response", exchange=1, agent_id="agent_1", turn=1, content="Red.")
+    log.stage_conversation(turns_completed=1)
+    log.stage_message(message(1, "agent_2", "Blue."))
+    with pytest.raises(EventLogBroken):
+        await asyncio.wait_for(log.flush(), timeout=5)
+    with pytest.raises(EventLogBroken):
+        await log.emit("agent_response", exchange=1, agent_id="agent_2", turn=1, content="Blue.")
