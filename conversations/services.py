@@ -16,11 +16,9 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import (
-    DatabaseError,
     IntegrityError,
     InterfaceError,
     OperationalError,
-    close_old_connections,
     transaction,
 )
 from django.utils import timezone
@@ -39,6 +37,7 @@ from agents.providers.base import Usage
 from agents.synthesis import default_mode
 from consensus import Proposal, parse_reply
 from conversations import budget as admission
+from conversations import liveness
 from conversations.assessment import aassess, apanel_weights
 from conversations.events import EventLog, EventLogBroken, has_watchers
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
@@ -50,7 +49,6 @@ from telemetry.metrics import CONVERSATIONS
 
 logger = logging.getLogger("polyagents.conversations")
 
-HEARTBEAT_SECONDS = 2.0
 TITLE_CHARS = 200
 
 # Fire-and-forget work (search indexing) is kept referenced until it finishes.
@@ -194,10 +192,13 @@ async def conversation_start(
 
 
 async def conversation_cancel(*, conversation_id: uuid.UUID) -> None:
-    """Ask the run of a conversation to stop; the run notices within a couple of seconds."""
-    await Conversation.objects.filter(
+    """Ask the run of a conversation to stop: the flag is stored, then pushed to its process
+    (at once; without Redis, a run in another process notices at its next heartbeat)."""
+    asked = await Conversation.objects.filter(
         pk=conversation_id, status__in=[Conversation.Status.PENDING, Conversation.Status.RUNNING]
     ).aupdate(cancel_requested=True)
+    if asked:
+        await liveness.push_cancel(conversation_id)
 
 
 async def _announce_unsent(
@@ -397,32 +398,6 @@ def _load_prior(
     return question, prior, history
 
 
-async def _watchdog(conversation_id: uuid.UUID, run: asyncio.Task[RunOutcome]) -> None:
-    """Beat the heartbeat and cancel the run when someone asked for it.
-
-    A failed beat (the database is away) is logged and tried again at the next one: the
-    heartbeat proves that the run is alive, so it must outlive a lost connection.
-    """
-    while not run.done():
-        await asyncio.sleep(HEARTBEAT_SECONDS)
-        try:
-            await Conversation.objects.filter(pk=conversation_id).aupdate(heartbeat_at=timezone.now())
-            flag = (
-                await Conversation.objects.filter(pk=conversation_id)
-                .values_list("cancel_requested", flat=True)
-                .afirst()
-            )
-        except DatabaseError as exc:
-            logger.warning(
-                "heartbeat not saved", extra={"conversation": str(conversation_id), "error": repr(exc)}
-            )
-            await sync_to_async(close_old_connections)()
-            continue
-        if flag:
-            run.cancel()
-            return
-
-
 async def conversation_run(
     *, conversation_id: uuid.UUID, exchange: int, stream_when_watched: bool = False
 ) -> Conversation:
@@ -477,7 +452,8 @@ async def conversation_run(
         watched=(lambda: has_watchers(conversation_id)) if stream_when_watched else None,
     )
     run = asyncio.ensure_future(orchestrator.run())
-    watchdog = asyncio.ensure_future(_watchdog(conversation.pk, run))
+    pulse = liveness.pulse()  # this process's one heartbeat for all its runs, and cancel pushes
+    pulse.add(conversation.pk, run)
     try:
         outcome = await run
     except asyncio.CancelledError:
@@ -496,7 +472,7 @@ async def conversation_run(
         )
         outcome.usage, outcome.cost = orchestrator.total_usage(), orchestrator.total_cost()  # still charged
     finally:
-        watchdog.cancel()
+        pulse.discard(conversation.pk, run)
     return await _finish(conversation.pk, exchange, recorder, outcome, time.monotonic() - started)
 
 

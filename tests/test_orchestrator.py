@@ -238,7 +238,6 @@ class TestResume:
         import conversations.services as services
 
         monkeypatch.setattr(config, "SIMULATED_LATENCY", 0.5)
-        monkeypatch.setattr(services, "HEARTBEAT_SECONDS", 0.05)
         reset_providers()
         principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
         conversation, exchange = await conversation_start(
