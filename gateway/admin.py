@@ -22,14 +22,20 @@ class ApiKeyForm(forms.ModelForm):
     """Name, permissions as checkboxes, rate-limit override and expiry; never the hash."""
 
     permissions = forms.MultipleChoiceField(
-        choices=[(p, p) for p in PERMISSIONS], widget=forms.CheckboxSelectMultiple,
+        choices=[(p, p) for p in PERMISSIONS],
+        widget=forms.CheckboxSelectMultiple,
         help_text="admin implies read and write.",
     )
 
     class Meta:
         model = ApiKey
         fields = (
-            "name", "permissions", "rate_limit_override", "daily_quota", "daily_quota_unit", "expires_at",
+            "name",
+            "permissions",
+            "rate_limit_override",
+            "daily_quota",
+            "daily_quota_unit",
+            "expires_at",
         )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -63,12 +69,29 @@ def _show_key_once(request: HttpRequest, raw: str, what: str) -> None:
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
-    list_display = ("name", "prefix", "permission_list", "source", "created_at", "last_used_at",
-                    "expires_at", "revoked_at", "status", "quota_today")
+    list_display = (
+        "name",
+        "prefix",
+        "permission_list",
+        "source",
+        "created_at",
+        "last_used_at",
+        "expires_at",
+        "revoked_at",
+        "status",
+        "quota_today",
+    )
     list_filter = ("source", "revoked_at", "created_at")
     search_fields = ("name", "prefix")
-    readonly_fields = ("prefix", "source", "created_at", "last_used_at", "revoked_at", "replaced_by",
-                       "quota_today")
+    readonly_fields = (
+        "prefix",
+        "source",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+        "replaced_by",
+        "quota_today",
+    )
     actions = ("revoke_keys", "rotate_keys")
     ordering = ("-created_at",)
 
@@ -103,8 +126,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
         raw = generate_key()
         obj.prefix, obj.key_hash = raw[:PREFIX_LENGTH], hash_key(raw)
         super().save_model(request, obj, form, change)
-        log_security_event("key_created", ip=client_ip(request), path=request.path, api_key=obj,
-                           by=f"admin:{request.user.get_username()}")
+        log_security_event(
+            "key_created",
+            ip=client_ip(request),
+            path=request.path,
+            api_key=obj,
+            by=f"admin:{request.user.get_username()}",
+        )
         _show_key_once(request, raw, f"New API key {obj.name!r}")
 
     @admin.action(description="Revoke selected keys")
@@ -112,8 +140,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
         count = 0
         for key in queryset.filter(revoked_at__isnull=True):
             key_revoke(key=key)
-            log_security_event("key_revoked", ip=client_ip(request), path=request.path, api_key=key,
-                               by=f"admin:{request.user.get_username()}")
+            log_security_event(
+                "key_revoked",
+                ip=client_ip(request),
+                path=request.path,
+                api_key=key,
+                by=f"admin:{request.user.get_username()}",
+            )
             count += 1
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
 
@@ -124,8 +157,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{key} is revoked and was not rotated.", messages.ERROR)
                 continue
             issued = key_rotate(key=key)
-            log_security_event("key_rotated", ip=client_ip(request), path=request.path, api_key=key,
-                               new_key=issued.key.pk, by=f"admin:{request.user.get_username()}")
+            log_security_event(
+                "key_rotated",
+                ip=client_ip(request),
+                path=request.path,
+                api_key=key,
+                new_key=issued.key.pk,
+                by=f"admin:{request.user.get_username()}",
+            )
             until = f"{key.expires_at:%Y-%m-%d %H:%M:%S} UTC" if key.expires_at else "-"
             _show_key_once(request, issued.raw, f"Replacement for {key.name!r} (old key valid until {until})")
 
@@ -168,8 +207,13 @@ class SecurityEventAdmin(admin.ModelAdmin):
 
 
 def _log_unblock(request: HttpRequest, block: BlockedIP) -> None:
-    log_security_event("ip_unblocked", ip=block.ip, path=request.path, reason=block.reason,
-                       by=f"admin:{request.user.get_username()}")
+    log_security_event(
+        "ip_unblocked",
+        ip=block.ip,
+        path=request.path,
+        reason=block.reason,
+        by=f"admin:{request.user.get_username()}",
+    )
 
 
 @admin.register(BlockedIP)

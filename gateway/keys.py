@@ -155,13 +155,25 @@ def _load_default(spec: object) -> tuple[str, str]:
     with transaction.atomic():
         existing = ApiKey.objects.select_for_update().filter(name=name, source=ApiKey.Source.ENV).first()
         if existing is None:
-            key_create(name=name, permissions=perms, rate_limit_override=override,
-                       source=ApiKey.Source.ENV, raw=raw, daily_quota=daily_quota,
-                       daily_quota_unit=quota_unit)
+            key_create(
+                name=name,
+                permissions=perms,
+                rate_limit_override=override,
+                source=ApiKey.Source.ENV,
+                raw=raw,
+                daily_quota=daily_quota,
+                daily_quota_unit=quota_unit,
+            )
             return name, "created"
-        wanted = {"key_hash": hash_key(raw), "prefix": raw[:PREFIX_LENGTH], "permissions": perms,
-                  "rate_limit_override": override, "revoked_at": None, "daily_quota": daily_quota,
-                  "daily_quota_unit": quota_unit}
+        wanted = {
+            "key_hash": hash_key(raw),
+            "prefix": raw[:PREFIX_LENGTH],
+            "permissions": perms,
+            "rate_limit_override": override,
+            "revoked_at": None,
+            "daily_quota": daily_quota,
+            "daily_quota_unit": quota_unit,
+        }
         changed = [f for f, v in wanted.items() if getattr(existing, f) != v]
         if not changed:
             return name, "unchanged"
@@ -186,7 +198,8 @@ def load_default_keys_at_start() -> None:
             logger.warning(
                 "DEFAULT_API_KEYS were NOT loaded at start-up (%s: %s); run manage.py migrate, "
                 "then manage.py load_api_keys",
-                type(exc).__name__, str(exc)[:200],
+                type(exc).__name__,
+                str(exc)[:200],
             )
         else:
             logger.info("DEFAULT_API_KEYS loaded: %s", ", ".join(f"{n} {a}" for n, a in done))

@@ -50,8 +50,19 @@ class ApiKeySerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiKey
         fields: tuple[str, ...] = (
-            "id", "name", "prefix", "permissions", "rate_limit_override", "source", "created_at",
-            "expires_at", "revoked_at", "last_used_at", "replaced_by", "status", "daily_quota",
+            "id",
+            "name",
+            "prefix",
+            "permissions",
+            "rate_limit_override",
+            "source",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
+            "replaced_by",
+            "status",
+            "daily_quota",
             "daily_quota_unit",
         )
         read_only_fields: tuple[str, ...] = fields
@@ -78,8 +89,9 @@ class ApiKeyCreateSerializer(serializers.Serializer):
     permissions = serializers.ListField(
         child=serializers.ChoiceField(choices=PERMISSIONS), min_length=1, max_length=len(PERMISSIONS)
     )
-    rate_limit_override = serializers.IntegerField(min_value=1, max_value=10_000_000, required=False,
-                                                   allow_null=True)
+    rate_limit_override = serializers.IntegerField(
+        min_value=1, max_value=10_000_000, required=False, allow_null=True
+    )
     expires_in_days = serializers.IntegerField(min_value=1, max_value=3650, required=False, allow_null=True)
     daily_quota = StrictPositiveNumberField(max_value=1e12, required=False, allow_null=True)
     daily_quota_unit = serializers.ChoiceField(choices=["tokens", "usd"], required=False, default="tokens")

@@ -33,8 +33,12 @@ class TokenPair:
 
     def as_response(self) -> dict[str, Any]:
         lifetime = api_settings.ACCESS_TOKEN_LIFETIME.total_seconds()
-        return {"access": self.access, "refresh": self.refresh, "token_type": "Bearer",
-                "expires_in": int(lifetime)}
+        return {
+            "access": self.access,
+            "refresh": self.refresh,
+            "token_type": "Bearer",
+            "expires_in": int(lifetime),
+        }
 
 
 def user_permissions(user: Any) -> list[str]:
@@ -84,8 +88,13 @@ def principal_from_claims(payload: dict[str, Any]) -> Principal:
             raise TokenRejected(exc.code, f"Token of an unusable key: {exc.detail}", key) from None
         base = principal_for_key(key)
         # A token never grants more than its key holds now.
-        return Principal(kind="api_key", permissions=frozenset(claimed & base.permissions), name=base.name,
-                         api_key_id=base.api_key_id, rate_limit_override=base.rate_limit_override)
+        return Principal(
+            kind="api_key",
+            permissions=frozenset(claimed & base.permissions),
+            name=base.name,
+            api_key_id=base.api_key_id,
+            rate_limit_override=base.rate_limit_override,
+        )
     if kind == "user":
         user_id = payload.get(api_settings.USER_ID_CLAIM)
         user = get_user_model().objects.filter(pk=str(user_id)).first() if str(user_id).isdigit() else None

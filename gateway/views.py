@@ -50,8 +50,13 @@ class Unauthorized(APIException):
 
 
 def _reject(request: Request, code: str, detail: str, api_key: Model | None = None) -> Unauthorized:
-    report_auth_failure(code, detail, ip=client_ip(request), path=request.path,
-                        api_key=api_key if isinstance(api_key, ApiKey) else None)
+    report_auth_failure(
+        code,
+        detail,
+        ip=client_ip(request),
+        path=request.path,
+        api_key=api_key if isinstance(api_key, ApiKey) else None,
+    )
     return Unauthorized(AuthError(code, detail))
 
 
@@ -128,15 +133,19 @@ class WhoAmIView(APIView):
         prefix = None
         if principal.api_key_id is not None:
             prefix = ApiKey.objects.filter(pk=principal.api_key_id).values_list("prefix", flat=True).first()
-        return Response({
-            "kind": principal.kind,
-            "name": principal.name,
-            "owner": principal.owner,
-            "permissions": sorted(principal.permissions),
-            "key_prefix": prefix,
-            "rate_limit_override": principal.rate_limit_override,
-            "quota": state.to_dict() if (state := quota.usage(principal.api_key_id)) is not None else None,
-        })
+        return Response(
+            {
+                "kind": principal.kind,
+                "name": principal.name,
+                "owner": principal.owner,
+                "permissions": sorted(principal.permissions),
+                "key_prefix": prefix,
+                "rate_limit_override": principal.rate_limit_override,
+                "quota": state.to_dict()
+                if (state := quota.usage(principal.api_key_id)) is not None
+                else None,
+            }
+        )
 
 
 def _admin(request: Request) -> Principal:
@@ -158,8 +167,13 @@ class KeyListView(APIView):
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         issued = key_create(**body.validated_data)
-        log_security_event("key_created", ip=client_ip(request), path=request.path, api_key=issued.key,
-                           by=_admin(request).owner)
+        log_security_event(
+            "key_created",
+            ip=client_ip(request),
+            path=request.path,
+            api_key=issued.key,
+            by=_admin(request).owner,
+        )
         body_out = {**ApiKeySerializer(issued.key).data, "key": issued.raw}
         return Response(body_out, status=status.HTTP_201_CREATED)
 
@@ -172,8 +186,9 @@ class KeyRevokeView(APIView):
     @extend_schema(request=None, responses={200: ApiKeySerializer})
     def post(self, request: Request, key_id: int) -> Response:
         key = key_revoke(key=get_object_or_404(ApiKey, pk=key_id))
-        log_security_event("key_revoked", ip=client_ip(request), path=request.path, api_key=key,
-                           by=_admin(request).owner)
+        log_security_event(
+            "key_revoked", ip=client_ip(request), path=request.path, api_key=key, by=_admin(request).owner
+        )
         return Response(ApiKeySerializer(key).data)
 
 
@@ -188,11 +203,19 @@ class KeyRotateView(APIView):
         body.is_valid(raise_exception=True)
         old = get_object_or_404(ApiKey, pk=key_id)
         if old.revoked_at is not None:
-            return Response({"detail": "A revoked key cannot be rotated.", "code": "key_revoked"},
-                            status=status.HTTP_409_CONFLICT)
+            return Response(
+                {"detail": "A revoked key cannot be rotated.", "code": "key_revoked"},
+                status=status.HTTP_409_CONFLICT,
+            )
         issued = key_rotate(key=old, grace_seconds=body.validated_data.get("grace_seconds"))
-        log_security_event("key_rotated", ip=client_ip(request), path=request.path, api_key=old,
-                           new_key=issued.key.pk, by=_admin(request).owner)
+        log_security_event(
+            "key_rotated",
+            ip=client_ip(request),
+            path=request.path,
+            api_key=old,
+            new_key=issued.key.pk,
+            by=_admin(request).owner,
+        )
         return Response(
             {**ApiKeySerializer(issued.key).data, "key": issued.raw, "replaces": ApiKeySerializer(old).data},
             status=status.HTTP_201_CREATED,

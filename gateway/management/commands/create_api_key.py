@@ -22,15 +22,26 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--name", help="A name for the key (required unless --demo).")
         parser.add_argument("--permissions", default="read", help="Comma-separated: read,write,admin.")
-        parser.add_argument("--rate-limit", type=int, dest="rate_limit",
-                            help="Requests per window, this key.")
-        parser.add_argument("--daily-quota", type=float, dest="daily_quota",
-                            help="Tokens (or USD with --quota-unit usd) this key may use per UTC day.")
-        parser.add_argument("--quota-unit", choices=["tokens", "usd"], default="tokens", dest="quota_unit",
-                            help="Unit of --daily-quota (default tokens).")
+        parser.add_argument(
+            "--rate-limit", type=int, dest="rate_limit", help="Requests per window, this key."
+        )
+        parser.add_argument(
+            "--daily-quota",
+            type=float,
+            dest="daily_quota",
+            help="Tokens (or USD with --quota-unit usd) this key may use per UTC day.",
+        )
+        parser.add_argument(
+            "--quota-unit",
+            choices=["tokens", "usd"],
+            default="tokens",
+            dest="quota_unit",
+            help="Unit of --daily-quota (default tokens).",
+        )
         parser.add_argument("--expires-days", type=int, dest="expires_days", help="Lifetime in days.")
-        parser.add_argument("--demo", action="store_true",
-                            help='A read,write key named "demo"; older demo keys are revoked.')
+        parser.add_argument(
+            "--demo", action="store_true", help='A read,write key named "demo"; older demo keys are revoked.'
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["demo"]:
@@ -59,8 +70,10 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(f"--permissions: {exc}") from None
         key = issued.key
-        self.stdout.write(f"Created API key {key.name!r} (id {key.pk}, prefix {key.prefix}, "
-                          f"permissions {','.join(key.permissions)}).")
+        self.stdout.write(
+            f"Created API key {key.name!r} (id {key.pk}, prefix {key.prefix}, "
+            f"permissions {','.join(key.permissions)})."
+        )
         if key.daily_quota is not None:
             self.stdout.write(f"Daily quota: {key.daily_quota:g} {key.daily_quota_unit} per UTC day.")
         self.stdout.write("Copy it now, it is not shown again:")

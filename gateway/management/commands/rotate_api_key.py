@@ -16,8 +16,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("key", help="The key's id or prefix (as listed).")
-        parser.add_argument("--grace", type=int, help="Seconds the old key keeps working "
-                            "(default API_KEY_ROTATION_GRACE).")
+        parser.add_argument(
+            "--grace", type=int, help="Seconds the old key keeps working (default API_KEY_ROTATION_GRACE)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["grace"] is not None and options["grace"] < 0:
