@@ -25,6 +25,7 @@ import psycopg_pool
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 from django.db import (
     IntegrityError,
@@ -76,23 +77,84 @@ def redis_client() -> aioredis.Redis | None:
     return client
 
 
+def _live_message(event: dict[str, Any]) -> dict[str, Any]:
+    # `text` is the event as every follower receives it, serialised once here, not per socket.
+    return {"type": "conversation.event", "event": event, "text": json.dumps(event)}
+
+
+def _redis_publication(layer: Any, event: dict[str, Any]) -> tuple[str, bytes] | None:
+    """The PUBLISH that channels_redis's pub/sub layer would make for this event's group_send,
+    when that layer's only Redis is REDIS_URL's, so it can ride in the event log's pipeline."""
+    if not isinstance(layer, RedisPubSubChannelLayer):
+        return None
+    loop_layer = layer._get_layer()
+    shards = loop_layer._shards
+    if len(shards) != 1 or shards[0].host.get("address") != settings.REDIS_URL:
+        return None
+    channel = loop_layer._get_group_channel_name(group_name(event["conversation_id"]))
+    return channel, layer.serialize(_live_message(event))
+
+
+async def _send(batch: list[dict[str, Any]]) -> None:
+    """Append stored events to the conversation's Redis Stream and publish them live.
+
+    With REDIS_URL and the Redis pub/sub layer, one pipelined round trip does both, in order:
+    XADD under ids `<seq>-0` (trimmed to STREAM_MAXLEN, expiring after STREAM_TTL), then the
+    layer's own PUBLISH of each event (the message a `group_send` would publish). Otherwise
+    the stream append and the layer's `group_send` go separately, as before.
+    """
+    client = redis_client()
+    if not batch:
+        return
+    layer = get_channel_layer()
+    found = [_redis_publication(layer, e) for e in batch] if client is not None else []
+    publications = [p for p in found if p is not None]
+    if client is None or len(publications) != len(batch):
+        await _append_to_stream(batch)
+        for event in batch:
+            await _publish(event)
+        return
+    key = stream_key(batch[0]["conversation_id"])
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            _queue_appends(pipe, key, batch)
+            for channel, message in publications:
+                pipe.publish(channel, message)
+            results = await pipe.execute(raise_on_error=False)
+    except (RedisError, OSError) as exc:
+        results = [exc]
+    failed = [r for r in results if isinstance(r, Exception)]
+    if failed:
+        logger.warning(
+            "events not all appended to the Redis Stream or published; replay serves them from the database",
+            extra={
+                "conversation_id": batch[0]["conversation_id"],
+                "seq": batch[0]["seq"],
+                "error": repr(failed[0]),
+            },
+        )
+
+
+def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]]) -> None:
+    for event in batch:
+        pipe.xadd(
+            key,
+            {"e": json.dumps(event, separators=(",", ":"))},
+            id=f"{event['seq']}-0",
+            maxlen=settings.CONFIG.STREAM_MAXLEN,
+            approximate=True,
+        )
+    pipe.expire(key, settings.CONFIG.STREAM_TTL)
+
+
 async def _append_to_stream(batch: list[dict[str, Any]]) -> None:
     """XADD events under ids `<seq>-0`, trimmed to STREAM_MAXLEN and expiring after STREAM_TTL."""
     client = redis_client()
     if client is None or not batch:
         return
-    key = stream_key(batch[0]["conversation_id"])
     try:
         async with client.pipeline(transaction=False) as pipe:
-            for event in batch:
-                pipe.xadd(
-                    key,
-                    {"e": json.dumps(event, separators=(",", ":"))},
-                    id=f"{event['seq']}-0",
-                    maxlen=settings.CONFIG.STREAM_MAXLEN,
-                    approximate=True,
-                )
-            pipe.expire(key, settings.CONFIG.STREAM_TTL)
+            _queue_appends(pipe, stream_key(batch[0]["conversation_id"]), batch)
             await pipe.execute()
     except (RedisError, OSError) as exc:
         logger.warning(
@@ -107,9 +169,7 @@ async def _publish(event: dict[str, Any]) -> None:
     if layer is None:
         return
     try:
-        # `text` is the event as every follower receives it, serialised once here, not per socket.
-        message = {"type": "conversation.event", "event": event, "text": json.dumps(event)}
-        await layer.group_send(group_name(event["conversation_id"]), message)
+        await layer.group_send(group_name(event["conversation_id"]), _live_message(event))
     except (RedisError, OSError) as exc:
         logger.warning(
             "event not published live; clients will get it by replay",
@@ -381,9 +441,7 @@ class EventLog:
                         },
                     )
                     return
-                await _append_to_stream(batch)
-                for event in batch:
-                    await _publish(event)
+                await _send(batch)
 
 
 async def _read_stream(conversation_id: uuid.UUID | str, after: int) -> list[dict[str, Any]] | None:

@@ -138,3 +138,41 @@ async def test_a_buffered_log_stores_every_event_but_deltas_before_emit_returns(
     assert await Event.objects.filter(conversation=conversation).acount() == 4
     refreshed = await Conversation.objects.aget(pk=conversation.pk)
     assert refreshed.last_seq == 4
+
+
+@requires_redis
+async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conversations import events
+
+    log = await new_log()
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(group_name(log.conversation_id), channel)
+    separately: list[dict[str, object]] = []
+
+    async def publish(event: dict[str, object]) -> None:
+        separately.append(event)
+
+    monkeypatch.setattr(events, "_publish", publish)
+    client = events.redis_client()
+    assert client is not None
+    pipelines = 0
+    make_pipeline = client.pipeline
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal pipelines
+        pipelines += 1
+        return make_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(client, "pipeline", counted)
+    emitted = await log.emit("turn_started", turn=1)
+    message = await asyncio.wait_for(layer.receive(channel), timeout=5)
+    # The layer's own message, as a group_send would have published it; and in the stream.
+    assert message["event"] == emitted
+    assert json.loads(message["text"]) == emitted
+    stored = await client.xrange(stream_key(log.conversation_id))
+    assert [json.loads(fields[b"e"])["seq"] for _id, fields in stored] == [1]
+    assert pipelines == 1
+    assert separately == []
