@@ -1,13 +1,20 @@
 """One round trip per batch on PostgreSQL: a batch's events, the rows they stand beside and
-the conversation's counters, in one pipelined transaction.
+the conversation's counters, in one SQL statement.
+
+The statement is an UPDATE of the conversation with one data-modifying CTE per kind of row
+(`INSERT ... SELECT * FROM unnest(column arrays)`), run in autocommit: one statement is one
+transaction, so a batch is stored whole or not at all, in a single round trip, whatever its
+size (no BEGIN/COMMIT, no pipeline synchronisation, no per-row statements).
 
 The event log (`conversations.events`) calls `write_batch` before it appends anything to the
 Redis Stream or publishes it, so durability is the ORM path's: a client never sees an event
 that is not stored. Each event loop has one small psycopg `AsyncConnectionPool` (a pool is
-bound to the loop that opened it); a connection is checked before it is lent, so a restarted
-database costs one reconnect, not a failed batch. SQLite keeps the ORM path.
+bound to the loop that opened it). Connections are not checked before each use (that was one
+more round trip per batch): a connection that died with a restarted database fails its
+statement, and the event log's retry opens a fresh pool. SQLite keeps the ORM path.
 
-Column lists come from the Django models, so the SQL follows the schema and its migrations.
+Column lists and types come from the Django models, so the SQL follows the schema and its
+migrations.
 """
 
 from __future__ import annotations
@@ -51,27 +58,48 @@ def _columns(model: type[Any]) -> list[Any]:
     return [f for f in model._meta.concrete_fields if not f.primary_key]
 
 
-def _insert(model: type[Any], fields: list[Any], suffix: str = "") -> str:
-    columns = ", ".join(f'"{f.column}"' for f in fields)
-    marks = ", ".join(["%s"] * len(fields))
-    # Identifiers come from the models, never from input; values are bound parameters.
-    return f'INSERT INTO "{model._meta.db_table}" ({columns}) VALUES ({marks}){suffix}'  # noqa: S608
-
-
 _MESSAGE_FIELDS = _columns(Message)
 _VOTE_FIELDS = _columns(Vote)
 _EVENT_FIELDS = _columns(Event)
 # A message already stored by an earlier attempt of the run is kept (msg_one_answer_per_agent_turn).
-_MESSAGE_SQL = _insert(Message, _MESSAGE_FIELDS, " ON CONFLICT DO NOTHING")
-_VOTE_SQL = _insert(
-    Vote,
-    _VOTE_FIELDS,
-    ' ON CONFLICT ("conversation_id", "exchange", "voter") DO UPDATE SET '
-    + ", ".join(
-        f'"{_column(Vote, n)}" = EXCLUDED."{_column(Vote, n)}"' for n in ("choice", "confidence", "reason")
-    ),
+_MESSAGE_CONFLICT = " ON CONFLICT DO NOTHING"
+_VOTE_KEY = ("conversation_id", "exchange", "voter")
+_VOTE_CONFLICT = ' ON CONFLICT ("conversation_id", "exchange", "voter") DO UPDATE SET ' + ", ".join(
+    f'"{_column(Vote, n)}" = EXCLUDED."{_column(Vote, n)}"' for n in ("choice", "confidence", "reason")
 )
-_EVENT_SQL = _insert(Event, _EVENT_FIELDS)
+
+
+def _insert_unnest(model: type[Any], fields: list[Any], suffix: str) -> str:
+    """INSERT of many rows from one array parameter per column (`unnest` zips them into rows)."""
+    vendor = connections["default"]
+    columns = ", ".join(f'"{f.column}"' for f in fields)
+    arrays = ", ".join(f"%s::{f.db_type(vendor)}[]" for f in fields)
+    # Identifiers and types come from the models, never from input; values are bound parameters.
+    return f'INSERT INTO "{model._meta.db_table}" ({columns}) SELECT * FROM unnest({arrays}){suffix}'  # noqa: S608
+
+
+_sql_cache: dict[tuple[bool, bool, bool, tuple[str, ...]], str] = {}
+
+
+def _batch_sql(messages: bool, votes: bool, events: bool, names: tuple[str, ...]) -> str:
+    """The one statement of a batch with these parts (cached: a handful of shapes exist)."""
+    key = (messages, votes, events, names)
+    sql = _sql_cache.get(key)
+    if sql is None:
+        parts = []
+        if messages:
+            parts.append(f"m AS ({_insert_unnest(Message, _MESSAGE_FIELDS, _MESSAGE_CONFLICT)})")
+        if votes:
+            parts.append(f"v AS ({_insert_unnest(Vote, _VOTE_FIELDS, _VOTE_CONFLICT)})")
+        if events:
+            parts.append(f"e AS ({_insert_unnest(Event, _EVENT_FIELDS, '')})")
+        sets = ", ".join(f'"{_column(Conversation, n)}" = %s' for n in names)
+        table = Conversation._meta.db_table
+        with_ = f"WITH {', '.join(parts)} " if parts else ""
+        # Every data-modifying CTE runs whether or not the UPDATE reads it.
+        sql = f'{with_}UPDATE "{table}" SET {sets} WHERE "id" = %s'  # noqa: S608
+        _sql_cache[key] = sql
+    return sql
 
 
 def _values(fields: list[Any], given: dict[str, Any]) -> tuple[Any, ...]:
@@ -80,23 +108,31 @@ def _values(fields: list[Any], given: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(v.value if isinstance(v, enum.Enum) else v for v in values)  # TextChoices -> str
 
 
-def _conversation_sql(names: list[str]) -> str:
-    sets = ", ".join(f'"{_column(Conversation, n)}" = %s' for n in names)
-    return f'UPDATE "{Conversation._meta.db_table}" SET {sets} WHERE "id" = %s'  # noqa: S608
+def _arrays(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as one list per column (the `unnest` parameters)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+_conninfos: dict[tuple[Any, ...], str] = {}
 
 
 def _conninfo() -> str:
     from psycopg.conninfo import make_conninfo
 
     s = connections["default"].settings_dict
-    params = {
-        "dbname": s.get("NAME"),
-        "user": s.get("USER"),
-        "password": s.get("PASSWORD"),
-        "host": s.get("HOST"),
-        "port": str(s["PORT"]) if s.get("PORT") else None,
-    }
-    return make_conninfo("", **{k: v for k, v in params.items() if v})
+    key = (s.get("NAME"), s.get("USER"), s.get("PASSWORD"), s.get("HOST"), s.get("PORT"))
+    found = _conninfos.get(key)
+    if found is None:
+        name, user, password, host, port = key
+        params = {
+            "dbname": name,
+            "user": user,
+            "password": password,
+            "host": host,
+            "port": str(port) if port else None,
+        }
+        found = _conninfos[key] = make_conninfo("", **{k: v for k, v in params.items() if v})
+    return found
 
 
 def _forget_closed_loops() -> None:
@@ -128,9 +164,12 @@ async def pool() -> Any:
             max_size=POOL_MAX,
             open=False,
             timeout=10,
-            check=AsyncConnectionPool.check_connection,
             name="polyagents-events",
-            kwargs={"application_name": "polyagents-events"},  # visible in pg_stat_activity
+            # One statement per batch: autocommit makes it its own transaction.
+            kwargs={
+                "application_name": "polyagents-events",
+                "autocommit": True,
+            },  # visible in pg_stat_activity
         )
         cached = (conninfo, new, loop.create_task(new.open(wait=True, timeout=10)))
         _pools[loop] = cached
@@ -164,10 +203,12 @@ async def close_pool() -> None:
 async def write_batch(
     conversation_id: uuid.UUID, batch: list[dict[str, Any]], rows: Rows, now: datetime
 ) -> None:
-    """Insert the events, the messages and ballots, and update the conversation: one transaction."""
+    """Insert the events, the messages and ballots, and update the conversation: one statement."""
     from psycopg.types.json import Jsonb
 
     updates = {**rows.conversation, "last_seq": batch[-1]["seq"]} if batch else dict(rows.conversation)
+    if not updates:
+        updates = {"last_seq": 0}  # never happens in practice: a batch without events has rows
     events = [
         _values(
             _EVENT_FIELDS,
@@ -181,21 +222,20 @@ async def write_batch(
         )
         for e in batch
     ]
-    messages = [_values(_MESSAGE_FIELDS, m) for m in rows.messages]
-    votes = [_values(_VOTE_FIELDS, v) for v in rows.votes]
-    names = list(updates)
+    messages = [_values(_MESSAGE_FIELDS, {"created_at": now, **m}) for m in rows.messages]
+    # One statement may not upsert a row twice: the last ballot of a voter wins, as in sequence.
+    latest = {tuple(v[k] for k in _VOTE_KEY): v for v in rows.votes}
+    votes = [_values(_VOTE_FIELDS, {"created_at": now, **v}) for v in latest.values()]
+    names = tuple(updates)
+    params: list[Any] = []
+    if messages:
+        params += _arrays(messages, len(_MESSAGE_FIELDS))
+    if votes:
+        params += _arrays(votes, len(_VOTE_FIELDS))
+    if events:
+        params += _arrays(events, len(_EVENT_FIELDS))
+    params += [*(updates[n] for n in names), conversation_id]
+    sql = _batch_sql(bool(messages), bool(votes), bool(events), names)
     events_pool = await pool()
-    async with (
-        events_pool.connection(timeout=GETCONN_TIMEOUT) as conn,
-        conn.pipeline(),
-        conn.transaction(),
-        conn.cursor() as cur,
-    ):
-        if messages:
-            await cur.executemany(_MESSAGE_SQL, messages)
-        if votes:
-            await cur.executemany(_VOTE_SQL, votes)
-        if events:
-            await cur.executemany(_EVENT_SQL, events)
-        if names:
-            await cur.execute(_conversation_sql(names), [*(updates[n] for n in names), conversation_id])
+    async with events_pool.connection(timeout=GETCONN_TIMEOUT) as conn:
+        await conn.execute(sql, params)

@@ -77,9 +77,15 @@ async def test_a_failed_batch_stores_none_of_its_rows() -> None:
     assert conversation.last_seq == 1
 
 
-async def test_the_pool_survives_a_restarted_database_connection() -> None:
+async def test_a_batch_after_a_restarted_database_connection_is_stored_by_the_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pooled connections are not checked before each batch (one round trip less): a connection
+    that died with the database fails its statement, and the event log retries on a fresh pool."""
+    monkeypatch.setattr(settings.CONFIG, "EVENT_STORE_PIPELINED", True)
     conversation = await new_conversation()
-    await store.write_batch(conversation.pk, [event(conversation, 1)], store.Rows(), timezone.now())
+    log = await EventLog.open(conversation.pk)
+    await log.emit("turn_started", turn=1)
     name = connections["default"].settings_dict["NAME"]
     # End every pooled connection server-side, as a database restart would.
     with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
@@ -89,8 +95,16 @@ async def test_the_pool_survives_a_restarted_database_connection() -> None:
             [name],
         ).fetchall()
     assert ended
-    await store.write_batch(conversation.pk, [event(conversation, 2)], store.Rows(), timezone.now())
-    assert await Event.objects.filter(conversation=conversation).acount() == 2
+    with pytest.raises(psycopg.OperationalError):  # the statement itself meets the dead connection
+        await store.write_batch(conversation.pk, [event(conversation, 2)], store.Rows(), timezone.now())
+    with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name = 'polyagents-events'",
+            [name],
+        )
+    await log.emit("turn_completed", turn=1)
+    assert [e.seq async for e in Event.objects.filter(conversation=conversation).order_by("seq")] == [1, 2]
 
 
 async def test_the_run_recorder_path_stages_rows_with_their_event(monkeypatch: pytest.MonkeyPatch) -> None:
