@@ -33,6 +33,9 @@ from conversations.models import Conversation
 logger = logging.getLogger("polyagents.conversations")
 
 HEARTBEAT_SECONDS = 2.0
+# Beats without runs before a pulse stops its tasks: a process that runs conversations one
+# after another keeps one Redis subscription instead of subscribing again for each.
+IDLE_BEATS = 15
 
 _pulses: dict[asyncio.AbstractEventLoop, Pulse] = {}
 _pulses_lock = threading.Lock()
@@ -72,11 +75,11 @@ class Pulse:
     def discard(self, conversation_id: uuid.UUID, run: asyncio.Task[Any]) -> None:
         if self.runs.get(conversation_id) is run:
             del self.runs[conversation_id]
-        if not self.runs:
-            for task in (self._beating, self._listening):
-                if task is not None:
-                    task.cancel()
-            self._beating = self._listening = None
+
+    def _stop(self) -> None:
+        listening, self._listening, self._beating = self._listening, None, None
+        if listening is not None:
+            listening.cancel()
 
     def cancel(self, conversation_id: uuid.UUID) -> bool:
         """Cancel the run of this conversation if this loop drives it (call from the loop)."""
@@ -105,14 +108,17 @@ class Pulse:
             self.cancel(cid)
 
     async def _beat_forever(self) -> None:
-        while self.runs:
+        idle = 0
+        while idle < IDLE_BEATS:
             await asyncio.sleep(HEARTBEAT_SECONDS)
+            idle = 0 if self.runs else idle + 1
             await self.beat()
+        self._stop()
 
     async def _listen(self) -> None:
-        """Cancel pushes from any process, while this loop has runs; reconnects after an error."""
+        """Cancel pushes from any process, until the pulse stops; reconnects after an error."""
         delay = 0.5
-        while self.runs and settings.REDIS_URL:
+        while settings.REDIS_URL:
             client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:

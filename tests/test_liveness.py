@@ -102,7 +102,9 @@ async def test_one_beat_saves_every_run_and_cancels_only_the_flagged_ones() -> N
         task.cancel()
 
 
-async def test_the_pulse_stops_when_its_last_run_ends(slow_agents) -> None:
+async def test_the_pulse_stops_some_beats_after_its_last_run_ends(slow_agents, monkeypatch) -> None:
+    monkeypatch.setattr(liveness, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(liveness, "IDLE_BEATS", 3)
     conversation, run = await start_run()
     pulse = liveness.pulse()
     beating = pulse._beating
@@ -110,6 +112,8 @@ async def test_the_pulse_stops_when_its_last_run_ends(slow_agents) -> None:
     assert not beating.done()
     await conversation_cancel(conversation_id=conversation.pk)
     await asyncio.wait_for(run, timeout=10)
-    await asyncio.sleep(0)
     assert pulse.runs == {}
-    assert beating.cancelled()
+    assert not beating.done()  # kept for the next run for a few beats
+    await asyncio.wait_for(beating, timeout=5)
+    assert pulse._beating is None
+    assert pulse._listening is None
