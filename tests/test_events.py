@@ -177,3 +177,31 @@ async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
     assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1]
     assert pipelines == 1
     assert separately == []
+
+
+async def test_a_buffered_log_does_not_wait_for_the_markers_of_a_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`turn_started` and `consensus_update` are written by the writer task: a turn's agents
+    start without waiting for that write; the next awaited event still follows them in order."""
+    from conversations import events
+
+    conversation = await Conversation.objects.acreate(owner="key:1")
+    log = EventLog(conversation.pk, buffered=True)
+    gate = asyncio.Event()
+    stored: list[int] = []
+
+    async def slow_store(conversation_id: object, batch: list[dict[str, Any]], *rest: object) -> None:
+        await gate.wait()
+        stored.extend(e["seq"] for e in batch)
+
+    monkeypatch.setattr(events, "_store", slow_store)
+    monkeypatch.setattr(events, "_store_pipelined", slow_store)
+    await asyncio.wait_for(log.emit("turn_started", turn=1), timeout=1)
+    await asyncio.wait_for(log.emit("consensus_update", turn=1, consensus="Yes"), timeout=1)
+    response = asyncio.ensure_future(log.emit("agent_response", agent_id="agent_0", turn=2, content="Hi"))
+    await asyncio.sleep(0.05)
+    assert not response.done()  # it stands beside a row: it waits for the store
+    gate.set()
+    await asyncio.wait_for(response, timeout=5)
+    assert stored == [1, 2, 3]
