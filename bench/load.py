@@ -158,8 +158,12 @@ async def burst(
             errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
             return
         body = response.json()
-        if body["metadata"]["status"] != "completed" or body["failed_agents"]:
-            errors["incomplete"] = errors.get("incomplete", 0) + 1
+        # The agents hold different positions on purpose, so a vote may end without a majority:
+        # `no_consensus` is a finished conversation, not an error.
+        if body["metadata"]["status"] not in ("completed", "no_consensus") or body["failed_agents"]:
+            failed = ",".join(sorted({str(f.get("error", ""))[:60] for f in body["failed_agents"]}))
+            kind = f"incomplete: {body['metadata']['status']} {failed}".strip()
+            errors[kind] = errors.get(kind, 0) + 1
         rounds = rounds_of(body)
         rounds_seen[rounds] = rounds_seen.get(rounds, 0) + 1
         walls.append(wall)
