@@ -3,6 +3,13 @@
 The SDK's own retries stay off: in google-genai 1.52 `HttpOptions.retry_options=None`
 means `stop_after_attempt(1)` (see `_api_client.retry_args`), so `agents.resilience`
 is the one retry layer.
+
+The SDK's async calls go through an httpx client whose transport is aiohttp's connector
+(httpx-aiohttp): the SDK keeps its httpx code path (timeouts, errors as httpx exceptions),
+while the connection pool is aiohttp's, which costs far less CPU than httpcore's under
+hundreds of concurrent calls (docs/scaling.md). The SDK's own aiohttp path is not used: in
+google-genai 1.52 it bounds only connecting and sleeps 1-10 s before retrying a failed
+connection itself.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from agents.providers.base import (
     ProviderError,
     Usage,
 )
-from agents.providers.loops import PerLoop
+from agents.providers.loops import PerLoop, aiohttp_transport, refused
 
 SAFETY_FINISH_REASONS = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"})
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
@@ -90,6 +97,10 @@ def classify(exc: Exception, *, model: str) -> ProviderError:
         return exc
     if isinstance(exc, errors.APIError):
         return classify_api_error(exc, model=model)
+    if refused(exc):
+        return ProviderError(
+            f"gemini connection failed: {exc!r}", kind="connection", provider="gemini", model=model
+        )
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return ProviderError(f"gemini timed out: {exc!r}", kind="timeout", provider="gemini", model=model)
     if isinstance(exc, httpx.TransportError | ConnectionError):
@@ -169,7 +180,13 @@ class GeminiProvider(Provider):
             timeout=int(timeout * 1000),
             retry_options=None,  # one retry layer: ours (agents.resilience)
         )
-        self._clients = PerLoop(lambda: genai.Client(api_key=api_key, http_options=http_options))
+
+        def client() -> genai.Client:
+            # One aiohttp session per event loop (a session is bound to its loop), no connection cap.
+            options = http_options.model_copy(update={"httpx_async_client": aiohttp_transport()})
+            return genai.Client(api_key=api_key, http_options=options)
+
+        self._clients = PerLoop(client)
 
     def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
         timeout = request.timeout or self.timeout

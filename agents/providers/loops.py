@@ -11,7 +11,7 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -38,3 +38,32 @@ class PerLoop(Generic[T]):
         loop = asyncio.get_running_loop()
         with self._lock:
             return self._values.pop(loop, None)
+
+
+def aiohttp_transport() -> Any:
+    """An httpx client whose connection pool is aiohttp's (httpx-aiohttp), for the SDKs' async calls.
+
+    Both SDKs keep their httpx code paths (timeouts, exceptions); aiohttp's connector costs far
+    less CPU than httpcore's pool under hundreds of concurrent calls (docs/scaling.md). One per
+    event loop, like the SDK clients holding it (a session is bound to its loop); no connection cap.
+    """
+    import httpx
+    from httpx_aiohttp import HttpxAiohttpClient
+
+    return HttpxAiohttpClient(limits=httpx.Limits(max_connections=None, keepalive_expiry=30))
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether the cause chain holds a connection that failed at once (refused, unreachable).
+
+    httpx-aiohttp 0.2 reports such a failure as `httpx.ConnectTimeout` (and the openai SDK then
+    as `APITimeoutError`): it is a connection error, not a timeout.
+    """
+    import aiohttp
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientConnectorError) and not isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__cause__
+    return False

@@ -25,7 +25,7 @@ from agents.providers.base import (
     ProviderError,
     Usage,
 )
-from agents.providers.loops import PerLoop
+from agents.providers.loops import PerLoop, aiohttp_transport, refused
 
 SAFETY_FINISH_REASONS = frozenset({"content_filter"})
 
@@ -67,7 +67,7 @@ def classify(exc: Exception, *, model: str) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
     kind: ErrorKind
-    if isinstance(exc, openai.APITimeoutError):  # a subclass of APIConnectionError: test it first
+    if isinstance(exc, openai.APITimeoutError) and not refused(exc):  # a subclass of APIConnectionError
         return ProviderError(f"openai timed out: {exc}", kind="timeout", provider="openai", model=model)
     if isinstance(exc, openai.APIConnectionError):
         return ProviderError(
@@ -117,7 +117,13 @@ class OpenAICompatProvider(Provider):
         self.timeout = timeout
         # Local servers accept any key; the SDK refuses to start without one.
         self._clients = PerLoop(
-            lambda: AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout)
+            lambda: AsyncOpenAI(
+                base_url=base_url,
+                api_key=api_key or "none",
+                max_retries=0,
+                timeout=timeout,
+                http_client=aiohttp_transport(),  # aiohttp's connection pool (agents.providers.loops)
+            )
         )
 
     def _arguments(self, request: GenerationRequest) -> dict[str, Any]:
