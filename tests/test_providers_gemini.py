@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 
 from agents.providers.base import GenerationRequest, ProviderError
@@ -202,3 +203,16 @@ def test_a_cached_provider_works_from_another_event_loop(fake: FakeGemini) -> No
     second = asyncio.run(provider.generate(request()))  # a new loop: a new SDK client
     assert first.text == second.text
     assert len(fake.generate_calls) == 2
+
+
+async def test_calls_go_through_aiohttp_and_aclose_releases_the_session(fake: FakeGemini) -> None:
+    """The SDK's httpx client runs on aiohttp's pool; closing the provider closes that session
+    (the SDK does not close a client it was given: a command's loop would end with it open)."""
+    provider = GeminiProvider(api_key="test-gemini-key", base_url=fake.base_url, timeout=5)
+    await provider.generate(request())
+    transport = provider._transports.get()._transport
+    session = transport.client
+    assert isinstance(session, aiohttp.ClientSession)
+    assert not session.closed
+    await provider.aclose()
+    assert session.closed

@@ -181,9 +181,11 @@ class GeminiProvider(Provider):
             retry_options=None,  # one retry layer: ours (agents.resilience)
         )
 
+        # One aiohttp session per event loop (a session is bound to its loop), no connection cap.
+        self._transports: PerLoop[Any] = PerLoop(aiohttp_transport)
+
         def client() -> genai.Client:
-            # One aiohttp session per event loop (a session is bound to its loop), no connection cap.
-            options = http_options.model_copy(update={"httpx_async_client": aiohttp_transport()})
+            options = http_options.model_copy(update={"httpx_async_client": self._transports.get()})
             return genai.Client(api_key=api_key, http_options=options)
 
         self._clients = PerLoop(client)
@@ -286,7 +288,11 @@ class GeminiProvider(Provider):
         return names
 
     async def aclose(self) -> None:
-        """Close the SDK's HTTP client of the running loop."""
+        """Close the SDK's HTTP client of the running loop, and its transport (the SDK does not
+        close an httpx client it was given)."""
         client = self._clients.pop()
         if client is not None:
             await client.aio.aclose()
+        transport = self._transports.pop()
+        if transport is not None:
+            await transport.aclose()

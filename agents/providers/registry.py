@@ -57,3 +57,9 @@ def register_provider(name: str, provider: Provider) -> None:
 def reset_providers() -> None:
     """Forget every cached instance (tests change the configuration between cases)."""
     _providers.clear()
+
+
+async def aclose_providers() -> None:
+    """Close the cached providers' network clients of the running loop (a command's loop ends)."""
+    for provider in list(_providers.values()):
+        await provider.aclose()

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from agents.providers.registry import aclose_providers
 from conversations.selectors import achat_result
 from conversations.services import conversation_run, conversation_start
 from gateway.principal import Principal
@@ -72,5 +73,8 @@ class Command(BaseCommand):
             strategy=options["strategy"],
             synthesis=options["synthesis"],
         )
-        conversation = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
+        try:
+            conversation = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
+        finally:
+            await aclose_providers()  # before asyncio.run closes the loop their sessions belong to
         return await achat_result(conversation, exchange)

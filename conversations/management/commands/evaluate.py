@@ -27,7 +27,7 @@ from django.db import DatabaseError
 
 from agents.orchestrator import Orchestrator, RunOutcome
 from agents.profiles import build_panel
-from agents.providers.registry import register_provider, reset_providers
+from agents.providers.registry import aclose_providers, register_provider, reset_providers
 from consensus import STRATEGIES, Reliabilities, fit_reliabilities, normalize_answer, posterior
 from consensus.calibration import calibration_errors
 from conversations.assessment import first_turn_answers, reliabilities
@@ -145,7 +145,10 @@ class Command(BaseCommand):
                 )  # fmt: skip
                 return await orchestrator.run()
 
-        return list(await asyncio.gather(*(one(item) for item in items)))
+        try:
+            return list(await asyncio.gather(*(one(item) for item in items)))
+        finally:
+            await aclose_providers()  # before asyncio.run closes the loop their sessions belong to
 
     def _report(
         self, items: list[Item], panel: list[Any], turns: int, outcomes: list[RunOutcome], verbose: bool
