@@ -70,6 +70,7 @@ from consensus import (
     parse_structured_ballot,
     parse_structured_reply,
 )
+from telemetry.metrics import EXTRA_CALLS
 
 Emit = Callable[..., Awaitable[Any]]
 
@@ -413,6 +414,7 @@ class Orchestrator:
     async def _repair(self, profile: AgentProfile, result: AgentResult) -> None:
         """One short call asking for the position and confidence; then the final sentence; else abstain."""
         result.repair_calls = 1
+        EXTRA_CALLS.labels("repair").inc()
         try:
             generation = await self._call(
                 profile,
@@ -590,6 +592,7 @@ class Orchestrator:
         await self._check_watchers()
         batcher = DeltaBatcher(self.emit, chairman.agent_id, self.turns + 1, type="synthesis_delta")
         metadata = {"kind": "synthesis", "position": winner.position, "options": len(decision.options)}
+        EXTRA_CALLS.labels("chairman").inc()
         try:
             generation = await self._call(
                 chairman, prompt, self.turns + 1, metadata, self.stream, batcher=batcher

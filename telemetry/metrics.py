@@ -31,6 +31,11 @@ RATE_LIMIT_REJECTIONS = Counter(
 RATE_LIMIT_BACKEND_ERRORS = Counter(
     "polyagents_rate_limit_backend_errors_total", "Rate-limit checks that failed open (Redis down)", ["scope"]
 )
+EXTRA_CALLS = Counter(
+    "polyagents_extra_calls_total",
+    "LLM calls beyond the panel's answers and ballots: repair requests and chairman syntheses",
+    ["purpose"],
+)
 CONVERSATIONS = Counter("polyagents_conversations_total", "Conversations finished, by status", ["status"])
 LLM_COST = Counter(
     "polyagents_llm_cost_usd_total",

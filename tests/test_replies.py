@@ -27,6 +27,7 @@ from agents.resilience import reset_breakers
 from consensus import REPAIR_INSTRUCTIONS
 from conversations.models import ConsensusResult, Conversation, Event, Message
 from polyagents_site.asgi import application
+from telemetry.metrics import EXTRA_CALLS
 from tests.fakes.gemini_server import FakeGemini, ok
 from tests.test_stream import drain_runs
 
@@ -87,8 +88,10 @@ class TestRepair:
         gemini.respond(
             lambda model, body: ok("FINAL POSITION: 42\nCONFIDENCE: 0.7") if is_repair(body) else ok(PROSE)
         )
+        repairs_before = EXTRA_CALLS.labels("repair")._value.get()
         response = chat(writer, num_agents=3, turns=1)
         assert response.status_code == 200, response.content
+        assert EXTRA_CALLS.labels("repair")._value.get() - repairs_before == 3  # /metrics counts them
         body = response.json()
         assert body["metadata"]["status"] == "completed"
         for agent in body["agent_responses"]:
@@ -276,8 +279,10 @@ class TestCleanAnswer:
 
 class TestSynthesis:
     def test_chairman_writes_the_answer_in_one_counted_call(self, writer: Any, config: Any) -> None:
+        chairs_before = EXTRA_CALLS.labels("chairman")._value.get()
         response = chat(writer, num_agents=3, turns=1, synthesis="chairman")
         assert response.status_code == 200, response.content
+        assert EXTRA_CALLS.labels("chairman")._value.get() - chairs_before == 1
         body = response.json()
         assert body["metadata"]["status"] == "completed"
         synthesis = body["synthesis"]
