@@ -108,6 +108,10 @@ class Message(models.Model):
     latency_ms = models.FloatField(null=True, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
+    repair_prompt_tokens = models.PositiveIntegerField(
+        default=0, help_text="Of the tokens above, those of the repair call (a resumed run counts them)."
+    )
+    repair_completion_tokens = models.PositiveIntegerField(default=0)
     cost_usd = models.FloatField(default=0.0, help_text="Estimated cost of this answer, USD.")
     cost_estimated = models.BooleanField(
         default=False, help_text="False when the model has no price (or the answer is simulated)."

@@ -277,6 +277,8 @@ class RunRecorder:
             latency_ms=data.get("latency_ms"),
             prompt_tokens=tokens.get("prompt", 0),
             completion_tokens=tokens.get("completion", 0),
+            repair_prompt_tokens=(data.get("repair_tokens") or {}).get("prompt", 0),
+            repair_completion_tokens=(data.get("repair_tokens") or {}).get("completion", 0),
             cost_usd=data.get("cost_usd") or 0.0,
             cost_estimated=bool(data.get("cost_estimated")),
         )
@@ -375,6 +377,7 @@ def _load_prior(
             answer=message.content if message.raw_content else "",
             position_source=message.position_source,
             repair_calls=message.repair_calls,
+            repair_usage=Usage(message.repair_prompt_tokens, message.repair_completion_tokens),
             model=message.model,
             provider=message.provider,
             temperature=message.temperature or 0.0,

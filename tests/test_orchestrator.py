@@ -221,6 +221,34 @@ class TestResume:
         assert started is not None
         assert started.data["resumed"] is True
 
+    async def test_a_resumed_run_still_counts_the_repair_calls_of_stored_turns(self, config):
+        principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
+        conversation, exchange = await conversation_start(
+            principal=principal, message=QUESTION, num_agents=3, turns=2
+        )
+        # Turn 1 was stored by a worker that then died; each answer needed a repair call.
+        for index in range(3):
+            await Message.objects.acreate(
+                conversation=conversation,
+                exchange=exchange,
+                role="agent",
+                agent_id=f"agent_{index}",
+                turn=1,
+                content="Blue, all things considered.",
+                raw_content="Blue, all things considered.",
+                position="Blue",
+                position_source="repair",
+                repair_calls=1,
+                prompt_tokens=30,
+                completion_tokens=12,
+                repair_prompt_tokens=5,
+                repair_completion_tokens=3,
+            )
+        await Conversation.objects.filter(pk=conversation.pk).aupdate(status="running")
+        done = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
+        assert done.metadata["extra_calls"]["repair"] == 3
+        assert done.metadata["extra_tokens"]["repair"] == {"prompt": 15, "completion": 9, "total": 24}
+
     async def test_running_a_finished_exchange_again_changes_nothing(self, config):
         principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
         conversation, exchange = await conversation_start(

@@ -113,6 +113,8 @@ class TestRepair:
         assert body["consensus_result"] == PROSE
         stored = Message.objects.filter(conversation_id=body["conversation_id"], role="agent")
         assert {(m.position_source, m.repair_calls) for m in stored} == {("repair", 1)}
+        # The repair call's own tokens are kept, so a resumed run counts them again.
+        assert {(m.repair_prompt_tokens, m.repair_completion_tokens) for m in stored} == {(11, 7)}
 
     def test_a_short_reply_whose_repair_fails_falls_back_to_its_final_sentence(
         self, writer: Any, gemini: FakeGemini
