@@ -387,6 +387,8 @@ def _load_prior(
             error=message.error,
             error_kind=message.error.split(":", 1)[0] if message.error else "",
         )
+    if exchange == 1:
+        return question, prior, []  # a first exchange has no history: two queries saved
     questions = dict(
         Message.objects.filter(
             conversation=conversation, role=Message.Role.USER, exchange__lt=exchange
