@@ -175,6 +175,56 @@ def test_platt_never_reverses_the_order() -> None:
     assert scaling(0.9) == pytest.approx(scaling(0.2))
 
 
+def penalised_gradient(
+    outcomes: list[tuple[float, bool]], a: float, b: float, ridge: float
+) -> tuple[float, float]:
+    """The gradient in (a, b) of the log-likelihood minus ridge/2 x ((a - 1)^2 + b^2) (PlattScaling.fit)."""
+    ga, gb = -ridge * (a - 1), -ridge * b
+    for p, right in outcomes:
+        x = math.log(min(max(p, 1e-6), 1 - 1e-6) / (1 - min(max(p, 1e-6), 1 - 1e-6)))
+        residual = (1.0 if right else 0.0) - 1 / (1 + math.exp(-(a * x + b)))
+        ga += residual * x
+        gb += residual
+    return ga, gb
+
+
+def test_platt_fit_is_the_penalised_maximum() -> None:
+    outcomes = [(0.9, i % 10 < 6) for i in range(100)] + [(0.6, i % 10 < 4) for i in range(100)]
+    outcomes += [(0.3, i % 4 == 0) for i in range(40)]
+    for ridge in (1.0, 0.5):
+        scaling = PlattScaling.fit(outcomes, ridge=ridge)
+        assert 0.0 < scaling.a < 1.0
+        ga, gb = penalised_gradient(outcomes, scaling.a, scaling.b, ridge)
+        assert abs(ga) < 1e-9
+        assert abs(gb) < 1e-9
+    # ridge defaults to 1
+    assert PlattScaling.fit(outcomes) == PlattScaling.fit(outcomes, ridge=1.0)
+
+
+def test_platt_with_an_uninformative_confidence_predicts_the_accuracy() -> None:
+    # Higher raw confidence goes with more errors: a is held at 0, and b is then the best
+    # constant, so every answer gets (nearly) the observed accuracy of 30/75.
+    outcomes = [(0.9, False)] * 40 + [(0.2, True)] * 20 + [(0.5, True)] * 10 + [(0.7, False)] * 5
+    scaling = PlattScaling.fit(outcomes)
+    assert scaling.a == 0.0
+    ga, gb = penalised_gradient(outcomes, scaling.a, scaling.b, 1.0)
+    assert abs(gb) < 1e-9
+    assert ga < 0  # the likelihood would want a < 0: the constraint holds it at 0
+    assert scaling(0.9) == scaling(0.2) == pytest.approx(0.405, abs=0.002)
+
+
+@pytest.mark.parametrize("raw", [0.0, 0.5, 0.9, 1.0])
+def test_platt_with_a_single_raw_confidence_converges_to_its_accuracy(raw: float) -> None:
+    # One raw value, a quarter of them right: a plain Newton step overshoots here (it used
+    # to end at a = 277 for raw = 1.0, mapping 1.0 to 1.0); the fit is the maximum instead.
+    outcomes = [(raw, i % 4 == 0) for i in range(40)]
+    scaling = PlattScaling.fit(outcomes)
+    ga, gb = penalised_gradient(outcomes, scaling.a, scaling.b, 1.0)
+    assert abs(gb) < 1e-9
+    assert abs(ga) < 1e-9 or (scaling.a == 0.0 and ga < 0)
+    assert scaling(raw) == pytest.approx(0.25, abs=0.03)
+
+
 def test_calibration_errors() -> None:
     errors = calibration_errors([(0.9, True), (0.9, False), (0.1, False), (0.1, False)])
     assert errors["confidence"] == pytest.approx(0.5)
