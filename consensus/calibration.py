@@ -305,13 +305,15 @@ class PlattScaling:
             db = (haa * gb - hab * ga) / det
             if a + da < 0:
                 da, db = (-a, db * a / -da) if a > 0 else (0.0, gb / hbb)
+            step = 1.0
             for _ in range(60):
-                candidate = _penalised_log_likelihood(xs, ys, a + da, b + db, ridge)
+                candidate = _penalised_log_likelihood(xs, ys, a + step * da, b + step * db, ridge)
                 if candidate >= value:
                     break
-                da, db = da / 2, db / 2
+                step /= 2
             else:
                 break  # no step uphill is left: converged as far as rounding allows
+            da, db = step * da, step * db
             a, b, value = max(0.0, a + da), b + db, candidate
             if abs(da) < 1e-9 and abs(db) < 1e-9:
                 break

@@ -213,16 +213,18 @@ def test_platt_with_an_uninformative_confidence_predicts_the_accuracy() -> None:
     assert scaling(0.9) == scaling(0.2) == pytest.approx(0.405, abs=0.002)
 
 
-@pytest.mark.parametrize("raw", [0.0, 0.5, 0.9, 1.0])
-def test_platt_with_a_single_raw_confidence_converges_to_its_accuracy(raw: float) -> None:
-    # One raw value, a quarter of them right: a plain Newton step overshoots here (it used
-    # to end at a = 277 for raw = 1.0, mapping 1.0 to 1.0); the fit is the maximum instead.
-    outcomes = [(raw, i % 4 == 0) for i in range(40)]
+@pytest.mark.parametrize(
+    ("raw", "accuracy"), [(0.0, 0.25), (0.5, 0.25), (0.9, 0.25), (1.0, 0.25), (0.99, 0.5), (0.99, 0.9)]
+)
+def test_platt_with_a_single_raw_confidence_converges_to_its_accuracy(raw: float, accuracy: float) -> None:
+    # One raw value: a plain Newton step overshoots here (it used to end at a = 277 for
+    # raw = 1.0 and a quarter right, mapping 1.0 to 1.0); the fit is the maximum instead.
+    outcomes = [(raw, i < accuracy * 40) for i in range(40)]
     scaling = PlattScaling.fit(outcomes)
     ga, gb = penalised_gradient(outcomes, scaling.a, scaling.b, 1.0)
     assert abs(gb) < 1e-9
     assert abs(ga) < 1e-9 or (scaling.a == 0.0 and ga < 0)
-    assert scaling(raw) == pytest.approx(0.25, abs=0.03)
+    assert scaling(raw) == pytest.approx(accuracy, abs=0.03)
 
 
 def test_calibration_errors() -> None:
