@@ -241,6 +241,21 @@ def _sigmoid(x: float) -> float:
     return z / (1 + z)
 
 
+def _softplus(x: float) -> float:
+    """log(1 + e^x), without overflow."""
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def _penalised_log_likelihood(
+    xs: Sequence[float], ys: Sequence[float], a: float, b: float, ridge: float
+) -> float:
+    """What PlattScaling.fit maximises: sum of log P(y | x) minus ridge/2 x ((a - 1)^2 + b^2)."""
+    penalty = ridge / 2 * ((a - 1) ** 2 + b * b)
+    return -penalty - math.fsum(
+        y * _softplus(-(a * x + b)) + (1 - y) * _softplus(a * x + b) for x, y in zip(xs, ys, strict=True)
+    )
+
+
 @dataclass(frozen=True)
 class PlattScaling:
     """p' = sigmoid(a logit(p) + b); the identity when a = 1, b = 0."""
@@ -261,13 +276,17 @@ class PlattScaling:
         """Fit on (predicted probability, was right) pairs; the identity below `minimum` pairs.
 
         Maximises the log-likelihood minus ridge/2 x ((a - 1)^2 + b^2) by Newton's method; a
-        is kept >= 0 so a higher raw confidence never maps to a lower one.
+        is kept >= 0 so a higher raw confidence never maps to a lower one. A step that would
+        make a negative stops at a = 0 (or, from a = 0, moves b alone), and a step that
+        would lower the objective is halved, so the fit converges even when a plain Newton
+        step overshoots (every raw confidence equal, or near 0 or 1).
         """
         if len(outcomes) < minimum:
             return cls(labelled=len(outcomes))
         xs = [_logit(p) for p, _ in outcomes]
         ys = [1.0 if y else 0.0 for _, y in outcomes]
         a, b = 1.0, 0.0
+        value = _penalised_log_likelihood(xs, ys, a, b, ridge)
         for _ in range(100):
             ga, gb = -ridge * (a - 1), -ridge * b
             haa, hab, hbb = ridge, 0.0, ridge
@@ -284,7 +303,18 @@ class PlattScaling:
                 break
             da = (hbb * ga - hab * gb) / det
             db = (haa * gb - hab * ga) / det
-            a, b = max(0.0, a + da), b + db
+            if a + da < 0:
+                da, db = (-a, db * a / -da) if a > 0 else (0.0, gb / hbb)
+            step = 1.0
+            for _ in range(60):
+                candidate = _penalised_log_likelihood(xs, ys, a + step * da, b + step * db, ridge)
+                if candidate >= value:
+                    break
+                step /= 2
+            else:
+                break  # no step uphill is left: converged as far as rounding allows
+            da, db = step * da, step * db
+            a, b, value = max(0.0, a + da), b + db, candidate
             if abs(da) < 1e-9 and abs(db) < 1e-9:
                 break
         return cls(a=a, b=b, labelled=len(outcomes))

@@ -6,7 +6,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consensus import (
@@ -26,7 +26,9 @@ from consensus.calibration import (
     vote_weights,
 )
 
-PROPERTY = settings(max_examples=80, deadline=None, derandomize=True)
+PROPERTY = settings(
+    max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 THIRD = Reliabilities(by_model={"m": 0.7}, coincidence=1 / 3)
 
 
@@ -99,6 +101,57 @@ def test_vote_weights_follow_the_reliabilities() -> None:
     assert binary["a0"] == pytest.approx(math.log(0.85 / 0.15))
 
 
+def test_the_unnamed_value_of_a_yes_no_question_is_the_other_answer() -> None:
+    odds = 0.7 / 0.3
+    post = posterior([("m", "yes"), ("m", "yes")], Reliabilities(by_model={"m": 0.7}))
+    # s = 1 and two values: "no" is the one value nobody gave (rho = 1), whatever s the fit has.
+    assert post.unnamed == 1.0
+    assert post.probabilities["yes"] == pytest.approx(odds**2 / (1 + odds**2))
+    assert post.of("no") == post.none == pytest.approx(1 / (1 + odds**2))
+    both = posterior([("m", "yes"), ("m", "no")], Reliabilities(by_model={"m": 0.7}))
+    assert (both.unnamed, both.none) == (0.0, 0.0)
+    assert both.of("maybe") == 0.0
+
+
+def test_fewer_than_one_unnamed_value_takes_the_whole_none_mass() -> None:
+    # s = 0.4: 1/s + 1 = 3.5 plausible values, 3 named, so rho = 0.5 and an unnamed answer
+    # gets the "none" mass undivided (the mass is never multiplied up).
+    post = posterior(
+        [("m", "1"), ("m", "2"), ("m", "3")], Reliabilities(by_model={"m": 0.7}, coincidence=0.4)
+    )
+    assert post.unnamed == pytest.approx(0.5)
+    assert 0.0 < post.none < 1.0
+    assert post.of("99") == post.none
+
+
+def test_a_large_confident_panel_does_not_overflow() -> None:
+    # 100 agents at r = 0.99, s = 0.01 give "a" a score of 100 x log(9900) ~ 919 > log(max float).
+    fitted = Reliabilities(by_model={"m": 0.99}, coincidence=0.01)
+    post = posterior([("m", "a")] * 100 + [("m", "b")], fitted)
+    assert post.of("a") == pytest.approx(1.0)
+    assert 0.0 <= post.of("b") < 1e-300
+    assert math.fsum(post.probabilities.values()) + post.none == pytest.approx(1.0)
+
+
+def test_a_coincidence_above_one_is_read_as_one() -> None:
+    assert evidence_weight(0.7, 5.0) == pytest.approx(math.log(0.7 / 0.3))
+    post = posterior([("m", "1"), ("m", "2")], Reliabilities(by_model={"m": 0.7}, coincidence=5.0))
+    assert post.unnamed == 0.0  # 1/s + 1 - 2 with s = 1
+
+
+def test_reliabilities_serialise_rounded_to_four_places() -> None:
+    assert Reliabilities().to_dict() == {"by_model": {}, "coincidence": 0.25, "default": 0.7, "panels": 0}
+    fitted = Reliabilities(by_model={"b": 0.123456, "a": 0.9}, coincidence=1 / 3, default=0.712345, panels=7)
+    data = fitted.to_dict()
+    assert data == {
+        "by_model": {"a": 0.9, "b": 0.1235},
+        "coincidence": 0.3333,
+        "default": 0.7123,
+        "panels": 7,
+    }
+    assert list(data["by_model"]) == ["a", "b"]  # type: ignore[call-overload]
+
+
 # --- the EM fit ----------------------------------------------------------------------------------
 
 
@@ -149,6 +202,43 @@ def test_shared_errors_look_like_agreement_to_the_unlabelled_fit() -> None:
     assert shared.coincidence > 0.9 > independent.coincidence
 
 
+def test_one_em_step_is_the_map_update_of_the_docstring() -> None:
+    panel = [("m", "42"), ("m", "42"), ("m", "7")]
+    fitted = fit_reliabilities([panel, panel], iterations=1)
+    # E step under the prior (r = 0.7, s = 0.25): exp(w) = 0.7 / (0.3 x 0.25), rho = 4 + 1 - 2.
+    e = 0.7 / (0.3 * 0.25)
+    total = 3 + e**2 + e
+    p_42, p_7, p_none = e**2 / total, e / total, 3 / total
+    # M step, Beta(8, 4) and Beta(2, 4) priors: (a - 1 + successes) / (a + b - 2 + trials).
+    right = 2 * (2 * p_42 + p_7)  # expected right answers of m over the two panels (6 answers)
+    assert fitted.by_model["m"] == pytest.approx((8 - 1 + right) / (8 + 4 - 2 + 6), rel=1e-12)
+    # Pairs among the wrong answers: none if 42 is right, the 42 pair if 7 is right, all 3
+    # pairs (1 coinciding) if neither is.
+    same, pairs = 2 * (p_7 + p_none), 2 * (p_7 + 3 * p_none)
+    assert fitted.coincidence == pytest.approx((2 - 1 + same) / (2 + 4 - 2 + pairs), rel=1e-12)
+    assert fitted.panels == 2
+
+
+def test_em_stops_at_the_tolerance_or_after_fifty_iterations() -> None:
+    quick = synthetic(200, {"a1": 0.8, "b1": 0.6, "b2": 0.6}, seed=3)  # converges in 34 iterations
+    fitted = fit_reliabilities(quick)
+    assert fitted == fit_reliabilities(quick, iterations=1000)
+    tight = fit_reliabilities(quick, iterations=1000, tolerance=1e-12)
+    for model in ("a", "b"):
+        assert fitted.by_model[model] == pytest.approx(tight.by_model[model], abs=1e-5)
+    assert fitted.coincidence == pytest.approx(tight.coincidence, abs=1e-5)
+    slow = synthetic(600, {"strong1": 0.85, "weak1": 0.6, "weak2": 0.6}, seed=7)  # needs 57
+    assert fit_reliabilities(slow) == fit_reliabilities(slow, iterations=50)
+    assert fit_reliabilities(slow) != fit_reliabilities(slow, iterations=60)
+
+
+def test_em_goes_on_while_an_iteration_moves_by_the_tolerance_or_more() -> None:
+    items = synthetic(3, {"m1": 0.95, "m2": 0.95, "m3": 0.95}, seed=1)
+    first, second, third = (fit_reliabilities(items, iterations=k, tolerance=0.0) for k in (1, 2, 3))
+    moved = max(abs(second.by_model["m"] - first.by_model["m"]), abs(second.coincidence - first.coincidence))
+    assert fit_reliabilities(items, tolerance=moved) == third
+
+
 # --- Platt recalibration ---------------------------------------------------------------------------
 
 
@@ -175,6 +265,93 @@ def test_platt_never_reverses_the_order() -> None:
     assert scaling(0.9) == pytest.approx(scaling(0.2))
 
 
+def penalised_gradient(
+    outcomes: list[tuple[float, bool]], a: float, b: float, ridge: float
+) -> tuple[float, float]:
+    """The gradient in (a, b) of the log-likelihood minus ridge/2 x ((a - 1)^2 + b^2) (PlattScaling.fit)."""
+    ga, gb = -ridge * (a - 1), -ridge * b
+    for p, right in outcomes:
+        x = math.log(min(max(p, 1e-6), 1 - 1e-6) / (1 - min(max(p, 1e-6), 1 - 1e-6)))
+        residual = (1.0 if right else 0.0) - 1 / (1 + math.exp(-(a * x + b)))
+        ga += residual * x
+        gb += residual
+    return ga, gb
+
+
+def test_platt_fit_is_the_penalised_maximum() -> None:
+    outcomes = [(0.9, i % 10 < 6) for i in range(100)] + [(0.6, i % 10 < 4) for i in range(100)]
+    outcomes += [(0.3, i % 4 == 0) for i in range(40)]
+    for ridge in (1.0, 0.5):
+        scaling = PlattScaling.fit(outcomes, ridge=ridge)
+        assert 0.0 < scaling.a < 1.0
+        ga, gb = penalised_gradient(outcomes, scaling.a, scaling.b, ridge)
+        assert abs(ga) < 1e-9
+        assert abs(gb) < 1e-9
+    # ridge defaults to 1
+    assert PlattScaling.fit(outcomes) == PlattScaling.fit(outcomes, ridge=1.0)
+
+
+def test_platt_with_an_uninformative_confidence_predicts_the_accuracy() -> None:
+    # Higher raw confidence goes with more errors: a is held at 0, and b is then the best
+    # constant, so every answer gets (nearly) the observed accuracy of 30/75.
+    outcomes = [(0.9, False)] * 40 + [(0.2, True)] * 20 + [(0.5, True)] * 10 + [(0.7, False)] * 5
+    scaling = PlattScaling.fit(outcomes)
+    assert scaling.a == 0.0
+    ga, gb = penalised_gradient(outcomes, scaling.a, scaling.b, 1.0)
+    assert abs(gb) < 1e-9
+    assert ga < 0  # the likelihood would want a < 0: the constraint holds it at 0
+    assert scaling(0.9) == scaling(0.2) == pytest.approx(0.405, abs=0.002)
+
+
+@pytest.mark.parametrize(
+    ("raw", "accuracy"), [(0.0, 0.25), (0.5, 0.25), (0.9, 0.25), (1.0, 0.25), (0.99, 0.5), (0.99, 0.9)]
+)
+def test_platt_with_a_single_raw_confidence_converges_to_its_accuracy(raw: float, accuracy: float) -> None:
+    # One raw value: a plain Newton step overshoots here (it used to end at a = 277 for
+    # raw = 1.0 and a quarter right, mapping 1.0 to 1.0); the fit is the maximum instead.
+    outcomes = [(raw, i < accuracy * 40) for i in range(40)]
+    scaling = PlattScaling.fit(outcomes)
+    ga, gb = penalised_gradient(outcomes, scaling.a, scaling.b, 1.0)
+    assert abs(gb) < 1e-9
+    assert abs(ga) < 1e-9 or (scaling.a == 0.0 and ga < 0)
+    assert scaling(raw) == pytest.approx(accuracy, abs=0.03)
+
+
+def test_platt_maps_through_the_logit() -> None:
+    assert PlattScaling(a=2.0, b=0.5)(0.8) == pytest.approx(1 / (1 + math.exp(-2 * math.log(4) - 0.5)))
+    assert PlattScaling(a=0.5, b=-1.0)(0.2) == pytest.approx(1 / (1 + math.exp(0.5 * math.log(4) + 1)))
+    # Raw 0 and 1 are read as 1e-6 and 1 - 1e-6: sigmoid(2 logit(q)) = q^2 / (q^2 + (1 - q)^2).
+    sharp = PlattScaling(a=2.0, b=0.0)
+    assert sharp(0.0) == sharp(1e-6) == pytest.approx(1e-12 / (1e-12 + (1 - 1e-6) ** 2))
+    assert sharp(1.0) == sharp(1 - 1e-6) == pytest.approx((1 - 1e-6) ** 2 / ((1 - 1e-6) ** 2 + 1e-12))
+    steep = PlattScaling(a=100.0, b=0.0)
+    assert (steep(0.0), steep(1.0)) == (0.0, 1.0)
+
+
+def test_platt_defaults_to_the_identity_without_labels() -> None:
+    identity = PlattScaling()
+    assert (identity.a, identity.b, identity.labelled) == (1.0, 0.0, 0)
+    assert (identity(0.3), identity(-0.5), identity(1.5)) == (0.3, 0.0, 1.0)
+
+
+def test_platt_is_fitted_from_30_labelled_outcomes() -> None:
+    outcomes = [(0.9, i % 10 < 6) for i in range(30)]
+    assert PlattScaling.fit(outcomes[:29]) == PlattScaling(labelled=29)
+    fitted = PlattScaling.fit(outcomes)
+    assert fitted.labelled == 30
+    assert fitted(0.9) == pytest.approx(0.6, abs=0.05)
+
+
+def test_platt_without_a_ridge_is_the_maximum_likelihood_fit() -> None:
+    # Two raw values: the unpenalised fit maps each to its observed accuracy.
+    outcomes = [(0.5, i < 7) for i in range(15)] + [(0.52, i < 10) for i in range(15)]
+    plain = PlattScaling.fit(outcomes, ridge=0.0)
+    assert plain(0.5) == pytest.approx(7 / 15)
+    assert plain(0.52) == pytest.approx(10 / 15)
+    # One raw value of 0.5 (logit 0) leaves a undetermined: the fit stops instead of dividing by 0.
+    assert PlattScaling.fit([(0.5, i < 7) for i in range(30)], ridge=0.0) == PlattScaling(labelled=30)
+
+
 def test_calibration_errors() -> None:
     errors = calibration_errors([(0.9, True), (0.9, False), (0.1, False), (0.1, False)])
     assert errors["confidence"] == pytest.approx(0.5)
@@ -183,6 +360,14 @@ def test_calibration_errors() -> None:
     assert errors["brier"] == pytest.approx((0.01 + 0.81 + 0.01 + 0.01) / 4)
     assert math.isnan(calibration_errors([])["ece"])
     assert calibration_errors([(1.0, True)])["ece"] == 0.0
+
+
+def test_calibration_errors_use_ten_equal_bins_the_last_one_closed() -> None:
+    outcomes = [(1.0, False), (0.95, True), (0.85, True), (0.41, True), (0.48, False)]
+    # [0.9, 1.0]: mean 0.975, accuracy 1/2; [0.8, 0.9): 0.85 vs 1; [0.4, 0.5): 0.445 vs 1/2.
+    expected = 2 / 5 * 0.475 + 1 / 5 * 0.15 + 2 / 5 * 0.055
+    assert calibration_errors(outcomes)["ece"] == pytest.approx(expected)
+    assert calibration_errors(outcomes, bins=1)["ece"] == pytest.approx(abs(3.69 / 5 - 3 / 5))
 
 
 # --- the reliability vote ----------------------------------------------------------------------------

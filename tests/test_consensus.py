@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -25,6 +26,8 @@ from consensus import (
     reliability_vote,
     weighted_vote,
 )
+from consensus.scoring import EPSILON, top
+from consensus.voting import Strategy
 
 
 def options(*keys: str) -> list[Option]:
@@ -597,3 +600,41 @@ def test_a_vote_without_valid_ballots_has_no_winner_and_no_share() -> None:
         assert decision.confidence == 0.0
         assert decision.reached is False
         assert decision.abstentions == 3
+
+
+def test_every_strategy_has_the_signature_of_the_protocol() -> None:
+    shared = list(inspect.signature(Strategy.__call__).parameters.values())[1:]  # without self
+    assert [p.name for p in shared] == [
+        "ballots",
+        "options",
+        "electorate",
+        "previous_leader",
+        "quorum",
+        "weights",
+    ]
+    for strategy in STRATEGIES.values():
+        assert list(inspect.signature(strategy).parameters.values()) == shared
+
+
+def test_a_share_at_most_epsilon_above_the_quorum_does_not_reach_it() -> None:
+    # Shares are float sums, so a share within EPSILON of the quorum counts as equal to it.
+    lone = [Ballot("a1", "A", 1.0)]
+    level = majority_vote(lone, options("yes"), electorate=10**9, quorum=0.0)
+    assert level.share == EPSILON
+    assert not level.reached
+    above = majority_vote(lone, options("yes"), electorate=10**9 - 1, quorum=0.0)
+    assert above.share > EPSILON
+    assert above.reached
+
+
+def test_top_keeps_the_scores_within_epsilon_of_the_best() -> None:
+    scores = {"best": 1.0, "level": 1.0 - EPSILON, "behind": 1.0 - 2 * EPSILON}
+    assert top(list(scores), scores.__getitem__) == ["best", "level"]
+    assert top([], scores.__getitem__) == []
+
+
+def test_an_empty_electorate_is_never_unanimous() -> None:
+    # No panel, nothing to stop early; the answer is a bool either way.
+    assert is_unanimous([Proposal("a1", "", "Yes", 0.9)], electorate=0) is False
+    assert is_unanimous([], electorate=0) is False
+    assert is_unanimous([Proposal("a1", "", "Yes", 0.9)], electorate=1) is True
