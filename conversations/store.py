@@ -93,11 +93,14 @@ def _batch_sql(messages: bool, votes: bool, events: bool, names: tuple[str, ...]
             parts.append(f"v AS ({_insert_unnest(Vote, _VOTE_FIELDS, _VOTE_CONFLICT)})")
         if events:
             parts.append(f"e AS ({_insert_unnest(Event, _EVENT_FIELDS, '')})")
-        sets = ", ".join(f'"{_column(Conversation, n)}" = %s' for n in names)
-        table = Conversation._meta.db_table
         with_ = f"WITH {', '.join(parts)} " if parts else ""
-        # Every data-modifying CTE runs whether or not the UPDATE reads it.
-        sql = f'{with_}UPDATE "{table}" SET {sets} WHERE "id" = %s'  # noqa: S608
+        if names:
+            sets = ", ".join(f'"{_column(Conversation, n)}" = %s' for n in names)
+            main = f'UPDATE "{Conversation._meta.db_table}" SET {sets} WHERE "id" = %s'  # noqa: S608
+        else:
+            main = "SELECT 1"  # rows without events: the conversation row stays as it is
+        # Every data-modifying CTE runs whether or not the main statement reads it.
+        sql = with_ + main
         _sql_cache[key] = sql
     return sql
 
@@ -108,9 +111,9 @@ def _values(fields: list[Any], given: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(v.value if isinstance(v, enum.Enum) else v for v in values)  # TextChoices -> str
 
 
-def _arrays(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows as one list per column (the `unnest` parameters)."""
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+def _arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows (at least one) as one list per column: the `unnest` parameters."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 _conninfos: dict[tuple[Any, ...], str] = {}
@@ -165,11 +168,9 @@ async def pool() -> Any:
             open=False,
             timeout=10,
             name="polyagents-events",
-            # One statement per batch: autocommit makes it its own transaction.
-            kwargs={
-                "application_name": "polyagents-events",
-                "autocommit": True,
-            },  # visible in pg_stat_activity
+            # The name is visible in pg_stat_activity; autocommit makes each batch's one
+            # statement its own transaction.
+            kwargs={"application_name": "polyagents-events", "autocommit": True},
         )
         cached = (conninfo, new, loop.create_task(new.open(wait=True, timeout=10)))
         _pools[loop] = cached
@@ -207,8 +208,6 @@ async def write_batch(
     from psycopg.types.json import Jsonb
 
     updates = {**rows.conversation, "last_seq": batch[-1]["seq"]} if batch else dict(rows.conversation)
-    if not updates:
-        updates = {"last_seq": 0}  # never happens in practice: a batch without events has rows
     events = [
         _values(
             _EVENT_FIELDS,
@@ -228,13 +227,11 @@ async def write_batch(
     votes = [_values(_VOTE_FIELDS, {"created_at": now, **v}) for v in latest.values()]
     names = tuple(updates)
     params: list[Any] = []
-    if messages:
-        params += _arrays(messages, len(_MESSAGE_FIELDS))
-    if votes:
-        params += _arrays(votes, len(_VOTE_FIELDS))
-    if events:
-        params += _arrays(events, len(_EVENT_FIELDS))
-    params += [*(updates[n] for n in names), conversation_id]
+    for part in (messages, votes, events):
+        if part:
+            params += _arrays(part)
+    if names:
+        params += [*(updates[n] for n in names), conversation_id]
     sql = _batch_sql(bool(messages), bool(votes), bool(events), names)
     events_pool = await pool()
     async with events_pool.connection(timeout=GETCONN_TIMEOUT) as conn:

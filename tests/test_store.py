@@ -138,3 +138,13 @@ async def test_a_broken_log_refuses_rows_staged_after_it_broke(monkeypatch: pyte
         await asyncio.wait_for(log.flush(), timeout=5)
     with pytest.raises(EventLogBroken):
         await log.emit("agent_response", exchange=1, agent_id="agent_2", turn=1, content="Blue.")
+
+
+async def test_rows_without_events_leave_the_conversation_counters_alone() -> None:
+    conversation = await new_conversation()
+    await store.write_batch(conversation.pk, [event(conversation, 1)], store.Rows(), timezone.now())
+    rows = store.Rows(messages=[{"conversation_id": conversation.pk, **message(1, "agent_0", "Blue.")}])
+    await store.write_batch(conversation.pk, [], rows, timezone.now())
+    assert [m.content async for m in Message.objects.filter(conversation=conversation)] == ["Blue."]
+    await conversation.arefresh_from_db()
+    assert conversation.last_seq == 1
