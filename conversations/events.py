@@ -82,17 +82,17 @@ def _live_message(event: dict[str, Any]) -> dict[str, Any]:
     return {"type": "conversation.event", "event": event, "text": json.dumps(event)}
 
 
-def _redis_publication(layer: Any, event: dict[str, Any]) -> tuple[str, bytes] | None:
-    """The PUBLISH that channels_redis's pub/sub layer would make for this event's group_send,
-    when that layer's only Redis is REDIS_URL's, so it can ride in the event log's pipeline."""
+def _redis_group_channel(layer: Any, conversation_id: str) -> str | None:
+    """The pub/sub channel that channels_redis's layer PUBLISHes a group_send of this
+    conversation to, when that layer's only Redis is REDIS_URL's (so the event log can publish
+    in its own pipeline); None for any other layer."""
     if not isinstance(layer, RedisPubSubChannelLayer):
         return None
     loop_layer = layer._get_layer()
     shards = loop_layer._shards
     if len(shards) != 1 or shards[0].host.get("address") != settings.REDIS_URL:
         return None
-    channel = loop_layer._get_group_channel_name(group_name(event["conversation_id"]))
-    return channel, layer.serialize(_live_message(event))
+    return str(loop_layer._get_group_channel_name(group_name(conversation_id)))
 
 
 async def _send(batch: list[dict[str, Any]]) -> None:
@@ -106,20 +106,19 @@ async def _send(batch: list[dict[str, Any]]) -> None:
     client = redis_client()
     if not batch:
         return
+    conversation_id = batch[0]["conversation_id"]
     layer = get_channel_layer()
-    found = [_redis_publication(layer, e) for e in batch] if client is not None else []
-    publications = [p for p in found if p is not None]
-    if client is None or len(publications) != len(batch):
+    channel = _redis_group_channel(layer, conversation_id) if client is not None else None
+    if client is None or channel is None:
         await _append_to_stream(batch)
         for event in batch:
             await _publish(event)
         return
-    key = stream_key(batch[0]["conversation_id"])
     try:
         async with client.pipeline(transaction=False) as pipe:
-            _queue_appends(pipe, key, batch)
-            for channel, message in publications:
-                pipe.publish(channel, message)
+            _queue_appends(pipe, stream_key(conversation_id), batch)
+            for event in batch:
+                pipe.publish(channel, layer.serialize(_live_message(event)))
             results = await pipe.execute(raise_on_error=False)
     except (RedisError, OSError) as exc:
         results = [exc]
@@ -127,11 +126,7 @@ async def _send(batch: list[dict[str, Any]]) -> None:
     if failed:
         logger.warning(
             "events not all appended to the Redis Stream or published; replay serves them from the database",
-            extra={
-                "conversation_id": batch[0]["conversation_id"],
-                "seq": batch[0]["seq"],
-                "error": repr(failed[0]),
-            },
+            extra={"conversation_id": conversation_id, "seq": batch[0]["seq"], "error": repr(failed[0])},
         )
 
 
