@@ -18,7 +18,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -43,6 +43,8 @@ from conversations import store
 from conversations.models import Conversation, Event
 
 logger = logging.getLogger("polyagents.events")
+
+T = TypeVar("T")
 
 # How long a batch of events is retried while the database is away (a restart takes seconds).
 STORE_RETRY_SECONDS = 10.0
@@ -197,60 +199,68 @@ async def has_watchers(conversation_id: uuid.UUID | str) -> bool:
     return any(int(n) > 0 for _channel, n in counts)
 
 
+async def in_pool_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Blocking ORM work off the event loop.
+
+    On PostgreSQL any pool thread takes it, each with its own pooled connection, handed back
+    when the work is done (pool threads never hold one), so many conversations or handshakes
+    of one process are served in parallel instead of queueing behind Django's one
+    thread-sensitive executor. SQLite keeps that one thread (a single writer).
+    """
+
+    def call() -> T:
+        try:
+            return fn(*args)
+        finally:
+            if settings.USING_POSTGRES:
+                connection.close()
+
+    return await sync_to_async(call, thread_sensitive=not settings.USING_POSTGRES)()
+
+
 def _store_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:
-    try:
-        with transaction.atomic():
-            Event.objects.bulk_create(
-                Event(
-                    conversation_id=conversation_id,
-                    seq=event["seq"],
-                    type=event["type"],
-                    data=event,
-                    created_at=now,
-                )
-                for event in batch
+    with transaction.atomic():
+        Event.objects.bulk_create(
+            Event(
+                conversation_id=conversation_id,
+                seq=event["seq"],
+                type=event["type"],
+                data=event,
+                created_at=now,
             )
-            Conversation.objects.filter(pk=conversation_id).update(last_seq=batch[-1]["seq"])
-    finally:
-        if settings.USING_POSTGRES:
-            connection.close()  # back to the pool: pool threads never hold a connection
+            for event in batch
+        )
+        Conversation.objects.filter(pk=conversation_id).update(last_seq=batch[-1]["seq"])
 
 
 def _stored_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]]) -> bool:
     """Whether every event of the batch is stored (an earlier try committed, its answer was lost)."""
-    try:
-        seqs = [event["seq"] for event in batch]
-        return Event.objects.filter(conversation_id=conversation_id, seq__in=seqs).count() == len(seqs)
-    finally:
-        if settings.USING_POSTGRES:
-            connection.close()
+    seqs = [event["seq"] for event in batch]
+    return Event.objects.filter(conversation_id=conversation_id, seq__in=seqs).count() == len(seqs)
 
 
 async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:
     """Write the Event rows of a batch and the conversation's last_seq, in one transaction.
 
-    On PostgreSQL this runs in the thread pool (each thread has its own pooled connection),
-    so many conversations of one process store their events in parallel instead of queueing
-    behind Django's single thread-sensitive executor; SQLite keeps one writer thread.
+    It runs `in_pool_thread`: on PostgreSQL many conversations of one process store their
+    events in parallel.
 
     A lost connection (a database restart) is retried with back-off until STORE_RETRY_SECONDS
     have passed (a try may itself wait for the pool's timeout): the pool hands out a checked
     connection each time. After that the caller's run stops and is resumed by its retry.
     """
-    thread_sensitive = not settings.USING_POSTGRES
 
     async def write() -> None:
-        await sync_to_async(_store_sync, thread_sensitive=thread_sensitive)(conversation_id, batch, now)
+        await in_pool_thread(_store_sync, conversation_id, batch, now)
 
     async def reset() -> None:
-        if thread_sensitive:
+        if not settings.USING_POSTGRES:  # pool threads hand their connection back after each try
             await sync_to_async(close_old_connections)()
 
     await _retrying(
         write,
         conversation_id,
         batch,
-        thread_sensitive=thread_sensitive,
         reset=reset,
         lost=(OperationalError, InterfaceError),
         duplicate=IntegrityError,
@@ -272,7 +282,6 @@ async def _store_pipelined(
         write,
         conversation_id,
         batch,
-        thread_sensitive=False,
         reset=reset,
         lost=(psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout),
         duplicate=psycopg.IntegrityError,
@@ -284,7 +293,6 @@ async def _retrying(
     conversation_id: uuid.UUID,
     batch: list[dict[str, Any]],
     *,
-    thread_sensitive: bool,
     reset: Callable[[], Awaitable[None]],
     lost: tuple[type[BaseException], ...],
     duplicate: type[BaseException],
@@ -301,14 +309,10 @@ async def _retrying(
             await write()
             return
         except duplicate:
-            if (
-                retried
-                and batch
-                and await sync_to_async(_stored_sync, thread_sensitive=thread_sensitive)(
-                    conversation_id, batch
-                )
-            ):
-                return
+            if retried and batch:
+                stored: bool = await in_pool_thread(_stored_sync, conversation_id, batch)
+                if stored:
+                    return
             raise
         except lost as exc:
             if loop.time() >= give_up:

@@ -23,11 +23,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from conversations.events import redis_client
+from conversations.events import in_pool_thread, redis_client
 from conversations.models import Conversation
 
 logger = logging.getLogger("polyagents.conversations")
@@ -47,13 +47,9 @@ def cancel_channel() -> str:
 
 def _beat_sync(ids: list[uuid.UUID]) -> list[uuid.UUID]:
     """Save the heartbeat of these conversations; return those whose cancel was requested."""
-    try:
-        Conversation.objects.filter(pk__in=ids).update(heartbeat_at=timezone.now())
-        flagged = Conversation.objects.filter(pk__in=ids, cancel_requested=True)
-        return list(flagged.values_list("pk", flat=True))
-    finally:
-        if settings.USING_POSTGRES:
-            connection.close()  # back to the pool: pool threads never hold a connection
+    Conversation.objects.filter(pk__in=ids).update(heartbeat_at=timezone.now())
+    flagged = Conversation.objects.filter(pk__in=ids, cancel_requested=True)
+    return list(flagged.values_list("pk", flat=True))
 
 
 class Pulse:
@@ -99,7 +95,7 @@ class Pulse:
         if not ids:
             return
         try:
-            flagged = await sync_to_async(_beat_sync, thread_sensitive=not settings.USING_POSTGRES)(ids)
+            flagged = await in_pool_thread(_beat_sync, ids)
         except DatabaseError as exc:
             logger.warning("heartbeat not saved", extra={"conversations": len(ids), "error": repr(exc)})
             await sync_to_async(close_old_connections)()

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from asgiref.sync import sync_to_async
 from channels.db import aclose_old_connections
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from conversations.events import group_name, read_events
+from conversations.events import group_name, in_pool_thread, read_events
 from conversations.models import Conversation
 from gateway.principal import Principal
 from telemetry.metrics import OPEN_WEBSOCKETS
@@ -126,45 +125,39 @@ def admit(scope: dict[str, Any]) -> Admission:
     Blocked IPs and foreign origins are refused at the handshake; anything else is accepted
     first so browsers see the close code (a refused handshake shows only 1006).
     """
-    from django.db import connection
-
     from gateway.blocking import is_blocked
     from gateway.net import client_ip
     from gateway.security import log_security_event
 
     ip = client_ip(scope)
     path = scope.get("path", "")
+    if ip and is_blocked(ip):
+        return Admission(accept=False, code=CLOSE_FORBIDDEN)
+    if not origin_allowed(scope):
+        log_security_event("ws_origin_refused", ip=ip, path=path, origin=_header(scope, b"origin"))
+        return Admission(accept=False, code=CLOSE_FORBIDDEN)
+    principal = authenticate(token_from_scope(scope)[0], ip, path)
+    if principal is None:
+        return Admission(accept=True, code=CLOSE_BAD_CREDENTIALS)
+    if not principal.has("read"):
+        return Admission(accept=True, code=CLOSE_FORBIDDEN)
     try:
-        if ip and is_blocked(ip):
-            return Admission(accept=False, code=CLOSE_FORBIDDEN)
-        if not origin_allowed(scope):
-            log_security_event("ws_origin_refused", ip=ip, path=path, origin=_header(scope, b"origin"))
-            return Admission(accept=False, code=CLOSE_FORBIDDEN)
-        principal = authenticate(token_from_scope(scope)[0], ip, path)
-        if principal is None:
-            return Admission(accept=True, code=CLOSE_BAD_CREDENTIALS)
-        if not principal.has("read"):
-            return Admission(accept=True, code=CLOSE_FORBIDDEN)
-        try:
-            conversation_id = uuid.UUID(str(scope["url_route"]["kwargs"]["conversation_id"]))
-        except ValueError:
-            return Admission(accept=True, code=CLOSE_NOT_FOUND)
-        owner = Conversation.objects.filter(pk=conversation_id).values_list("owner", flat=True).first()
-        if owner is None:
-            return Admission(accept=True, code=CLOSE_NOT_FOUND)
-        if not principal.is_admin and owner != principal.owner:
-            return Admission(accept=True, code=CLOSE_FORBIDDEN)
-        return Admission(accept=True, principal=principal, conversation_id=conversation_id)
-    finally:
-        if settings.USING_POSTGRES:
-            connection.close()  # back to the pool: pool threads never hold a connection
+        conversation_id = uuid.UUID(str(scope["url_route"]["kwargs"]["conversation_id"]))
+    except ValueError:
+        return Admission(accept=True, code=CLOSE_NOT_FOUND)
+    owner = Conversation.objects.filter(pk=conversation_id).values_list("owner", flat=True).first()
+    if owner is None:
+        return Admission(accept=True, code=CLOSE_NOT_FOUND)
+    if not principal.is_admin and owner != principal.owner:
+        return Admission(accept=True, code=CLOSE_FORBIDDEN)
+    return Admission(accept=True, principal=principal, conversation_id=conversation_id)
 
 
 async def aadmit(scope: dict[str, Any]) -> Admission:
     """`admit` off the event loop. On PostgreSQL any pool thread takes it, so a thousand clients
     connecting at once are checked in parallel, not queued behind the one thread that Django's
     async ORM uses outside a request; SQLite keeps that one thread (a single writer)."""
-    return await sync_to_async(admit, thread_sensitive=not settings.USING_POSTGRES)(scope)
+    return await in_pool_thread(admit, scope)
 
 
 class ConversationConsumer(AsyncJsonWebsocketConsumer):
