@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -191,12 +193,13 @@ class TestIntegration:
 
 @pytest.mark.django_db(transaction=True)
 class TestResume:
-    async def test_a_crashed_run_resumes_after_the_last_complete_turn_without_duplicates(self, config):
+    @staticmethod
+    async def resume_after_a_stored_first_turn(answer: Callable[[int], dict[str, Any]]) -> Conversation:
+        """Run a 3-agent, 2-turn exchange whose turn 1 a worker stored before it died."""
         principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
         conversation, exchange = await conversation_start(
             principal=principal, message=QUESTION, num_agents=3, turns=2
         )
-        # Turn 1 was stored by a worker that then died.
         for index in range(3):
             await Message.objects.acreate(
                 conversation=conversation,
@@ -204,11 +207,19 @@ class TestResume:
                 role="agent",
                 agent_id=f"agent_{index}",
                 turn=1,
-                content=f"Reasoning {index}.\nFINAL POSITION: Option {'AB'[index % 2]}\nCONFIDENCE: 0.6",
-                position=f"Option {'AB'[index % 2]}",
+                **answer(index),
             )
         await Conversation.objects.filter(pk=conversation.pk).aupdate(status="running")
-        done = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
+        return await conversation_run(conversation_id=conversation.pk, exchange=exchange)
+
+    async def test_a_crashed_run_resumes_after_the_last_complete_turn_without_duplicates(self, config):
+        done = await self.resume_after_a_stored_first_turn(
+            lambda index: {
+                "content": f"Reasoning {index}.\nFINAL POSITION: Option {'AB'[index % 2]}\nCONFIDENCE: 0.6",
+                "position": f"Option {'AB'[index % 2]}",
+            }
+        )
+        conversation = done
         assert done.status in ("completed", "no_consensus")
         assert done.turns_completed == 2
         turn1 = [m async for m in Message.objects.filter(conversation=conversation, turn=1)]
@@ -222,30 +233,20 @@ class TestResume:
         assert started.data["resumed"] is True
 
     async def test_a_resumed_run_still_counts_the_repair_calls_of_stored_turns(self, config):
-        principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
-        conversation, exchange = await conversation_start(
-            principal=principal, message=QUESTION, num_agents=3, turns=2
+        # Each stored answer of turn 1 needed a repair call.
+        done = await self.resume_after_a_stored_first_turn(
+            lambda index: {
+                "content": "Blue, all things considered.",
+                "raw_content": "Blue, all things considered.",
+                "position": "Blue",
+                "position_source": "repair",
+                "repair_calls": 1,
+                "prompt_tokens": 30,
+                "completion_tokens": 12,
+                "repair_prompt_tokens": 5,
+                "repair_completion_tokens": 3,
+            }
         )
-        # Turn 1 was stored by a worker that then died; each answer needed a repair call.
-        for index in range(3):
-            await Message.objects.acreate(
-                conversation=conversation,
-                exchange=exchange,
-                role="agent",
-                agent_id=f"agent_{index}",
-                turn=1,
-                content="Blue, all things considered.",
-                raw_content="Blue, all things considered.",
-                position="Blue",
-                position_source="repair",
-                repair_calls=1,
-                prompt_tokens=30,
-                completion_tokens=12,
-                repair_prompt_tokens=5,
-                repair_completion_tokens=3,
-            )
-        await Conversation.objects.filter(pk=conversation.pk).aupdate(status="running")
-        done = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
         assert done.metadata["extra_calls"]["repair"] == 3
         assert done.metadata["extra_tokens"]["repair"] == {"prompt": 15, "completion": 9, "total": 24}
 
