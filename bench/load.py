@@ -60,12 +60,13 @@ def serve_fake() -> None:
 
     `POST /_bench/latency?seconds=L` sets the delay of every later answer. Discussion calls
     get a position that rotates per call (Yes / No / It depends), so a panel never agrees
-    at once; ballot prompts (they ask for a VOTE line) get "VOTE: A".
+    at once; a ballot votes for the first option. A request for structured output (a JSON
+    schema) gets JSON that fits it, as Gemini answers; others get the text format.
     """
     import itertools
 
     from tests.fakes.gemini_server import FakeGemini, ok
-    from tests.fakes.http_server import RecordedRequest, Response
+    from tests.fakes.http_server import RecordedRequest, Response, structured_default
 
     class BenchGemini(FakeGemini):
         latency = 0.0
@@ -77,11 +78,19 @@ def serve_fake() -> None:
                 return Response(body={"latency": self.latency})
             with self._lock:
                 self.requests.clear()  # nothing to assert here; keep memory flat
-            prompt = json.dumps(request.body)
-            if "VOTE:" in prompt:
+            body = request.body if isinstance(request.body, dict) else {}
+            config = body.get("generationConfig") or {}
+            schema = config.get("responseSchema") or config.get("responseJsonSchema")
+            prompt = json.dumps(body)
+            position = POSITIONS[next(self.counter) % len(POSITIONS)]
+            if schema is not None:
+                # Structured output, as Gemini answers it: a ballot names the first option.
+                text = structured_default(
+                    schema, answer="Weighing the evidence.", position=position, confidence=0.8
+                )
+            elif "VOTE:" in prompt:
                 text = "VOTE: A\nCONFIDENCE: 0.7\nREASON: the strongest argument."
             else:
-                position = POSITIONS[next(self.counter) % len(POSITIONS)]
                 text = f"Weighing the evidence.\n\nFINAL POSITION: {position}\nCONFIDENCE: 0.8"
             match = request.path.endswith(":streamGenerateContent")
             if request.path.startswith("/v1beta/models/") and request.method == "POST":
