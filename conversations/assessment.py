@@ -2,20 +2,23 @@
 
 Reliabilities: every model's (``"<provider>:<model>"``) reliability is fitted without
 labels (EM) on the first-turn answers of the last ``HISTORY_EXCHANGES`` exchanges, and
-cached for ``CACHE_SECONDS`` in the Django cache (Redis when configured), so the hot path
-costs one cache read. Recalibration: once ``MIN_LABELLED`` exchanges carry feedback, a
-Platt map from the raw model probability to the observed hit rate is fitted and cached
-the same way (a new feedback clears it).
+cached for ``CACHE_SECONDS`` in the Django cache (Redis when configured). Recalibration:
+once ``MIN_LABELLED`` exchanges carry feedback, a Platt map from the raw model probability
+to the observed hit rate is fitted and cached the same way (a new feedback clears it).
+Each process also keeps what it read for ``LOCAL_SECONDS``, so a run reads neither cache
+nor database on the hot path (they cost a thread hop and a Redis round trip each, and a
+run asks three times); a new fit reaches the other processes within that time.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
@@ -34,9 +37,11 @@ from consensus.calibration import MIN_LABELLED, is_binary
 from consensus.records import Decision
 
 logger = logging.getLogger("polyagents.quality")
+T = TypeVar("T")
 
 HISTORY_EXCHANGES = 500
 CACHE_SECONDS = 300
+LOCAL_SECONDS = 10.0
 RELIABILITY_KEY = "quality:reliabilities:v1"
 PLATT_KEY = "quality:platt:v1"
 
@@ -73,8 +78,31 @@ def _reliabilities_from(data: Mapping[str, Any]) -> Reliabilities:
     )
 
 
+# key -> (monotonic expiry, fit): what this process last read from the shared cache.
+_local: dict[str, tuple[float, Any]] = {}
+
+
+def _local_fit(key: str) -> Any:
+    found = _local.get(key)
+    if found is not None and found[0] > time.monotonic():
+        return found[1]
+    return None
+
+
+def _keep(key: str, fit: Any) -> Any:
+    _local[key] = (time.monotonic() + LOCAL_SECONDS, fit)
+    return fit
+
+
 def reliabilities() -> Reliabilities:
     """The cached fit (recomputed at most every CACHE_SECONDS)."""
+    local = _local_fit(RELIABILITY_KEY)
+    if local is not None:
+        return local
+    return _keep(RELIABILITY_KEY, _shared_reliabilities())
+
+
+def _shared_reliabilities() -> Reliabilities:
     cached = cache.get(RELIABILITY_KEY)
     if isinstance(cached, dict):
         try:
@@ -104,6 +132,13 @@ def load_recalibration() -> PlattScaling:
 
 
 def recalibration() -> PlattScaling:
+    local = _local_fit(PLATT_KEY)
+    if local is not None:
+        return local
+    return _keep(PLATT_KEY, _shared_recalibration())
+
+
+def _shared_recalibration() -> PlattScaling:
     cached = cache.get(PLATT_KEY)
     if isinstance(cached, dict):
         return PlattScaling(a=cached["a"], b=cached["b"], labelled=cached["labelled"])
@@ -114,6 +149,13 @@ def recalibration() -> PlattScaling:
 
 def forget_recalibration() -> None:
     cache.delete(PLATT_KEY)
+    _local.pop(PLATT_KEY, None)
+
+
+def forget_fits() -> None:
+    """Drop both fits, shared and local: the next read fits them afresh."""
+    cache.delete_many([RELIABILITY_KEY, PLATT_KEY])
+    _local.clear()
 
 
 @dataclass(frozen=True)
@@ -174,15 +216,23 @@ def assess(outcome: RunOutcome, fitted: Reliabilities, platt: PlattScaling) -> A
     )
 
 
+async def _fresh(key: str, read: Callable[[], T]) -> T:
+    """A fit from this process's memory, else read (cache or database) off the event loop."""
+    local = _local_fit(key)
+    if local is not None:
+        return local
+    return await sync_to_async(read)()
+
+
 async def aassess(outcome: RunOutcome) -> Assessment | None:
     """assess() with the cached reliabilities and recalibration (database reads off the event loop)."""
-    fitted = await sync_to_async(reliabilities)()
-    platt = await sync_to_async(recalibration)()
+    fitted = await _fresh(RELIABILITY_KEY, reliabilities)
+    platt = await _fresh(PLATT_KEY, recalibration)
     return assess(outcome, fitted, platt)
 
 
 async def apanel_weights(panel: list[AgentProfile]) -> dict[str, float]:
     """Each agent's vote weight for the "reliability" strategy (open-question weights)."""
-    fitted = await sync_to_async(reliabilities)()
+    fitted = await _fresh(RELIABILITY_KEY, reliabilities)
     models = {p.agent_id: model_key(p.provider, p.model) for p in panel}
     return vote_weights(models, fitted, binary=is_binary(()))

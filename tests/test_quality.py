@@ -6,7 +6,6 @@ import uuid
 
 import pytest
 from asgiref.sync import async_to_sync
-from django.core.cache import cache
 
 from agents.providers.registry import reset_providers
 from consensus import Reliabilities, normalize_answer, parse_reply, posterior
@@ -21,8 +20,7 @@ QUESTION = "What is 17 + 25?"
 @pytest.fixture(autouse=True)
 def _providers():
     reset_providers()
-    cache.delete(assessment.RELIABILITY_KEY)
-    cache.delete(assessment.PLATT_KEY)
+    assessment.forget_fits()
     yield
     reset_providers()
 
@@ -101,7 +99,7 @@ def test_reliabilities_are_fitted_from_stored_first_turn_answers():
     # Cached: a new panel does not change the figure until the cache expires.
     store_panel({"a0": "x", "a1": "y", "a2": "z"}, models)
     assert assessment.reliabilities().panels == 60
-    cache.delete(assessment.RELIABILITY_KEY)
+    assessment.forget_fits()
     assert assessment.reliabilities().panels == 61
 
 
