@@ -120,9 +120,12 @@ _conninfos: dict[tuple[Any, ...], str] = {}
 
 
 def _conninfo() -> str:
+    from django.conf import settings
     from psycopg.conninfo import make_conninfo
 
-    s = connections["default"].settings_dict
+    # settings, not connections["default"]: on the event loop that lookup builds a new
+    # DatabaseWrapper in every task context. The test runner updates both with the test NAME.
+    s = settings.DATABASES["default"]
     key = (s.get("NAME"), s.get("USER"), s.get("PASSWORD"), s.get("HOST"), s.get("PORT"))
     found = _conninfos.get(key)
     if found is None:
