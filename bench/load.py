@@ -258,7 +258,7 @@ async def run(
             profiler = subprocess.Popen(
                 [
                     *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daphne.pid)),
-                    *("--rate", "50", "--nonblocking", "--gil", "--format", "raw", "--output", args.py_spy),
+                    *("--rate", "200", "--nonblocking", "--gil", "--format", "raw", "--output", args.py_spy),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -14,6 +14,7 @@ connection itself.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -110,6 +111,9 @@ def classify(exc: Exception, *, model: str) -> ProviderError:
     return ProviderError(f"gemini failed: {exc!r}", kind="unknown", provider="gemini", model=model)
 
 
+CONFIG_SHAPES = 256  # distinct request configs kept per provider (a panel uses a handful)
+
+
 def gemini_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON schema in Gemini's Schema dialect: no additionalProperties, an explicit property order.
 
@@ -189,18 +193,39 @@ class GeminiProvider(Provider):
             return genai.Client(api_key=api_key, http_options=options)
 
         self._clients = PerLoop(client)
+        self._configs: dict[tuple[Any, ...], types.GenerateContentConfig] = {}
 
     def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
-        timeout = request.timeout or self.timeout
+        """The request's config, built (and validated by pydantic) once per distinct shape.
+
+        A panel sends a handful of shapes (one per agent, and the ballot), so each call would
+        otherwise rebuild the same object. The SDK copies a config before it changes anything.
+        """
+        timeout_ms = max(1, int((request.timeout or self.timeout) * 1000))
         schema = request.response_schema
-        return types.GenerateContentConfig(
-            system_instruction=request.system_instruction or None,
-            temperature=request.temperature,  # 0.0 is sent as 0.0, never dropped
-            max_output_tokens=request.max_output_tokens,
-            http_options=types.HttpOptions(timeout=max(1, int(timeout * 1000))),
-            response_mime_type="application/json" if schema else None,
-            response_schema=gemini_schema(schema.schema) if schema else None,
+        key = (
+            request.system_instruction,
+            request.temperature,
+            request.max_output_tokens,
+            timeout_ms,
+            json.dumps(schema.schema, sort_keys=True) if schema else None,
         )
+        config = self._configs.get(key)
+        if config is None:
+            if len(self._configs) >= CONFIG_SHAPES:
+                self._configs.clear()
+            config = self._configs[key] = types.GenerateContentConfig(
+                system_instruction=request.system_instruction or None,
+                temperature=request.temperature,  # 0.0 is sent as 0.0, never dropped
+                max_output_tokens=request.max_output_tokens,
+                http_options=types.HttpOptions(timeout=timeout_ms),
+                response_mime_type="application/json" if schema else None,
+                response_schema=gemini_schema(schema.schema) if schema else None,
+                # No tools are sent: skip the SDK's automatic function calling loop (and its
+                # INFO log line per call).
+                automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+            )
+        return config
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """One generateContent call."""
