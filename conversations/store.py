@@ -2,9 +2,10 @@
 the conversation's counters, in one SQL statement.
 
 The statement is an UPDATE of the conversation with one data-modifying CTE per kind of row
-(`INSERT ... SELECT * FROM unnest(column arrays)`), run in autocommit: one statement is one
-transaction, so a batch is stored whole or not at all, in a single round trip, whatever its
-size (no BEGIN/COMMIT, no pipeline synchronisation, no per-row statements).
+(`INSERT ... SELECT ... FROM json_to_recordset(the rows as one JSON array)`), run in
+autocommit: one statement is one transaction, so a batch is stored whole or not at all, in a
+single round trip, whatever its size (no BEGIN/COMMIT, no pipeline synchronisation, no
+per-row statements).
 
 The event log (`conversations.events`) calls `write_batch` before it appends anything to the
 Redis Stream or publishes it, so durability is the ORM path's: a client never sees an event
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
+import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,13 +71,28 @@ _VOTE_CONFLICT = ' ON CONFLICT ("conversation_id", "exchange", "voter") DO UPDAT
 )
 
 
-def _insert_unnest(model: type[Any], fields: list[Any], suffix: str) -> str:
-    """INSERT of many rows from one array parameter per column (`unnest` zips them into rows)."""
+def _record_type(db_type: str) -> str:
+    """The column's type without its modifier (varchar(64) -> varchar) for the record definition."""
+    return re.sub(r"\(.*\)", "", db_type)
+
+
+def _insert_json(model: type[Any], fields: list[Any], suffix: str) -> str:
+    """INSERT of many rows from one JSON array of objects keyed by column (`json_to_recordset`).
+
+    Each column is read with its type's name and cast to the model's type explicitly, as a
+    bound `::varchar(64)` parameter was: one JSON text, dumped in C, replaces one array per
+    column that psycopg adapted element by element in Python.
+    """
     vendor = connections["default"]
     columns = ", ".join(f'"{f.column}"' for f in fields)
-    arrays = ", ".join(f"%s::{f.db_type(vendor)}[]" for f in fields)
-    # Identifiers and types come from the models, never from input; values are bound parameters.
-    return f'INSERT INTO "{model._meta.db_table}" ({columns}) SELECT * FROM unnest({arrays}){suffix}'  # noqa: S608
+    types = [(f.column, f.db_type(vendor)) for f in fields]
+    select = ", ".join(f'r."{name}"::{db_type}' for name, db_type in types)
+    record = ", ".join(f'"{name}" {_record_type(db_type)}' for name, db_type in types)
+    # Identifiers and types come from the models, never from input; values are one bound parameter.
+    return (
+        f'INSERT INTO "{model._meta.db_table}" ({columns}) '  # noqa: S608
+        f"SELECT {select} FROM json_to_recordset(%s::json) AS r({record}){suffix}"
+    )
 
 
 _sql_cache: dict[tuple[bool, bool, bool, tuple[str, ...]], str] = {}
@@ -88,11 +105,11 @@ def _batch_sql(messages: bool, votes: bool, events: bool, names: tuple[str, ...]
     if sql is None:
         parts = []
         if messages:
-            parts.append(f"m AS ({_insert_unnest(Message, _MESSAGE_FIELDS, _MESSAGE_CONFLICT)})")
+            parts.append(f"m AS ({_insert_json(Message, _MESSAGE_FIELDS, _MESSAGE_CONFLICT)})")
         if votes:
-            parts.append(f"v AS ({_insert_unnest(Vote, _VOTE_FIELDS, _VOTE_CONFLICT)})")
+            parts.append(f"v AS ({_insert_json(Vote, _VOTE_FIELDS, _VOTE_CONFLICT)})")
         if events:
-            parts.append(f"e AS ({_insert_unnest(Event, _EVENT_FIELDS, '')})")
+            parts.append(f"e AS ({_insert_json(Event, _EVENT_FIELDS, '')})")
         with_ = f"WITH {', '.join(parts)} " if parts else ""
         if names:
             sets = ", ".join(f'"{_column(Conversation, n)}" = %s' for n in names)
@@ -105,15 +122,21 @@ def _batch_sql(messages: bool, votes: bool, events: bool, names: tuple[str, ...]
     return sql
 
 
-def _values(fields: list[Any], given: dict[str, Any]) -> tuple[Any, ...]:
-    """Column values in order: given by attname, else the model field's default (as the ORM does)."""
-    values = (given[f.attname] if f.attname in given else f.get_default() for f in fields)
-    return tuple(v.value if isinstance(v, enum.Enum) else v for v in values)  # TextChoices -> str
+def _record(fields: list[Any], given: dict[str, Any]) -> dict[str, Any]:
+    """One row as a JSON object keyed by column: given by attname, else the field's default."""
+    return {f.column: given[f.attname] if f.attname in given else f.get_default() for f in fields}
 
 
-def _arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows (at least one) as one list per column: the `unnest` parameters."""
-    return [list(column) for column in zip(*rows, strict=True)]
+def _json_default(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _rows_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, default=_json_default, separators=(",", ":"))
 
 
 _conninfos: dict[tuple[Any, ...], str] = {}
@@ -208,31 +231,27 @@ async def write_batch(
     conversation_id: uuid.UUID, batch: list[dict[str, Any]], rows: Rows, now: datetime
 ) -> None:
     """Insert the events, the messages and ballots, and update the conversation: one statement."""
-    from psycopg.types.json import Jsonb
-
     updates = {**rows.conversation, "last_seq": batch[-1]["seq"]} if batch else dict(rows.conversation)
+    created = now.isoformat()
     events = [
-        _values(
+        _record(
             _EVENT_FIELDS,
             {
                 "conversation_id": conversation_id,
                 "seq": e["seq"],
                 "type": e["type"],
-                "data": Jsonb(e),
-                "created_at": now,
+                "data": e,
+                "created_at": created,
             },
         )
         for e in batch
     ]
-    messages = [_values(_MESSAGE_FIELDS, {"created_at": now, **m}) for m in rows.messages]
+    messages = [_record(_MESSAGE_FIELDS, {"created_at": created, **m}) for m in rows.messages]
     # One statement may not upsert a row twice: the last ballot of a voter wins, as in sequence.
     latest = {tuple(v[k] for k in _VOTE_KEY): v for v in rows.votes}
-    votes = [_values(_VOTE_FIELDS, {"created_at": now, **v}) for v in latest.values()]
+    votes = [_record(_VOTE_FIELDS, {"created_at": created, **v}) for v in latest.values()]
     names = tuple(updates)
-    params: list[Any] = []
-    for part in (messages, votes, events):
-        if part:
-            params += _arrays(part)
+    params: list[Any] = [_rows_json(part) for part in (messages, votes, events) if part]
     if names:
         params += [*(updates[n] for n in names), conversation_id]
     sql = _batch_sql(bool(messages), bool(votes), bool(events), names)
