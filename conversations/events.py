@@ -374,6 +374,12 @@ class EventLog:
         result = await Event.objects.filter(conversation_id=conversation_id).aaggregate(m=Max("seq"))
         return cls(conversation_id, result["m"] or 0, buffered=buffered)
 
+    @staticmethod
+    def last_stored_seq(conversation_id: uuid.UUID) -> int:
+        """The seq a log continues after (blocking: for ORM work already off the event loop)."""
+        result = Event.objects.filter(conversation_id=conversation_id).aggregate(m=Max("seq"))
+        return int(result["m"] or 0)
+
     def stage_message(self, fields: dict[str, Any]) -> None:
         """Write this Message row (fields by attname) with the next batch (pipelined logs only)."""
         self._rows.messages.append({"conversation_id": self.conversation_id, **fields})

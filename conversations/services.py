@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -39,7 +40,7 @@ from consensus import Proposal, parse_reply
 from conversations import budget as admission
 from conversations import liveness
 from conversations.assessment import aassess, apanel_weights
-from conversations.events import EventLog, EventLogBroken, has_watchers
+from conversations.events import EventLog, EventLogBroken, has_watchers, in_pool_thread
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 from conversations.signals import conversation_completed
 from gateway import quota
@@ -403,6 +404,35 @@ def _load_prior(
     return question, prior, history
 
 
+@dataclass
+class _Begun:
+    conversation: Conversation
+    question: str = ""
+    prior: dict[int, dict[str, AgentResult]] = field(default_factory=dict)
+    history: list[tuple[str, str]] = field(default_factory=list)
+    last_seq: int = 0
+
+
+def _begin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
+    """What a run starts from, read and marked running in one trip off the event loop (one
+    pooled connection instead of four thread hops): the conversation, the stored turns of the
+    exchange, the earlier exchanges, the last stored event."""
+    conversation = Conversation.objects.get(pk=conversation_id)
+    if exchange != conversation.exchanges:
+        raise ConversationError(f"exchange {exchange} is not the current one ({conversation.exchanges})")
+    if conversation.is_terminal:
+        return _Begun(conversation)
+    question, prior, history = _load_prior(conversation, exchange)
+    last_seq = EventLog.last_stored_seq(conversation.pk)
+    now = timezone.now()
+    Conversation.objects.filter(pk=conversation.pk).update(
+        status=Conversation.Status.RUNNING,
+        started_at=conversation.started_at or now,
+        heartbeat_at=now,
+    )
+    return _Begun(conversation, question, prior, history, last_seq)
+
+
 async def conversation_run(
     *, conversation_id: uuid.UUID, exchange: int, stream_when_watched: bool = False
 ) -> Conversation:
@@ -412,25 +442,18 @@ async def conversation_run(
     run) streams a round only if a WebSocket follows the conversation when it starts, and
     otherwise makes the cheaper non-streaming provider call.
     """
-    conversation = await Conversation.objects.aget(pk=conversation_id)
-    if exchange != conversation.exchanges:
-        raise ConversationError(f"exchange {exchange} is not the current one ({conversation.exchanges})")
+    begun = await in_pool_thread(_begin, conversation_id, exchange)
+    conversation = begun.conversation
     if conversation.is_terminal:
         return conversation
     config = settings.CONFIG
-    question, prior, history = await sync_to_async(_load_prior)(conversation, exchange)
+    question, prior, history = begun.question, begun.prior, begun.history
     panel = build_panel(conversation.num_agents)
-    log = await EventLog.open(conversation.pk, buffered=True)
+    log = EventLog(conversation.pk, begun.last_seq, buffered=True)
     recorder = RunRecorder(conversation, exchange, log)
     recorder.personality = {p.agent_id: p.personality for p in panel}
     started = time.monotonic()
     resumed = bool(prior)
-    now = timezone.now()
-    await Conversation.objects.filter(pk=conversation.pk).aupdate(
-        status=Conversation.Status.RUNNING,
-        started_at=conversation.started_at or now,
-        heartbeat_at=now,
-    )
     await recorder(
         "conversation_started",
         question=question,
@@ -501,41 +524,66 @@ async def _finish_cancelled(
     return await Conversation.objects.aget(pk=conversation_id)
 
 
+def _store_result(conversation_id: uuid.UUID, exchange: int, result: dict[str, Any] | None) -> Conversation:
+    """The exchange's consensus result (one upsert) and the conversation, in one trip off the loop."""
+    if result is not None:
+        ConsensusResult.objects.bulk_create(
+            [ConsensusResult(conversation_id=conversation_id, exchange=exchange, **result)],
+            update_conflicts=True,
+            unique_fields=["conversation", "exchange"],
+            update_fields=list(result),
+        )
+    return Conversation.objects.get(pk=conversation_id)
+
+
+def _settle_and_save(conversation: Conversation, tokens: int, usd: float) -> None:
+    """Charge the exchange's spend to the key's quota, then store the finished conversation."""
+    reservation = admission.settle(conversation, tokens=tokens, usd=usd)
+    conversation.metadata["quota"] = reservation
+    # Only the fields set here: the event log keeps `last_seq` current meanwhile.
+    conversation.save(
+        update_fields=[
+            "status", "turns_completed", "consensus_result", "confidence", "error", "duration",
+            "completed_at", "prompt_tokens", "completion_tokens", "metadata", "updated_at", "cost_usd",
+        ]
+    )  # fmt: skip
+
+
 async def _finish(
     conversation_id: uuid.UUID, exchange: int, recorder: RunRecorder, outcome: RunOutcome, duration: float
 ) -> Conversation:
     duration = round(duration, 3)
     tokens = usage_dict(outcome.usage)
-    conversation = await Conversation.objects.aget(pk=conversation_id)
     assessment = await aassess(outcome)
+    result: dict[str, Any] | None = None
     if outcome.decision is not None and assessment is not None:
         decision = outcome.decision
         details = decision.to_dict()
-        await ConsensusResult.objects.aupdate_or_create(
-            conversation_id=conversation_id,
-            exchange=exchange,
-            defaults={
-                "method": decision.method,
-                "reached": decision.reached,
-                "winner": decision.winner or "",
-                "answer": outcome.answer if decision.reached else "",
+        result = {
+            "method": decision.method,
+            "reached": decision.reached,
+            "winner": decision.winner or "",
+            "answer": outcome.answer if decision.reached else "",
+            "confidence": assessment.confidence,
+            "tie_break": decision.tie_break or "",
+            "tallies": decision.tallies,
+            "dissent": details.get("dissent", []),
+            "details": {
+                **details,
+                "position": decision.winner_position,
+                "options": outcome.options,
+                "leading_answer": outcome.answer,
+                "synthesis": outcome.synthesis,
                 "confidence": assessment.confidence,
-                "tie_break": decision.tie_break or "",
-                "tallies": decision.tallies,
-                "dissent": details.get("dissent", []),
-                "details": {
-                    **details,
-                    "position": decision.winner_position,
-                    "options": outcome.options,
-                    "leading_answer": outcome.answer,
-                    "synthesis": outcome.synthesis,
-                    "confidence": assessment.confidence,
-                    "agreement": assessment.agreement,
-                    "margin": assessment.margin,
-                    "calibration": assessment.details,
-                },
+                "agreement": assessment.agreement,
+                "margin": assessment.margin,
+                "calibration": assessment.details,
             },
-        )
+        }
+    conversation = await in_pool_thread(_store_result, conversation_id, exchange, result)
+    if outcome.decision is not None and assessment is not None:
+        decision = outcome.decision
+        details = decision.to_dict()
         await recorder(
             "consensus_reached",
             consensus=outcome.answer if decision.reached else None,
@@ -564,7 +612,7 @@ async def _finish(
     conversation.completion_tokens += outcome.usage.completion_tokens
     conversation.cost_usd += outcome.cost.usd
     usd = outcome.cost.usd
-    reservation = await admission.asettle(conversation, tokens=outcome.usage.total_tokens, usd=usd)
+    reservation = conversation.metadata.get("quota")
     conversation.metadata = {
         **conversation.metadata,
         "early_stop": outcome.early_stop,
@@ -583,13 +631,7 @@ async def _finish(
         "stop_estimate": outcome.stop_estimate,
         "quota": reservation,
     }
-    # Only the fields set here: the event log keeps `last_seq` current meanwhile.
-    await conversation.asave(
-        update_fields=[
-            "status", "turns_completed", "consensus_result", "confidence", "error", "duration",
-            "completed_at", "prompt_tokens", "completion_tokens", "metadata", "updated_at", "cost_usd",
-        ]
-    )  # fmt: skip
+    await in_pool_thread(_settle_and_save, conversation, outcome.usage.total_tokens, usd)
     CONVERSATIONS.labels(status).inc()
     if status == "failed":
         await arecord_error("chat_conversation", outcome.reason, conversation_id=str(conversation_id))
