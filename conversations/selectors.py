@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 
+from conversations.events import in_pool_thread
 from conversations.models import ConsensusResult, Conversation, Message, Vote
 from gateway.principal import Principal
 
@@ -258,4 +258,4 @@ def exchange_cost(conversation: Conversation, messages: list[Message]) -> dict[s
 
 async def achat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
     """The /chat response body: the brief's fields plus confidence, votes and usage."""
-    return await sync_to_async(chat_result)(conversation, exchange)
+    return await in_pool_thread(chat_result, conversation, exchange)
