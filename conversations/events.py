@@ -79,9 +79,14 @@ def redis_client() -> aioredis.Redis | None:
     return client
 
 
-def _live_message(event: dict[str, Any]) -> dict[str, Any]:
-    # `text` is the event as every follower receives it, serialised once here, not per socket.
-    return {"type": "conversation.event", "event": event, "text": json.dumps(event)}
+def event_text(event: dict[str, Any]) -> str:
+    """The event as JSON, compact: what is stored, appended to the stream and sent to sockets."""
+    return json.dumps(event, separators=(",", ":"))
+
+
+def _live_message(event: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+    # `text` is the event as every follower receives it, serialised once, not per socket.
+    return {"type": "conversation.event", "event": event, "text": text or event_text(event)}
 
 
 def _redis_group_channel(layer: Any, conversation_id: str) -> str | None:
@@ -97,7 +102,7 @@ def _redis_group_channel(layer: Any, conversation_id: str) -> str | None:
     return str(loop_layer._get_group_channel_name(group_name(conversation_id)))
 
 
-async def _send(batch: list[dict[str, Any]]) -> None:
+async def _send(batch: list[dict[str, Any]], texts: list[str] | None = None) -> None:
     """Append stored events to the conversation's Redis Stream and publish them live.
 
     With REDIS_URL and the Redis pub/sub layer, one pipelined round trip does both, in order:
@@ -108,19 +113,20 @@ async def _send(batch: list[dict[str, Any]]) -> None:
     client = redis_client()
     if not batch:
         return
+    texts = texts or [event_text(event) for event in batch]
     conversation_id = batch[0]["conversation_id"]
     layer = get_channel_layer()
     channel = _redis_group_channel(layer, conversation_id) if client is not None else None
     if client is None or channel is None:
-        await _append_to_stream(batch)
-        for event in batch:
-            await _publish(event)
+        await _append_to_stream(batch, texts)
+        for event, text in zip(batch, texts, strict=True):
+            await _publish(event, text)
         return
     try:
         async with client.pipeline(transaction=False) as pipe:
-            _queue_appends(pipe, stream_key(conversation_id), batch)
-            for event in batch:
-                pipe.publish(channel, layer.serialize(_live_message(event)))
+            _queue_appends(pipe, stream_key(conversation_id), batch, texts)
+            for event, text in zip(batch, texts, strict=True):
+                pipe.publish(channel, layer.serialize(_live_message(event, text)))
             results = await pipe.execute(raise_on_error=False)
     except (RedisError, OSError) as exc:
         results = [exc]
@@ -132,11 +138,11 @@ async def _send(batch: list[dict[str, Any]]) -> None:
         )
 
 
-def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]]) -> None:
-    for event in batch:
+def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]], texts: list[str]) -> None:
+    for event, text in zip(batch, texts, strict=True):
         pipe.xadd(
             key,
-            {"e": json.dumps(event, separators=(",", ":"))},
+            {"e": text},
             id=f"{event['seq']}-0",
             maxlen=settings.CONFIG.STREAM_MAXLEN,
             approximate=True,
@@ -144,14 +150,15 @@ def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]]) -> None:
     pipe.expire(key, settings.CONFIG.STREAM_TTL)
 
 
-async def _append_to_stream(batch: list[dict[str, Any]]) -> None:
+async def _append_to_stream(batch: list[dict[str, Any]], texts: list[str] | None = None) -> None:
     """XADD events under ids `<seq>-0`, trimmed to STREAM_MAXLEN and expiring after STREAM_TTL."""
     client = redis_client()
     if client is None or not batch:
         return
     try:
         async with client.pipeline(transaction=False) as pipe:
-            _queue_appends(pipe, stream_key(batch[0]["conversation_id"]), batch)
+            texts = texts or [event_text(event) for event in batch]
+            _queue_appends(pipe, stream_key(batch[0]["conversation_id"]), batch, texts)
             await pipe.execute()
     except (RedisError, OSError) as exc:
         logger.warning(
@@ -160,13 +167,13 @@ async def _append_to_stream(batch: list[dict[str, Any]]) -> None:
         )
 
 
-async def _publish(event: dict[str, Any]) -> None:
+async def _publish(event: dict[str, Any], text: str | None = None) -> None:
     """Push the event to the live WebSocket followers of its conversation."""
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        await layer.group_send(group_name(event["conversation_id"]), _live_message(event))
+        await layer.group_send(group_name(event["conversation_id"]), _live_message(event, text))
     except (RedisError, OSError) as exc:
         logger.warning(
             "event not published live; clients will get it by replay",
@@ -268,12 +275,16 @@ async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: d
 
 
 async def _store_pipelined(
-    conversation_id: uuid.UUID, batch: list[dict[str, Any]], rows: store.Rows, now: datetime
+    conversation_id: uuid.UUID,
+    batch: list[dict[str, Any]],
+    rows: store.Rows,
+    now: datetime,
+    texts: list[str] | None = None,
 ) -> None:
     """PostgreSQL: the batch's events and staged rows in one pipelined transaction, retried like `_store`."""
 
     async def write() -> None:
-        await store.write_batch(conversation_id, batch, rows, now)
+        await store.write_batch(conversation_id, batch, rows, now, texts)
 
     async def reset() -> None:
         await store.discard_pool()  # the next try opens a fresh pool
@@ -432,9 +443,10 @@ class EventLog:
             while (self._pending or self._rows) and self._broken is None:
                 batch, self._pending = self._pending, []
                 rows, self._rows = self._rows, store.Rows()
+                texts = [event_text(event) for event in batch]  # once: stored, streamed, sent
                 try:
                     if self.pipelined:
-                        await _store_pipelined(self.conversation_id, batch, rows, timezone.now())
+                        await _store_pipelined(self.conversation_id, batch, rows, timezone.now(), texts)
                     elif batch:
                         await _store(self.conversation_id, batch, timezone.now())
                 except Exception as exc:
@@ -450,7 +462,7 @@ class EventLog:
                         },
                     )
                     return
-                await _send(batch)
+                await _send(batch, texts)
 
 
 async def _read_stream(conversation_id: uuid.UUID | str, after: int) -> list[dict[str, Any]] | None:

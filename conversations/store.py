@@ -63,6 +63,7 @@ def _columns(model: type[Any]) -> list[Any]:
 _MESSAGE_FIELDS = _columns(Message)
 _VOTE_FIELDS = _columns(Vote)
 _EVENT_FIELDS = _columns(Event)
+_EVENT_FIELDS_NO_DATA = [f for f in _EVENT_FIELDS if f.attname != "data"]
 # A message already stored by an earlier attempt of the run is kept (msg_one_answer_per_agent_turn).
 _MESSAGE_CONFLICT = " ON CONFLICT DO NOTHING"
 _VOTE_KEY = ("conversation_id", "exchange", "voter")
@@ -135,8 +136,19 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _rows_json(rows: list[dict[str, Any]]) -> str:
-    return json.dumps(rows, default=_json_default, separators=(",", ":"))
+def _json(value: Any) -> str:
+    return json.dumps(value, default=_json_default, separators=(",", ":"))
+
+
+def _event_json(conversation_id: uuid.UUID, event: dict[str, Any], text: str, created: str) -> str:
+    """One Event row as a JSON object: its columns, then the event's own serialised text as data."""
+    given = {
+        "conversation_id": conversation_id,
+        "seq": event["seq"],
+        "type": event["type"],
+        "created_at": created,
+    }
+    return f'{_json(_record(_EVENT_FIELDS_NO_DATA, given))[:-1]},"data":{text}}}'
 
 
 _conninfos: dict[tuple[Any, ...], str] = {}
@@ -228,30 +240,29 @@ async def close_pool() -> None:
 
 
 async def write_batch(
-    conversation_id: uuid.UUID, batch: list[dict[str, Any]], rows: Rows, now: datetime
+    conversation_id: uuid.UUID,
+    batch: list[dict[str, Any]],
+    rows: Rows,
+    now: datetime,
+    texts: list[str] | None = None,
 ) -> None:
-    """Insert the events, the messages and ballots, and update the conversation: one statement."""
+    """Insert the events, the messages and ballots, and update the conversation: one statement.
+
+    `texts` are the events already serialised (`events.event_text`): they go in as they are.
+    """
     updates = {**rows.conversation, "last_seq": batch[-1]["seq"]} if batch else dict(rows.conversation)
     created = now.isoformat()
-    events = [
-        _record(
-            _EVENT_FIELDS,
-            {
-                "conversation_id": conversation_id,
-                "seq": e["seq"],
-                "type": e["type"],
-                "data": e,
-                "created_at": created,
-            },
-        )
-        for e in batch
-    ]
+    if texts is None:
+        texts = [json.dumps(e, separators=(",", ":")) for e in batch]
+    events = [_event_json(conversation_id, e, text, created) for e, text in zip(batch, texts, strict=True)]
     messages = [_record(_MESSAGE_FIELDS, {"created_at": created, **m}) for m in rows.messages]
     # One statement may not upsert a row twice: the last ballot of a voter wins, as in sequence.
     latest = {tuple(v[k] for k in _VOTE_KEY): v for v in rows.votes}
     votes = [_record(_VOTE_FIELDS, {"created_at": created, **v}) for v in latest.values()]
     names = tuple(updates)
-    params: list[Any] = [_rows_json(part) for part in (messages, votes, events) if part]
+    params: list[Any] = [_json(part) for part in (messages, votes) if part]
+    if events:
+        params.append(f"[{','.join(events)}]")
     if names:
         params += [*(updates[n] for n in names), conversation_id]
     sql = _batch_sql(bool(messages), bool(votes), bool(events), names)
