@@ -350,18 +350,21 @@ class EventLog:
     """Assigns `seq`, stores, appends to the stream and publishes, strictly in `seq` order.
 
     By default `emit` returns once its event is stored and sent. A `buffered` log (the one a
-    conversation run writes through) does not wait for deltas nor for the markers of a turn
-    (`turn_started`, `consensus_update`): a single writer task stores and sends them in
-    batches, at once when it is idle, so streaming agents never wait on I/O per chunk and a
-    turn's agents start without waiting for the write of `turn_started`. Every other event
-    waits for its batch, because it stands beside a stored row (a message, a ballot) that a
+    conversation run writes through) does not wait for deltas, for the markers of a turn
+    (`turn_started`, `consensus_update`) nor for ballots (`vote`): a single writer task
+    stores and sends them in batches, at once when it is idle, so streaming agents never wait
+    on I/O per chunk, a turn's agents start without waiting for the write of `turn_started`,
+    and a panel's ballots go in one batch instead of one round trip each. Every other event
+    waits for its batch, because it stands beside a stored row (an agent's message) that a
     resumed run reuses without emitting again. If the process dies, only events of the
     buffered kinds written in its last milliseconds can be lost: each delta is superseded by
-    its `agent_response`, a resumed run announces its turn again, and `consensus_update` is
-    an interim figure that the turn's `turn_completed` and the final result stand for.
+    its `agent_response`, a resumed run announces its turn again, `consensus_update` is an
+    interim figure that the turn's `turn_completed` and the final result stand for, and a
+    resumed run votes again (ballots are upserted, never reused), before the result, whose
+    events wait for every earlier one.
     """
 
-    BUFFERED_TYPES = frozenset({"agent_delta", "synthesis_delta", "turn_started", "consensus_update"})
+    BUFFERED_TYPES = frozenset({"agent_delta", "synthesis_delta", "turn_started", "consensus_update", "vote"})
 
     def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0, *, buffered: bool = False) -> None:
         self.conversation_id = conversation_id
