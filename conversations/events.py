@@ -139,15 +139,10 @@ async def _send(batch: list[dict[str, Any]], texts: list[str] | None = None) -> 
 
 
 def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]], texts: list[str]) -> None:
+    config = settings.CONFIG  # read once per batch: settings is a lazy proxy
     for event, text in zip(batch, texts, strict=True):
-        pipe.xadd(
-            key,
-            {"e": text},
-            id=f"{event['seq']}-0",
-            maxlen=settings.CONFIG.STREAM_MAXLEN,
-            approximate=True,
-        )
-    pipe.expire(key, settings.CONFIG.STREAM_TTL)
+        pipe.xadd(key, {"e": text}, id=f"{event['seq']}-0", maxlen=config.STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, config.STREAM_TTL)
 
 
 async def _append_to_stream(batch: list[dict[str, Any]], texts: list[str] | None = None) -> None:
