@@ -1,0 +1,292 @@
+"""Live events of background runs: N concurrent POST /stream runs executed by a real worker,
+each followed by WebSocket clients over TCP, latency from an event's emit to its receipt.
+
+Starts the wire-format fake Gemini of bench/load.py (every call answers after L seconds), a
+daphne web process and a procrastinate worker (`manage.py procrastinate worker`, with
+WORKER_CONCURRENCY = N so every run is in flight at once), both with the real google-genai
+SDK. Then N runs (3 agents, 2 turns + vote, streamed: agent deltas included) are started
+with POST /stream/{id}, and each is followed by C WebSocket clients until its terminal
+event. Reported: latency p50 / p99 / max of the events emitted after the client had
+subscribed (events stored before it connected reach it by replay and are not "live"),
+lost and duplicated events against the stored log, and the worker's and the web process's
+CPU read from the OS.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/db REDIS_URL=redis://127.0.0.1:6379/0 \\
+        .venv/bin/python bench/live.py [--runs 50] [--clients 2] [--latency 0.5]
+
+Needs PostgreSQL (the worker's queue) and Redis (the channel layer across processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.load import free_port, percentile, wait_for_port  # noqa: E402
+
+TERMINAL = {"conversation_completed", "conversation_failed"}
+
+
+@dataclass
+class Follower:
+    conversation_id: str
+    subscribed_at: float = 0.0
+    seqs: list[int] = field(default_factory=list)
+    live_latencies: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+async def follow(base: str, token: str, follower: Follower, timeout: float) -> None:
+    """Subscribe (a pong confirms it), then record every event until the terminal one.
+
+    A dropped connection resumes with after=<last seq>, as a real client does.
+    """
+    import websockets
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        after = follower.seqs[-1] if follower.seqs else 0
+        try:
+            async with websockets.connect(
+                f"{base}/ws/{follower.conversation_id}?after={after}",
+                subprotocols=[websockets.Subprotocol(f"bearer.{token}")],
+                open_timeout=30,
+                max_queue=None,
+            ) as ws:
+                if not follower.subscribed_at:
+                    await ws.send('{"type":"ping"}')
+                    pending = []
+                    while True:
+                        message = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                        if message.get("type") == "pong":
+                            break
+                        pending.append(message)  # replayed before the pong
+                    follower.subscribed_at = time.time()
+                    for event in pending:
+                        if "seq" in event:
+                            follower.seqs.append(event["seq"])
+                    if pending and pending[-1].get("type") in TERMINAL:
+                        return
+                while True:
+                    raw = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
+                    now = time.time()
+                    event = json.loads(raw)
+                    if "seq" not in event:
+                        continue
+                    follower.seqs.append(event["seq"])
+                    emitted = event.get("emitted_at")
+                    if isinstance(emitted, float | int) and emitted >= follower.subscribed_at:
+                        follower.live_latencies.append((now - emitted) * 1000)
+                    if event.get("type") in TERMINAL:
+                        return
+        except (TimeoutError, OSError, websockets.WebSocketException) as exc:
+            follower.error = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.2)
+    follower.error = follower.error or "timed out"
+
+
+async def run(
+    args: argparse.Namespace, base: str, web: subprocess.Popen[bytes], worker: subprocess.Popen[bytes]
+) -> None:
+    import httpx
+    import psutil
+    from asgiref.sync import sync_to_async
+
+    from conversations.models import Event
+    from gateway.keys import key_create
+
+    processes = {"web": psutil.Process(web.pid), "worker": psutil.Process(worker.pid)}
+
+    def cpu() -> dict[str, float]:
+        return {name: p.cpu_times().user + p.cpu_times().system for name, p in processes.items()}
+
+    issued = await sync_to_async(key_create)(
+        name=f"live-{uuid.uuid4().hex[:6]}", permissions=["read", "write"]
+    )
+    headers = {"Authorization": f"Bearer {issued.raw}"}
+    ws_base = base.replace("http://", "ws://")
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        # One warm run first (imports, SDK clients, pools of both processes), not measured.
+        warm = str(uuid.uuid4())
+        (
+            await client.post(
+                f"/stream/{warm}", json={"message": "Warm up?", "num_agents": 3, "turns": 1}, headers=headers
+            )
+        ).raise_for_status()
+        await follow(ws_base, issued.raw, Follower(warm), 60)
+        ids = [str(uuid.uuid4()) for _ in range(args.runs)]
+        followers = [Follower(cid) for cid in ids for _ in range(args.clients)]
+        profiler = None
+        if args.py_spy:
+            spy = str(Path(sys.executable).parent / "py-spy")
+            profiler = subprocess.Popen(
+                [
+                    *(spy, "record", "--pid", str(worker.pid), "--rate", "200", "--nonblocking", "--gil"),
+                    *("--format", "raw", "--output", args.py_spy),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        cpu_before = cpu()
+        started = time.monotonic()
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"/stream/{cid}",
+                    json={"message": f"Question {n}: should we do it?", "num_agents": 3, "turns": 2},
+                    headers=headers,
+                )
+                for n, cid in enumerate(ids)
+            )
+        )
+        refused = [r.status_code for r in responses if r.status_code != 202 and r.status_code != 200]
+        await asyncio.gather(*(follow(ws_base, issued.raw, f, args.timeout) for f in followers))
+        wall = time.monotonic() - started
+        cpu_after = cpu()
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
+    stored = {cid: await Event.objects.filter(conversation_id=cid).acount() for cid in ids}
+    expected = sum(stored[f.conversation_id] for f in followers)
+    distinct = sum(len(set(f.seqs)) for f in followers)
+    received = sum(len(f.seqs) for f in followers)
+    latencies = [lat for f in followers for lat in f.live_latencies]
+    errors = [f.error for f in followers if f.error]
+    result: dict[str, Any] = {
+        "runs": args.runs,
+        "clients": len(followers),
+        "latency_s": args.latency,
+        "refused": refused,
+        "wall_s": round(wall, 2),
+        "events_stored": sum(stored.values()),
+        "deliveries_expected": expected,
+        "deliveries_received": received,
+        "lost": expected - distinct,
+        "duplicates": received - distinct,
+        "live_events": len(latencies),
+        "latency_ms_p50": round(percentile(latencies, 50), 1),
+        "latency_ms_p99": round(percentile(latencies, 99), 1),
+        "latency_ms_max": round(max(latencies), 1) if latencies else None,
+        "latency_ms_mean": round(statistics.fmean(latencies), 1) if latencies else None,
+        "worker_cpu_ms_per_run": round((cpu_after["worker"] - cpu_before["worker"]) * 1000 / args.runs, 1),
+        "web_cpu_ms_per_run": round((cpu_after["web"] - cpu_before["web"]) * 1000 / args.runs, 1),
+        "clients_failed": len(errors),
+        "first_error": errors[0] if errors else "",
+        "loadavg": round(os.getloadavg()[0], 2),
+    }
+    await sync_to_async(issued.key.delete)()
+    print(json.dumps(result))
+    print()
+    print(
+        f"{args.runs} /stream runs (worker, L = {args.latency} s), {len(followers)} clients: "
+        f"live events p50 {result['latency_ms_p50']} ms, p99 {result['latency_ms_p99']} ms, "
+        f"max {result['latency_ms_max']} ms over {len(latencies)} deliveries; lost {result['lost']}, "
+        f"duplicated {result['duplicates']}; CPU per run: worker {result['worker_cpu_ms_per_run']} ms, "
+        f"web {result['web_cpu_ms_per_run']} ms; load average {result['loadavg']}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=2, help="WebSocket clients per run")
+    parser.add_argument("--latency", type=float, default=0.5, help="seconds per LLM call")
+    parser.add_argument("--timeout", type=float, default=180)
+    parser.add_argument(
+        "--py-spy", metavar="FILE", help="record the worker's stacks while it holds the GIL (raw)"
+    )
+    args = parser.parse_args()
+    if not (os.environ.get("DATABASE_URL", "").startswith("postgres") and os.environ.get("REDIS_URL")):
+        raise SystemExit("bench/live.py needs DATABASE_URL (PostgreSQL) and REDIS_URL")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
+    os.environ.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
+    os.environ.setdefault("JWT_SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
+    os.environ.setdefault("LOG_LEVEL", "ERROR")
+    os.environ["RATE_LIMITING_ENABLED"] = "false"
+    os.environ["REDIS_KEY_PREFIX"] = "live:" + uuid.uuid4().hex[:10]
+    os.environ["GEMINI_API_KEY"] = "bench-dummy-key"
+    os.environ["LLM_PROVIDER"] = "gemini"
+    os.environ["WORKER_CONCURRENCY"] = str(args.runs)
+    os.environ.pop("AGENT_MODELS_CONFIG", None)
+
+    children: list[subprocess.Popen[bytes]] = []
+    fake = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--serve-fake"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert fake.stdout is not None
+        fake_url = fake.stdout.readline().decode().strip()
+        os.environ["GEMINI_BASE_URL"] = fake_url
+        import django
+        import httpx
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", interactive=False, verbosity=0)
+        httpx.post(f"{fake_url}/_bench/latency", params={"seconds": args.latency}).raise_for_status()
+        port = free_port()
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
+        web = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "polyagents_site.asgi:application",
+            ],
+            cwd=ROOT,
+            env=dict(os.environ),
+            **quiet,  # type: ignore[call-overload]
+        )
+        children.append(web)
+        worker = subprocess.Popen(
+            [sys.executable, "manage.py", "procrastinate", "worker"],
+            cwd=ROOT,
+            env=dict(os.environ),
+            **quiet,  # type: ignore[call-overload]
+        )
+        children.append(worker)
+        wait_for_port(port, web)
+        asyncio.run(run(args, f"http://127.0.0.1:{port}", web, worker))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+        if fake.stdin is not None:
+            fake.stdin.close()
+        try:
+            fake.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(fake.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()
