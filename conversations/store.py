@@ -201,7 +201,9 @@ async def pool() -> Any:
             await cached[1].close()
         new = AsyncConnectionPool(
             conninfo,
-            min_size=1,
+            # All opened at once (in the background): a pool that grows under load connects
+            # (authentication, configuration) while batches wait.
+            min_size=POOL_MAX,
             max_size=POOL_MAX,
             open=False,
             timeout=10,

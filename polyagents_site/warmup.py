@@ -120,7 +120,8 @@ def warm_up() -> dict[str, float]:
 
 
 async def awarm_up() -> dict[str, float]:
-    """The steps bound to the running event loop: SDK clients, Redis, the channel layer."""
+    """The steps bound to the running event loop: SDK clients, the event store's connection
+    pool, Redis, the channel layer."""
     timings: dict[str, float] = {}
 
     async def step(name: str, fn: Callable[[], Awaitable[Any]]) -> None:
@@ -157,7 +158,14 @@ async def awarm_up() -> dict[str, float]:
             # A message to a group nobody joins: opens this loop's publishing connection.
             await layer.group_send("polyagents.warm-up", {"type": "warm.up"})
 
+    async def event_store() -> None:
+        from conversations import store
+
+        if settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED:
+            await store.pool()  # the event log's connections of this loop, all opened now
+
     await step("sdk_clients", sdk_clients)
+    await step("event_store", event_store)
     await step("redis", redis)
     await step("channel_layer", channel_layer)
     logger.info("warmed up the event loop", extra={"steps_ms": timings})

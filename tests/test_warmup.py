@@ -65,11 +65,21 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
     skipped: list[dict[str, Any]], gemini_configured: None
 ) -> None:
     timings = await warmup.awarm_up()
-    assert set(timings) == {"sdk_clients", "redis", "channel_layer"}
+    assert set(timings) == {"sdk_clients", "event_store", "redis", "channel_layer"}
     assert skipped == []
     provider = registry.get_provider("gemini")
     assert isinstance(provider, GeminiProvider)
     assert asyncio.get_running_loop() in provider._clients._values
+    from conversations import store
+
+    # On PostgreSQL the event log's pool of this loop is open, every connection made.
+    pooled = store._pools.get(asyncio.get_running_loop())
+    if settings.USING_POSTGRES:
+        assert pooled is not None
+        assert pooled[1].get_stats()["pool_size"] == store.POOL_MAX
+        await store.close_pool()
+    else:
+        assert pooled is None
 
 
 async def test_scheduled_on_the_running_loop() -> None:
