@@ -14,6 +14,7 @@ stops a process from starting, the first request then pays for that step as befo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import logging
 import sys
@@ -93,11 +94,22 @@ def _database() -> None:
 
     from conversations.models import Conversation
 
+    def query() -> None:
+        try:
+            # Opens psycopg's pool on PostgreSQL (or the SQLite file) and runs the ORM's query path once.
+            Conversation.objects.filter(pk=uuid.uuid4()).exists()
+        finally:
+            connection.close()  # back to the pool: request threads take their own
+
     try:
-        # Opens psycopg's pool on PostgreSQL (or the SQLite file) and runs the ORM's query path once.
-        Conversation.objects.filter(pk=uuid.uuid4()).exists()
-    finally:
-        connection.close()  # back to the pool: request threads take their own
+        asyncio.get_running_loop()
+    except RuntimeError:
+        query()
+        return
+    # Imported inside a running loop (uvicorn, an in-process ASGI client): the ORM refuses to
+    # run there, so the query runs in a thread while start-up waits for it.
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        executor.submit(query).result()
 
 
 def _cache() -> None:

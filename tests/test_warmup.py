@@ -48,6 +48,16 @@ def test_warm_up_runs_every_step(skipped: list[dict[str, Any]], gemini_configure
     assert "conversations.services" in sys.modules
 
 
+async def test_warm_up_inside_a_running_loop_runs_every_step(
+    skipped: list[dict[str, Any]], gemini_configured: None
+) -> None:
+    # A server that imports the application from inside its loop (uvicorn): the database step
+    # must not be refused by the ORM's async guard.
+    timings = warmup.warm_up()
+    assert set(timings) == STEPS
+    assert skipped == []
+
+
 def test_a_failing_step_is_logged_and_skipped(
     skipped: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
