@@ -119,11 +119,17 @@ def _exchange_spend(conversation_id: Any, exchange: int) -> tuple[int, float]:
     return (agg["prompt"] or 0) + (agg["completion"] or 0), float(agg["usd"] or 0.0)
 
 
+def holds_reservation(conversation: Conversation) -> bool:
+    """Whether settling the exchange charges a key's quota (a reservation not settled yet)."""
+    reservation = conversation.metadata.get("quota")
+    return bool(reservation and not reservation.get("settled"))
+
+
 def settle(conversation: Conversation, *, tokens: int, usd: float) -> dict[str, Any] | None:
     """Charge what the exchange spent: Prometheus counters, and the key's quota if it has one."""
     quota.record_spend(conversation.owner or "anonymous", tokens, usd)
     reservation = conversation.metadata.get("quota")
-    if reservation and not reservation.get("settled"):
+    if holds_reservation(conversation):
         quota.settle(reservation, tokens=tokens, usd=usd)
     return reservation
 

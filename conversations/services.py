@@ -536,17 +536,18 @@ def _store_result(conversation_id: uuid.UUID, exchange: int, result: dict[str, A
     return Conversation.objects.get(pk=conversation_id)
 
 
+# What a finished run sets on its conversation (the event log keeps `last_seq` current meanwhile).
+FINAL_FIELDS = (
+    "status", "turns_completed", "consensus_result", "confidence", "error", "duration",
+    "completed_at", "prompt_tokens", "completion_tokens", "metadata", "updated_at", "cost_usd",
+)  # fmt: skip
+
+
 def _settle_and_save(conversation: Conversation, tokens: int, usd: float) -> None:
     """Charge the exchange's spend to the key's quota, then store the finished conversation."""
     reservation = admission.settle(conversation, tokens=tokens, usd=usd)
     conversation.metadata["quota"] = reservation
-    # Only the fields set here: the event log keeps `last_seq` current meanwhile.
-    conversation.save(
-        update_fields=[
-            "status", "turns_completed", "consensus_result", "confidence", "error", "duration",
-            "completed_at", "prompt_tokens", "completion_tokens", "metadata", "updated_at", "cost_usd",
-        ]
-    )  # fmt: skip
+    conversation.save(update_fields=list(FINAL_FIELDS))
 
 
 async def _finish(
@@ -631,17 +632,17 @@ async def _finish(
         "stop_estimate": outcome.stop_estimate,
         "quota": reservation,
     }
-    await in_pool_thread(_settle_and_save, conversation, outcome.usage.total_tokens, usd)
+    if recorder.log.pipelined and not admission.holds_reservation(conversation):
+        # No quota to charge in the database: the finished conversation is written with its
+        # terminal event, in that batch's one statement (no thread hop, no separate save).
+        admission.settle(conversation, tokens=outcome.usage.total_tokens, usd=usd)  # counters only
+        conversation.updated_at = timezone.now()
+        recorder.log.stage_conversation(**{name: getattr(conversation, name) for name in FINAL_FIELDS})
+    else:
+        await in_pool_thread(_settle_and_save, conversation, outcome.usage.total_tokens, usd)
     CONVERSATIONS.labels(status).inc()
     if status == "failed":
         await arecord_error("chat_conversation", outcome.reason, conversation_id=str(conversation_id))
-    else:
-        _in_background(
-            conversation_completed.asend_robust(
-                sender=Conversation, conversation_id=conversation_id, status=status
-            )
-        )
-    if status == "failed":
         await recorder(
             "conversation_failed",
             status=status,
@@ -665,5 +666,11 @@ async def _finish(
             no_consensus_reason=outcome.cause or None,
             **outcome.cost.fields(),
             stopped=outcome.stopped,
+        )
+        # After the terminal event: its batch stored the conversation's final state.
+        _in_background(
+            conversation_completed.asend_robust(
+                sender=Conversation, conversation_id=conversation_id, status=status
+            )
         )
     return conversation

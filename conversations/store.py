@@ -136,6 +136,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _param(value: Any) -> Any:
+    """A conversation field's value as a statement parameter (a JSON field's dict as jsonb)."""
+    from psycopg.types.json import Jsonb
+
+    return Jsonb(value) if isinstance(value, dict | list) else value
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, default=_json_default, separators=(",", ":"))
 
@@ -266,7 +273,7 @@ async def write_batch(
     if events:
         params.append(f"[{','.join(events)}]")
     if names:
-        params += [*(updates[n] for n in names), conversation_id]
+        params += [*(_param(updates[n]) for n in names), conversation_id]
     sql = _batch_sql(bool(messages), bool(votes), bool(events), names)
     events_pool = await pool()
     async with events_pool.connection(timeout=GETCONN_TIMEOUT) as conn:
