@@ -148,3 +148,26 @@ async def test_rows_without_events_leave_the_conversation_counters_alone() -> No
     assert [m.content async for m in Message.objects.filter(conversation=conversation)] == ["Blue."]
     await conversation.arefresh_from_db()
     assert conversation.last_seq == 1
+
+
+async def test_a_finished_run_is_stored_with_its_terminal_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conversations.services import conversation_run, conversation_start
+    from gateway.principal import Principal
+
+    monkeypatch.setattr(settings.CONFIG, "EVENT_STORE_PIPELINED", True)
+    principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
+    conversation, exchange = await conversation_start(
+        principal=principal, message="Should we ship on Friday?", num_agents=3, turns=1
+    )
+    done = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
+    stored = await Conversation.objects.aget(pk=conversation.pk)
+    terminal = await Event.objects.filter(conversation=conversation).order_by("-seq").afirst()
+    assert terminal is not None
+    assert terminal.type == "conversation_completed"
+    # One statement wrote both: the final state (a JSON field included) and the last event.
+    assert stored.status == done.status == terminal.data["status"]
+    assert stored.last_seq == terminal.seq
+    assert stored.completed_at is not None
+    assert stored.duration == terminal.data["duration"]
+    assert stored.metadata["tokens"] == terminal.data["tokens"]
+    assert stored.metadata["strategy"] == "majority"  # set at start, kept
