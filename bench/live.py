@@ -3,13 +3,13 @@ each followed by WebSocket clients over TCP, latency from an event's emit to its
 
 Starts the wire-format fake Gemini of bench/load.py (every call answers after L seconds), a
 daphne web process and a procrastinate worker (`manage.py procrastinate worker`, with
-WORKER_CONCURRENCY = N so every run is in flight at once), both with the real google-genai
-SDK. Then N runs (3 agents, 2 turns + vote, streamed: agent deltas included) are started
-with POST /stream/{id}, and each is followed by C WebSocket clients until its terminal
-event. Reported: latency p50 / p99 / max of the events emitted after the client had
-subscribed (events stored before it connected reach it by replay and are not "live"),
-lost and duplicated events against the stored log, and the worker's and the web process's
-CPU read from the OS.
+WORKER_CONCURRENCY = N so every run is in flight at once; `--workers K` starts K of them,
+each with N / K), all with the real google-genai SDK. Then N runs (3 agents, 2 turns + vote,
+streamed: agent deltas included) are started with POST /stream/{id}, and each is followed
+by C WebSocket clients until its terminal event. Reported: latency p50 / p99 / max of the
+events emitted after the client had subscribed (events stored before it connected reach it
+by replay and are not "live"), lost and duplicated events against the stored log, and the
+workers' and the web process's CPU read from the OS.
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/db REDIS_URL=redis://127.0.0.1:6379/0 \\
         .venv/bin/python bench/live.py [--runs 50] [--clients 2] [--latency 0.5]
@@ -101,7 +101,7 @@ async def follow(base: str, token: str, follower: Follower, timeout: float) -> N
 
 
 async def run(
-    args: argparse.Namespace, base: str, web: subprocess.Popen[bytes], worker: subprocess.Popen[bytes]
+    args: argparse.Namespace, base: str, web: subprocess.Popen[bytes], workers: list[subprocess.Popen[bytes]]
 ) -> None:
     import httpx
     import psutil
@@ -110,10 +110,14 @@ async def run(
     from conversations.models import Event
     from gateway.keys import key_create
 
-    processes = {"web": psutil.Process(web.pid), "worker": psutil.Process(worker.pid)}
+    processes = {"web": [psutil.Process(web.pid)], "worker": [psutil.Process(w.pid) for w in workers]}
 
     def cpu() -> dict[str, float]:
-        return {name: p.cpu_times().user + p.cpu_times().system for name, p in processes.items()}
+        """User + system CPU seconds from the OS: the web process, and the workers together."""
+        return {
+            name: sum(t.user + t.system for t in (p.cpu_times() for p in group))
+            for name, group in processes.items()
+        }
 
     issued = await sync_to_async(key_create)(
         name=f"live-{uuid.uuid4().hex[:6]}", permissions=["read", "write"]
@@ -121,14 +125,13 @@ async def run(
     headers = {"Authorization": f"Bearer {issued.raw}"}
     ws_base = base.replace("http://", "ws://")
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-        # One warm run first (imports, SDK clients, pools of both processes), not measured.
-        warm = str(uuid.uuid4())
-        (
-            await client.post(
-                f"/stream/{warm}", json={"message": "Warm up?", "num_agents": 3, "turns": 1}, headers=headers
-            )
-        ).raise_for_status()
-        await follow(ws_base, issued.raw, Follower(warm), 60)
+        # Warm runs first (imports, SDK clients, pools), one per worker process, not measured.
+        # (procrastinate decides which worker takes which job: usually one each, not always.)
+        warm_ids = [str(uuid.uuid4()) for _ in workers]
+        for warm in warm_ids:
+            body = {"message": "Warm up?", "num_agents": 3, "turns": 1}
+            (await client.post(f"/stream/{warm}", json=body, headers=headers)).raise_for_status()
+        await asyncio.gather(*(follow(ws_base, issued.raw, Follower(warm), 60) for warm in warm_ids))
         ids = [str(uuid.uuid4()) for _ in range(args.runs)]
         followers = [Follower(cid) for cid in ids for _ in range(args.clients)]
         profiler = None
@@ -136,7 +139,7 @@ async def run(
             spy = str(Path(sys.executable).parent / "py-spy")
             profiler = subprocess.Popen(
                 [
-                    *(spy, "record", "--pid", str(worker.pid), "--rate", "200", "--nonblocking", "--gil"),
+                    *(spy, "record", "--pid", str(workers[0].pid), "--rate", "200", "--nonblocking", "--gil"),
                     *("--format", "raw", "--output", args.py_spy),
                 ],
                 stdout=subprocess.DEVNULL,
@@ -183,6 +186,7 @@ async def run(
         "latency_ms_p99": round(percentile(latencies, 99), 1),
         "latency_ms_max": round(max(latencies), 1) if latencies else None,
         "latency_ms_mean": round(statistics.fmean(latencies), 1) if latencies else None,
+        "workers": args.workers,
         "worker_cpu_ms_per_run": round((cpu_after["worker"] - cpu_before["worker"]) * 1000 / args.runs, 1),
         "web_cpu_ms_per_run": round((cpu_after["web"] - cpu_before["web"]) * 1000 / args.runs, 1),
         "clients_failed": len(errors),
@@ -193,7 +197,8 @@ async def run(
     print(json.dumps(result))
     print()
     print(
-        f"{args.runs} /stream runs (worker, L = {args.latency} s), {len(followers)} clients: "
+        f"{args.runs} /stream runs ({args.workers} worker process(es), L = {args.latency} s), "
+        f"{len(followers)} clients: "
         f"live events p50 {result['latency_ms_p50']} ms, p99 {result['latency_ms_p99']} ms, "
         f"max {result['latency_ms_max']} ms over {len(latencies)} deliveries; lost {result['lost']}, "
         f"duplicated {result['duplicates']}; CPU per run: worker {result['worker_cpu_ms_per_run']} ms, "
@@ -207,6 +212,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="WebSocket clients per run")
     parser.add_argument("--latency", type=float, default=0.5, help="seconds per LLM call")
     parser.add_argument("--timeout", type=float, default=180)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes (each with a concurrency of runs / workers)"
+    )
     parser.add_argument(
         "--py-spy", metavar="FILE", help="record the worker's stacks while it holds the GIL (raw)"
     )
@@ -222,7 +230,7 @@ def main() -> None:
     os.environ["REDIS_KEY_PREFIX"] = "live:" + uuid.uuid4().hex[:10]
     os.environ["GEMINI_API_KEY"] = "bench-dummy-key"
     os.environ["LLM_PROVIDER"] = "gemini"
-    os.environ["WORKER_CONCURRENCY"] = str(args.runs)
+    os.environ["WORKER_CONCURRENCY"] = str(-(-args.runs // args.workers))
     os.environ.pop("AGENT_MODELS_CONFIG", None)
 
     children: list[subprocess.Popen[bytes]] = []
@@ -263,15 +271,18 @@ def main() -> None:
             **quiet,  # type: ignore[call-overload]
         )
         children.append(web)
-        worker = subprocess.Popen(
-            [sys.executable, "manage.py", "procrastinate", "worker"],
-            cwd=ROOT,
-            env=dict(os.environ),
-            **quiet,  # type: ignore[call-overload]
-        )
-        children.append(worker)
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "manage.py", "procrastinate", "worker"],
+                cwd=ROOT,
+                env=dict(os.environ),
+                **quiet,  # type: ignore[call-overload]
+            )
+            for _ in range(args.workers)
+        ]
+        children.extend(workers)
         wait_for_port(port, web)
-        asyncio.run(run(args, f"http://127.0.0.1:{port}", web, worker))
+        asyncio.run(run(args, f"http://127.0.0.1:{port}", web, workers))
     finally:
         for child in children:
             if child.poll() is None:
