@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +35,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import free_port, percentile, wait_for_port  # noqa: E402
+from bench.load import (  # noqa: E402
+    bench_environment,
+    clean_redis,
+    fake_gemini,
+    free_port,
+    percentile,
+    py_spy,
+    stop,
+    wait_for_port,
+)
 
 TERMINAL = {"conversation_completed", "conversation_failed"}
 
@@ -134,36 +141,23 @@ async def run(
         await asyncio.gather(*(follow(ws_base, issued.raw, Follower(warm), 60) for warm in warm_ids))
         ids = [str(uuid.uuid4()) for _ in range(args.runs)]
         followers = [Follower(cid) for cid in ids for _ in range(args.clients)]
-        profiler = None
-        if args.py_spy:
-            spy = str(Path(sys.executable).parent / "py-spy")
-            profiler = subprocess.Popen(
-                [
-                    *(spy, "record", "--pid", str(workers[0].pid), "--rate", "200", "--nonblocking", "--gil"),
-                    *("--format", "raw", "--output", args.py_spy),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        cpu_before = cpu()
-        started = time.monotonic()
-        responses = await asyncio.gather(
-            *(
-                client.post(
-                    f"/stream/{cid}",
-                    json={"message": f"Question {n}: should we do it?", "num_agents": 3, "turns": 2},
-                    headers=headers,
+        with py_spy(workers[0].pid, args.py_spy):
+            cpu_before = cpu()
+            started = time.monotonic()
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        f"/stream/{cid}",
+                        json={"message": f"Question {n}: should we do it?", "num_agents": 3, "turns": 2},
+                        headers=headers,
+                    )
+                    for n, cid in enumerate(ids)
                 )
-                for n, cid in enumerate(ids)
             )
-        )
-        refused = [r.status_code for r in responses if r.status_code != 202 and r.status_code != 200]
-        await asyncio.gather(*(follow(ws_base, issued.raw, f, args.timeout) for f in followers))
-        wall = time.monotonic() - started
-        cpu_after = cpu()
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(timeout=60)
+            refused = [r.status_code for r in responses if r.status_code not in (200, 202)]
+            await asyncio.gather(*(follow(ws_base, issued.raw, f, args.timeout) for f in followers))
+            wall = time.monotonic() - started
+            cpu_after = cpu()
     stored = {cid: await Event.objects.filter(conversation_id=cid).acount() for cid in ids}
     expected = sum(stored[f.conversation_id] for f in followers)
     distinct = sum(len(set(f.seqs)) for f in followers)
@@ -222,82 +216,49 @@ def main() -> None:
     if not (os.environ.get("DATABASE_URL", "").startswith("postgres") and os.environ.get("REDIS_URL")):
         print("bench/live.py: skipped, needs DATABASE_URL (PostgreSQL, the worker's queue) and REDIS_URL")
         raise SystemExit(0)
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
-    os.environ.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
-    os.environ.setdefault("JWT_SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
-    os.environ.setdefault("LOG_LEVEL", "ERROR")
-    os.environ["RATE_LIMITING_ENABLED"] = "false"
-    os.environ["REDIS_KEY_PREFIX"] = "live:" + uuid.uuid4().hex[:10]
-    os.environ["GEMINI_API_KEY"] = "bench-dummy-key"
-    os.environ["LLM_PROVIDER"] = "gemini"
+    bench_environment("live")
     os.environ["WORKER_CONCURRENCY"] = str(-(-args.runs // args.workers))
-    os.environ.pop("AGENT_MODELS_CONFIG", None)
-
     children: list[subprocess.Popen[bytes]] = []
-    fake = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "load.py"), "--serve-fake"],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
     try:
-        assert fake.stdout is not None
-        fake_url = fake.stdout.readline().decode().strip()
-        os.environ["GEMINI_BASE_URL"] = fake_url
-        import django
-        import httpx
+        with fake_gemini() as fake_url:
+            os.environ["GEMINI_BASE_URL"] = fake_url
+            import django
+            import httpx
 
-        django.setup()
-        from django.core.management import call_command
+            django.setup()
+            from django.core.management import call_command
 
-        call_command("migrate", interactive=False, verbosity=0)
-        httpx.post(f"{fake_url}/_bench/latency", params={"seconds": args.latency}).raise_for_status()
-        port = free_port()
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
-        web = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "polyagents_site.asgi:application",
-            ],
-            cwd=ROOT,
-            env=dict(os.environ),
-            **quiet,  # type: ignore[call-overload]
-        )
-        children.append(web)
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "manage.py", "procrastinate", "worker"],
-                cwd=ROOT,
-                env=dict(os.environ),
-                **quiet,  # type: ignore[call-overload]
-            )
-            for _ in range(args.workers)
-        ]
-        children.extend(workers)
-        wait_for_port(port, web)
-        asyncio.run(run(args, f"http://127.0.0.1:{port}", web, workers))
-    finally:
-        for child in children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
-        for child in children:
+            call_command("migrate", interactive=False, verbosity=0)
+            httpx.post(f"{fake_url}/_bench/latency", params={"seconds": args.latency}).raise_for_status()
+            port = free_port()
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
             try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-        if fake.stdin is not None:
-            fake.stdin.close()
-        try:
-            fake.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(fake.pid, signal.SIGKILL)
+                web = subprocess.Popen(
+                    [
+                        *(sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)),
+                        "polyagents_site.asgi:application",
+                    ],
+                    cwd=ROOT,
+                    env=dict(os.environ),
+                    **quiet,  # type: ignore[call-overload]
+                )
+                children.append(web)
+                workers = [
+                    subprocess.Popen(
+                        [sys.executable, "manage.py", "procrastinate", "worker"],
+                        cwd=ROOT,
+                        env=dict(os.environ),
+                        **quiet,  # type: ignore[call-overload]
+                    )
+                    for _ in range(args.workers)
+                ]
+                children.extend(workers)
+                wait_for_port(port, web)
+                asyncio.run(run(args, f"http://127.0.0.1:{port}", web, workers))
+            finally:
+                stop(*children)
+    finally:
+        clean_redis()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,78 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def bench_environment(prefix: str) -> None:
+    """What every process of a load benchmark runs with: throwaway secrets, quiet logs, no rate
+    limits, Redis keys under a prefix of its own (`clean_redis` removes them), and every agent
+    on the real Gemini SDK (GEMINI_BASE_URL is set once the fake runs)."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
+    os.environ.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
+    os.environ.setdefault("JWT_SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
+    os.environ.setdefault("LOG_LEVEL", "ERROR")
+    os.environ["RATE_LIMITING_ENABLED"] = "false"
+    os.environ["REDIS_KEY_PREFIX"] = f"{prefix}:{uuid.uuid4().hex[:10]}"
+    os.environ["GEMINI_API_KEY"] = "bench-dummy-key"
+    os.environ["LLM_PROVIDER"] = "gemini"
+    os.environ.pop("AGENT_MODELS_CONFIG", None)
+
+
+@contextlib.contextmanager
+def fake_gemini() -> Iterator[str]:
+    """The fake Gemini (`serve_fake`) in a process of its own for the block; yields its base URL."""
+    fake = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--serve-fake"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert fake.stdout is not None
+        yield fake.stdout.readline().decode().strip()
+    finally:
+        if fake.stdin is not None:
+            fake.stdin.close()  # it serves until its stdin closes
+        try:
+            fake.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(fake.pid, signal.SIGKILL)
+
+
+def stop(*processes: subprocess.Popen[bytes]) -> None:
+    """SIGTERM each process group still running, then wait; SIGKILL what outlives 20 s."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, output: str | None, *, rate: int = 200, gil: bool = True) -> Iterator[None]:
+    """Record the stacks of process `pid` for the block into `output` (raw format; nothing when
+    None). py-spy is on PyPI and needs ptrace; `gil` keeps only samples of the thread holding it."""
+    if output is None:
+        yield
+        return
+    profiler = subprocess.Popen(
+        [
+            *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)),
+            *("--rate", str(rate), "--nonblocking", *(["--gil"] if gil else [])),
+            *("--format", "raw", "--output", output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=60)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -252,25 +325,13 @@ async def run(
         results["warm_chat_ms_min"] = round(min(warm), 1)
         results["warm_chat_cpu_ms"] = round((cpu_of() - warm_cpu) * 1000 / args.warm, 1)
         await set_latency(args.latency)
-        profiler = None
-        if args.py_spy:
-            # Busy samples of the web process during the bursts (py-spy from PyPI, needs ptrace).
-            profiler = subprocess.Popen(
-                [
-                    *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daphne.pid)),
-                    *("--rate", "200", "--nonblocking", "--gil", "--format", "raw", "--output", args.py_spy),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
         bursts = []
-        for concurrency in args.concurrency:
-            bursts.append(await burst(client, key, concurrency, args.latency, cpu_of, args.turns))
-            await asyncio.sleep(args.settle)  # let the last writes drain before the next burst
+        # Busy samples of the web process during the bursts.
+        with py_spy(daphne.pid, args.py_spy):
+            for concurrency in args.concurrency:
+                bursts.append(await burst(client, key, concurrency, args.latency, cpu_of, args.turns))
+                await asyncio.sleep(args.settle)  # let the last writes drain before the next burst
         results["bursts"] = bursts
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(timeout=60)
     results["loadavg_after"] = os.getloadavg()[0]
     await sync_to_async(issued.key.delete)()
     print(json.dumps(results))
@@ -312,74 +373,49 @@ def main() -> None:
         serve_fake()
         return
 
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
-    os.environ.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
-    os.environ.setdefault("JWT_SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
-    os.environ.setdefault("LOG_LEVEL", "ERROR")
-    os.environ["RATE_LIMITING_ENABLED"] = "false"
-    os.environ["REDIS_KEY_PREFIX"] = "load:" + uuid.uuid4().hex[:10]
-    os.environ["GEMINI_API_KEY"] = "bench-dummy-key"
-    os.environ["LLM_PROVIDER"] = "gemini"
-    os.environ.pop("AGENT_MODELS_CONFIG", None)
+    bench_environment("load")
     if not os.environ.get("DATABASE_URL"):
         os.environ["DATABASE_URL"] = f"sqlite:///{tempfile.mkdtemp()}/load.sqlite3"
 
-    fake = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve-fake"],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
-    daphne: subprocess.Popen[bytes] | None = None
     try:
-        assert fake.stdout is not None
-        fake_url = fake.stdout.readline().decode().strip()
-        os.environ["GEMINI_BASE_URL"] = fake_url
+        with fake_gemini() as fake_url:
+            os.environ["GEMINI_BASE_URL"] = fake_url
 
-        import django
+            import django
 
-        django.setup()
-        from django.conf import settings
-        from django.core.management import call_command
+            django.setup()
+            from django.conf import settings
+            from django.core.management import call_command
 
-        call_command("migrate", interactive=False, verbosity=0)
-        print(
-            f"database: {str(settings.DATABASES['default']['ENGINE']).rsplit('.', 1)[-1]}, "
-            f"redis: {settings.REDIS_URL or 'none'}, "
-            f"channel layer: {str(settings.CHANNEL_LAYERS['default']['BACKEND']).rsplit('.', 1)[-1]}, "
-            f"fake Gemini: {fake_url}"
-        )
-        port = free_port()
-        command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-        command.append("polyagents_site.asgi:application")
-        daphne = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=dict(os.environ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        startup = wait_for_port(port, daphne)
-        asyncio.run(run(args, f"http://127.0.0.1:{port}", daphne, fake_url, startup))
-    finally:
-        if daphne is not None and daphne.poll() is None:
-            os.killpg(daphne.pid, signal.SIGTERM)
+            call_command("migrate", interactive=False, verbosity=0)
+            print(
+                f"database: {str(settings.DATABASES['default']['ENGINE']).rsplit('.', 1)[-1]}, "
+                f"redis: {settings.REDIS_URL or 'none'}, "
+                f"channel layer: {str(settings.CHANNEL_LAYERS['default']['BACKEND']).rsplit('.', 1)[-1]}, "
+                f"fake Gemini: {fake_url}"
+            )
+            port = free_port()
+            command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+            command.append("polyagents_site.asgi:application")
+            daphne = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=dict(os.environ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             try:
-                daphne.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(daphne.pid, signal.SIGKILL)
-        if fake.stdin is not None:
-            fake.stdin.close()
-        try:
-            fake.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(fake.pid, signal.SIGKILL)
-        _clean_redis()
+                startup = wait_for_port(port, daphne)
+                asyncio.run(run(args, f"http://127.0.0.1:{port}", daphne, fake_url, startup))
+            finally:
+                stop(daphne)
+    finally:
+        clean_redis()
 
 
-def _clean_redis() -> None:
+def clean_redis() -> None:
+    """Delete this run's Redis keys (REDIS_KEY_PREFIX), never anyone else's."""
     from django.conf import settings
 
     if not settings.configured or not getattr(settings, "REDIS_URL", None):

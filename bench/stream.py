@@ -33,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.load import clean_redis, free_port, py_spy, stop  # noqa: E402
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
 os.environ.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
 os.environ.setdefault("JWT_SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
@@ -49,12 +52,6 @@ class Client:
     error: str = ""
     connect_retries: int = 0
     reconnects: int = 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_daphne(processes: int = 1) -> tuple[list[subprocess.Popen[bytes]], str]:
@@ -275,71 +272,45 @@ async def main(args: argparse.Namespace) -> None:
 
     watched = [psutil.Process(process.pid) for process in processes]
 
-    profiler = None
-    if args.py_spy:
-        # Busy samples of the (first) web process for the whole run (py-spy from PyPI, needs ptrace).
-        spy = str(Path(sys.executable).parent / "py-spy")
-        profiler = subprocess.Popen(
-            [
-                *(spy, "record", "--pid", str(processes[0].pid), "--rate", "50", "--nonblocking"),
-                *("--format", "raw", "--output", args.py_spy),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
     def cpu_of() -> float:
         """User + system CPU seconds of the web processes, from the OS."""
         return sum(t.user + t.system for t in (p.cpu_times() for p in watched))
 
     try:
-        results = []
-        if not args.skip_many:
+        # Busy samples of the (first) web process for the whole run.
+        with py_spy(processes[0].pid, args.py_spy, rate=50, gil=False):
+            results = []
+            if not args.skip_many:
+                results.append(
+                    await scenario(
+                        "many",
+                        url,
+                        issued.raw,
+                        owner,
+                        args.conversations,
+                        args.clients // args.conversations,
+                        args.events,
+                        args.interval,
+                        cpu_of,
+                    )
+                )
             results.append(
                 await scenario(
-                    "many",
+                    "fanout",
                     url,
                     issued.raw,
                     owner,
-                    args.conversations,
-                    args.clients // args.conversations,
-                    args.events,
-                    args.interval,
+                    1,
+                    args.fanout,
+                    args.fanout_events,
+                    args.fanout_interval,
                     cpu_of,
                 )
             )
-        results.append(
-            await scenario(
-                "fanout",
-                url,
-                issued.raw,
-                owner,
-                1,
-                args.fanout,
-                args.fanout_events,
-                args.fanout_interval,
-                cpu_of,
-            )
-        )
     finally:
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(timeout=60)
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop(*processes)
         await sync_to_async(issued.key.delete)()
-        import redis
-
-        conn = redis.Redis.from_url(str(settings.REDIS_URL))
-        keys = list(conn.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:*", count=1000))
-        if keys:
-            conn.delete(*keys)
-        conn.close()
+        clean_redis()
     for result in results:
         print(json.dumps(result))
     print()
