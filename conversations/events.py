@@ -79,14 +79,9 @@ def redis_client() -> aioredis.Redis | None:
     return client
 
 
-def event_text(event: dict[str, Any]) -> str:
-    """The event as JSON, compact: what is stored, appended to the stream and sent to sockets."""
-    return json.dumps(event, separators=(",", ":"))
-
-
-def _live_message(event: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+def _live_message(event: dict[str, Any], text: str) -> dict[str, Any]:
     # `text` is the event as every follower receives it, serialised once, not per socket.
-    return {"type": "conversation.event", "event": event, "text": text or event_text(event)}
+    return {"type": "conversation.event", "event": event, "text": text}
 
 
 def _redis_group_channel(layer: Any, conversation_id: str) -> str | None:
@@ -102,7 +97,7 @@ def _redis_group_channel(layer: Any, conversation_id: str) -> str | None:
     return str(loop_layer._get_group_channel_name(group_name(conversation_id)))
 
 
-async def _send(batch: list[dict[str, Any]], texts: list[str] | None = None) -> None:
+async def _send(batch: list[dict[str, Any]], texts: list[str]) -> None:
     """Append stored events to the conversation's Redis Stream and publish them live.
 
     With REDIS_URL and the Redis pub/sub layer, one pipelined round trip does both, in order:
@@ -113,7 +108,6 @@ async def _send(batch: list[dict[str, Any]], texts: list[str] | None = None) -> 
     client = redis_client()
     if not batch:
         return
-    texts = texts or [event_text(event) for event in batch]
     conversation_id = batch[0]["conversation_id"]
     layer = get_channel_layer()
     channel = _redis_group_channel(layer, conversation_id) if client is not None else None
@@ -145,14 +139,13 @@ def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]], texts: list
     pipe.expire(key, config.STREAM_TTL)
 
 
-async def _append_to_stream(batch: list[dict[str, Any]], texts: list[str] | None = None) -> None:
+async def _append_to_stream(batch: list[dict[str, Any]], texts: list[str]) -> None:
     """XADD events under ids `<seq>-0`, trimmed to STREAM_MAXLEN and expiring after STREAM_TTL."""
     client = redis_client()
     if client is None or not batch:
         return
     try:
         async with client.pipeline(transaction=False) as pipe:
-            texts = texts or [event_text(event) for event in batch]
             _queue_appends(pipe, stream_key(batch[0]["conversation_id"]), batch, texts)
             await pipe.execute()
     except (RedisError, OSError) as exc:
@@ -162,7 +155,7 @@ async def _append_to_stream(batch: list[dict[str, Any]], texts: list[str] | None
         )
 
 
-async def _publish(event: dict[str, Any], text: str | None = None) -> None:
+async def _publish(event: dict[str, Any], text: str) -> None:
     """Push the event to the live WebSocket followers of its conversation."""
     layer = get_channel_layer()
     if layer is None:
@@ -274,7 +267,7 @@ async def _store_pipelined(
     batch: list[dict[str, Any]],
     rows: store.Rows,
     now: datetime,
-    texts: list[str] | None = None,
+    texts: list[str],
 ) -> None:
     """PostgreSQL: the batch's events and staged rows in one pipelined transaction, retried like `_store`."""
 
@@ -380,8 +373,8 @@ class EventLog:
     @classmethod
     async def open(cls, conversation_id: uuid.UUID, *, buffered: bool = False) -> EventLog:
         """Continue the log of a conversation after its last stored event."""
-        result = await Event.objects.filter(conversation_id=conversation_id).aaggregate(m=Max("seq"))
-        return cls(conversation_id, result["m"] or 0, buffered=buffered)
+        last_seq = await sync_to_async(cls.last_stored_seq)(conversation_id)
+        return cls(conversation_id, last_seq, buffered=buffered)
 
     @staticmethod
     def last_stored_seq(conversation_id: uuid.UUID) -> int:
@@ -441,7 +434,7 @@ class EventLog:
             while (self._pending or self._rows) and self._broken is None:
                 batch, self._pending = self._pending, []
                 rows, self._rows = self._rows, store.Rows()
-                texts = [event_text(event) for event in batch]  # once: stored, streamed, sent
+                texts = [store.event_text(event) for event in batch]  # once: stored, streamed, sent
                 try:
                     if self.pipelined:
                         await _store_pipelined(self.conversation_id, batch, rows, timezone.now(), texts)

@@ -143,6 +143,11 @@ def _param(value: Any) -> Any:
     return Jsonb(value) if isinstance(value, dict | list) else value
 
 
+def event_text(event: dict[str, Any]) -> str:
+    """An event as compact JSON: what is stored, appended to the Redis Stream and sent to sockets."""
+    return json.dumps(event, separators=(",", ":"))
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, default=_json_default, separators=(",", ":"))
 
@@ -257,12 +262,12 @@ async def write_batch(
 ) -> None:
     """Insert the events, the messages and ballots, and update the conversation: one statement.
 
-    `texts` are the events already serialised (`events.event_text`): they go in as they are.
+    `texts` are the events already serialised (`event_text`): they go in as they are.
     """
     updates = {**rows.conversation, "last_seq": batch[-1]["seq"]} if batch else dict(rows.conversation)
     created = now.isoformat()
     if texts is None:
-        texts = [json.dumps(e, separators=(",", ":")) for e in batch]
+        texts = [event_text(e) for e in batch]
     events = [_event_json(conversation_id, e, text, created) for e, text in zip(batch, texts, strict=True)]
     messages = [_record(_MESSAGE_FIELDS, {"created_at": created, **m}) for m in rows.messages]
     # One statement may not upsert a row twice: the last ballot of a voter wins, as in sequence.
