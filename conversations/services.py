@@ -545,8 +545,7 @@ FINAL_FIELDS = (
 
 def _settle_and_save(conversation: Conversation, tokens: int, usd: float) -> None:
     """Charge the exchange's spend to the key's quota, then store the finished conversation."""
-    reservation = admission.settle(conversation, tokens=tokens, usd=usd)
-    conversation.metadata["quota"] = reservation
+    admission.settle(conversation, tokens=tokens, usd=usd)  # settles metadata["quota"] in place
     conversation.save(update_fields=list(FINAL_FIELDS))
 
 
@@ -556,10 +555,10 @@ async def _finish(
     duration = round(duration, 3)
     tokens = usage_dict(outcome.usage)
     assessment = await aassess(outcome)
+    decision = outcome.decision
+    details = decision.to_dict() if decision is not None else {}
     result: dict[str, Any] | None = None
-    if outcome.decision is not None and assessment is not None:
-        decision = outcome.decision
-        details = decision.to_dict()
+    if decision is not None and assessment is not None:
         result = {
             "method": decision.method,
             "reached": decision.reached,
@@ -582,9 +581,7 @@ async def _finish(
             },
         }
     conversation = await in_pool_thread(_store_result, conversation_id, exchange, result)
-    if outcome.decision is not None and assessment is not None:
-        decision = outcome.decision
-        details = decision.to_dict()
+    if decision is not None and assessment is not None:
         await recorder(
             "consensus_reached",
             consensus=outcome.answer if decision.reached else None,
