@@ -89,17 +89,18 @@ def _local_fit(key: str) -> Any:
     return None
 
 
-def _keep(key: str, fit: Any) -> Any:
-    _local[key] = (time.monotonic() + LOCAL_SECONDS, fit)
+def _remembered(key: str, shared: Callable[[], T]) -> T:
+    """This process's fit under `key` while fresh, else the shared one (kept for LOCAL_SECONDS)."""
+    fit = _local_fit(key)
+    if fit is None:
+        fit = shared()
+        _local[key] = (time.monotonic() + LOCAL_SECONDS, fit)
     return fit
 
 
 def reliabilities() -> Reliabilities:
     """The cached fit (recomputed at most every CACHE_SECONDS)."""
-    local = _local_fit(RELIABILITY_KEY)
-    if local is not None:
-        return local
-    return _keep(RELIABILITY_KEY, _shared_reliabilities())
+    return _remembered(RELIABILITY_KEY, _shared_reliabilities)
 
 
 def _shared_reliabilities() -> Reliabilities:
@@ -132,10 +133,7 @@ def load_recalibration() -> PlattScaling:
 
 
 def recalibration() -> PlattScaling:
-    local = _local_fit(PLATT_KEY)
-    if local is not None:
-        return local
-    return _keep(PLATT_KEY, _shared_recalibration())
+    return _remembered(PLATT_KEY, _shared_recalibration)
 
 
 def _shared_recalibration() -> PlattScaling:
