@@ -13,8 +13,7 @@ from django.http import HttpRequest
 from gateway import quota
 from gateway.keys import PERMISSIONS, PREFIX_LENGTH, key_revoke, key_rotate
 from gateway.models import ApiKey, BlockedIP, QuotaUnit, QuotaUsage, SecurityEvent, generate_key, hash_key
-from gateway.net import client_ip
-from gateway.security import log_security_event
+from gateway.security import log_key_event, log_security_event
 from gateway.serializers import key_status
 
 
@@ -56,6 +55,11 @@ class ApiKeyForm(forms.ModelForm):
     def clean_permissions(self) -> list[str]:
         chosen = set(self.cleaned_data["permissions"])
         return [p for p in PERMISSIONS if p in chosen]
+
+
+def _admin_user(request: HttpRequest) -> str:
+    """Who did it, as security events record an admin-site user."""
+    return f"admin:{request.user.get_username()}"
 
 
 def _show_key_once(request: HttpRequest, raw: str, what: str) -> None:
@@ -126,13 +130,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         raw = generate_key()
         obj.prefix, obj.key_hash = raw[:PREFIX_LENGTH], hash_key(raw)
         super().save_model(request, obj, form, change)
-        log_security_event(
-            "key_created",
-            ip=client_ip(request),
-            path=request.path,
-            api_key=obj,
-            by=f"admin:{request.user.get_username()}",
-        )
+        log_key_event("key_created", request, obj, by=_admin_user(request))
         _show_key_once(request, raw, f"New API key {obj.name!r}")
 
     @admin.action(description="Revoke selected keys")
@@ -140,13 +138,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         count = 0
         for key in queryset.filter(revoked_at__isnull=True):
             key_revoke(key=key)
-            log_security_event(
-                "key_revoked",
-                ip=client_ip(request),
-                path=request.path,
-                api_key=key,
-                by=f"admin:{request.user.get_username()}",
-            )
+            log_key_event("key_revoked", request, key, by=_admin_user(request))
             count += 1
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
 
@@ -157,14 +149,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{key} is revoked and was not rotated.", messages.ERROR)
                 continue
             issued = key_rotate(key=key)
-            log_security_event(
-                "key_rotated",
-                ip=client_ip(request),
-                path=request.path,
-                api_key=key,
-                new_key=issued.key.pk,
-                by=f"admin:{request.user.get_username()}",
-            )
+            log_key_event("key_rotated", request, key, by=_admin_user(request), new_key=issued.key.pk)
             until = f"{key.expires_at:%Y-%m-%d %H:%M:%S} UTC" if key.expires_at else "-"
             _show_key_once(request, issued.raw, f"Replacement for {key.name!r} (old key valid until {until})")
 
@@ -212,7 +197,7 @@ def _log_unblock(request: HttpRequest, block: BlockedIP) -> None:
         ip=block.ip,
         path=request.path,
         reason=block.reason,
-        by=f"admin:{request.user.get_username()}",
+        by=_admin_user(request),
     )
 
 

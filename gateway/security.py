@@ -9,7 +9,7 @@ from typing import Any
 from django.db import DatabaseError
 
 from gateway.models import ApiKey, SecurityEvent
-from gateway.net import normalize_ip
+from gateway.net import client_ip, normalize_ip
 
 logger = logging.getLogger("polyagents.security")
 
@@ -61,6 +61,15 @@ def log_security_event(
     except DatabaseError:
         logger.exception("could not store security event %s", kind)
         return None
+
+
+def log_key_event(
+    kind: str, request: Any, api_key: ApiKey, *, by: str, **detail: Any
+) -> SecurityEvent | None:
+    """A key managed through `request` (the admin or the API) by `by`: created, revoked, rotated."""
+    return log_security_event(
+        kind, ip=client_ip(request), path=request.path, api_key=api_key, by=by, **detail
+    )
 
 
 async def alog_security_event(

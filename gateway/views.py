@@ -23,7 +23,7 @@ from gateway.net import client_ip
 from gateway.openapi import errors
 from gateway.permissions import CanRead, IsAdmin
 from gateway.principal import Principal
-from gateway.security import log_security_event
+from gateway.security import log_key_event
 from gateway.serializers import (
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
@@ -167,13 +167,7 @@ class KeyListView(APIView):
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         issued = key_create(**body.validated_data)
-        log_security_event(
-            "key_created",
-            ip=client_ip(request),
-            path=request.path,
-            api_key=issued.key,
-            by=_admin(request).owner,
-        )
+        log_key_event("key_created", request, issued.key, by=_admin(request).owner)
         body_out = {**ApiKeySerializer(issued.key).data, "key": issued.raw}
         return Response(body_out, status=status.HTTP_201_CREATED)
 
@@ -186,9 +180,7 @@ class KeyRevokeView(APIView):
     @extend_schema(request=None, responses={200: ApiKeySerializer})
     def post(self, request: Request, key_id: int) -> Response:
         key = key_revoke(key=get_object_or_404(ApiKey, pk=key_id))
-        log_security_event(
-            "key_revoked", ip=client_ip(request), path=request.path, api_key=key, by=_admin(request).owner
-        )
+        log_key_event("key_revoked", request, key, by=_admin(request).owner)
         return Response(ApiKeySerializer(key).data)
 
 
@@ -208,14 +200,7 @@ class KeyRotateView(APIView):
                 status=status.HTTP_409_CONFLICT,
             )
         issued = key_rotate(key=old, grace_seconds=body.validated_data.get("grace_seconds"))
-        log_security_event(
-            "key_rotated",
-            ip=client_ip(request),
-            path=request.path,
-            api_key=old,
-            new_key=issued.key.pk,
-            by=_admin(request).owner,
-        )
+        log_key_event("key_rotated", request, old, by=_admin(request).owner, new_key=issued.key.pk)
         return Response(
             {**ApiKeySerializer(issued.key).data, "key": issued.raw, "replaces": ApiKeySerializer(old).data},
             status=status.HTTP_201_CREATED,
