@@ -390,6 +390,10 @@ class EventLog:
         """Insert or replace this ballot with the next batch (pipelined logs only)."""
         self._rows.votes.append({"conversation_id": self.conversation_id, **fields})
 
+    def stage_result(self, fields: dict[str, Any]) -> None:
+        """Insert or replace an exchange's consensus result with the next batch (pipelined logs only)."""
+        self._rows.result = {"conversation_id": self.conversation_id, **fields}
+
     def stage_conversation(self, **fields: Any) -> None:
         """Set these Conversation fields with the next batch (pipelined logs only)."""
         self._rows.conversation.update(fields)
@@ -449,7 +453,7 @@ class EventLog:
                         extra={
                             "conversation_id": str(self.conversation_id),
                             "seqs": [e["seq"] for e in batch],
-                            "rows": len(rows.messages) + len(rows.votes),
+                            "rows": len(rows.messages) + len(rows.votes) + bool(rows.result),
                         },
                     )
                     return

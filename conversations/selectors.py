@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from django.conf import settings
 from django.db.models import QuerySet
 
+from conversations import store
 from conversations.events import in_pool_thread
 from conversations.models import ConsensusResult, Conversation, Message, Vote
 from gateway.principal import Principal
@@ -123,44 +125,92 @@ def conversation_detail(principal: Principal, conversation_id: uuid.UUID) -> dic
     }
 
 
-def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
-    messages = list(
-        Message.objects.filter(
-            conversation=conversation, exchange=exchange, role=Message.Role.AGENT
-        ).order_by("turn", "agent_id")
-    )
-    final: dict[str, Message] = {}
-    for message in messages:
-        if message.status != Message.Status.FAILED:
-            final[message.agent_id] = message  # the latest turn wins
-    result = ConsensusResult.objects.filter(conversation=conversation, exchange=exchange).first()
-    votes = list(Vote.objects.filter(conversation=conversation, exchange=exchange).order_by("voter"))
-    positions = (result.details.get("options") or {}) if result else {}
+# What the /chat body reads of an exchange's rows (by attname; PostgreSQL reads them as JSON in
+# one statement, conversations.store.exchange_rows, SQLite through the ORM's values()).
+CHAT_MESSAGE_FIELDS = (
+    "agent_id", "turn", "status", "content", "raw_content", "model", "temperature", "provider",
+    "personality", "position", "confidence", "position_source", "repair_calls", "latency_ms",
+    "prompt_tokens", "completion_tokens", "simulated", "cost_usd", "cost_estimated", "error",
+)  # fmt: skip
+CHAT_RESULT_FIELDS = (
+    "reached",
+    "method",
+    "winner",
+    "confidence",
+    "tallies",
+    "tie_break",
+    "dissent",
+    "details",
+)
+CHAT_VOTE_FIELDS = ("voter", "choice", "confidence", "reason")
 
-    def agent(message: Message) -> dict[str, Any]:
+
+def exchange_rows(
+    conversation_id: uuid.UUID, exchange: int
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]:
+    """An exchange's agent messages (by turn, agent), its consensus result and its ballots (by voter)."""
+    messages = list(
+        Message.objects.filter(conversation_id=conversation_id, exchange=exchange, role=Message.Role.AGENT)
+        .order_by("turn", "agent_id")
+        .values(*CHAT_MESSAGE_FIELDS)
+    )
+    result = (
+        ConsensusResult.objects.filter(conversation_id=conversation_id, exchange=exchange)
+        .values(*CHAT_RESULT_FIELDS)
+        .first()
+    )
+    votes = list(
+        Vote.objects.filter(conversation_id=conversation_id, exchange=exchange)
+        .order_by("voter")
+        .values(*CHAT_VOTE_FIELDS)
+    )
+    return messages, result, votes
+
+
+def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
+    """The /chat response body, read through the ORM (blocking)."""
+    return chat_body(conversation, exchange, *exchange_rows(conversation.pk, exchange))
+
+
+def chat_body(
+    conversation: Conversation,
+    exchange: int,
+    messages: list[dict[str, Any]],
+    result: dict[str, Any] | None,
+    votes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The /chat response body from the exchange's rows (`exchange_rows`) and its conversation."""
+    final: dict[str, dict[str, Any]] = {}
+    for message in messages:
+        if message["status"] != Message.Status.FAILED:
+            final[message["agent_id"]] = message  # the latest turn wins
+    details = result["details"] if result else {}
+    positions = (details.get("options") or {}) if result else {}
+
+    def agent(m: dict[str, Any]) -> dict[str, Any]:
         return {
-            "agent_id": message.agent_id,
-            "response": message.content,
-            "raw_response": message.raw_content or message.content,
-            "model": message.model,
-            "temperature": message.temperature,
-            "provider": message.provider,
-            "personality": message.personality,
-            "turn": message.turn,
-            "position": message.position or None,
-            "confidence": message.confidence,
-            "abstained": message.status == Message.Status.ABSTAINED,
-            "position_source": message.position_source or None,
-            "repair_calls": message.repair_calls,
-            "latency_ms": message.latency_ms,
+            "agent_id": m["agent_id"],
+            "response": m["content"],
+            "raw_response": m["raw_content"] or m["content"],
+            "model": m["model"],
+            "temperature": m["temperature"],
+            "provider": m["provider"],
+            "personality": m["personality"],
+            "turn": m["turn"],
+            "position": m["position"] or None,
+            "confidence": m["confidence"],
+            "abstained": m["status"] == Message.Status.ABSTAINED,
+            "position_source": m["position_source"] or None,
+            "repair_calls": m["repair_calls"],
+            "latency_ms": m["latency_ms"],
             "tokens": {
-                "prompt": message.prompt_tokens,
-                "completion": message.completion_tokens,
-                "total": message.prompt_tokens + message.completion_tokens,
+                "prompt": m["prompt_tokens"],
+                "completion": m["completion_tokens"],
+                "total": m["prompt_tokens"] + m["completion_tokens"],
             },
-            "simulated": message.simulated,
-            "cost_usd": round(message.cost_usd, 8),
-            "cost_estimated": message.cost_estimated,
+            "simulated": m["simulated"],
+            "cost_usd": round(m["cost_usd"], 8),
+            "cost_estimated": m["cost_estimated"],
         }
 
     tokens = conversation.metadata.get("tokens") or {"prompt": 0, "completion": 0, "total": 0}
@@ -172,7 +222,7 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
         "mode": used.get("mode", "representative") if conversation.consensus_result else None,
         "requested": meta.get("synthesis", "representative"),
     }
-    agreement = result.details.get("agreement", result.confidence) if result else None
+    agreement = details.get("agreement", result["confidence"]) if result else None
     return {
         "conversation_id": str(conversation.pk),
         "exchange": exchange,
@@ -183,37 +233,37 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
         "agreement": agreement,
         "consensus": (
             {
-                "reached": result.reached,
-                "method": result.method,
-                "winner": result.winner or None,
-                "position": result.details.get("position", ""),
-                "confidence": result.confidence,
+                "reached": result["reached"],
+                "method": result["method"],
+                "winner": result["winner"] or None,
+                "position": details.get("position", ""),
+                "confidence": result["confidence"],
                 "agreement": agreement,
-                "share": result.details.get("share"),
-                "margin": result.details.get("margin"),
-                "tallies": result.tallies,
-                "tie_break": result.tie_break or None,
-                "dissent": result.dissent,
+                "share": details.get("share"),
+                "margin": details.get("margin"),
+                "tallies": result["tallies"],
+                "tie_break": result["tie_break"] or None,
+                "dissent": result["dissent"],
             }
             if result
             else None
         ),
         "votes": [
             {
-                "voter": v.voter,
-                "choice": v.choice or None,
-                "position": positions.get(v.choice, None) if isinstance(positions, dict) else None,
-                "confidence": v.confidence,
-                "reason": v.reason,
+                "voter": v["voter"],
+                "choice": v["choice"] or None,
+                "position": positions.get(v["choice"], None) if isinstance(positions, dict) else None,
+                "confidence": v["confidence"],
+                "reason": v["reason"],
             }
             for v in votes
         ],
         "failed_agents": [
-            {"agent_id": m.agent_id, "turn": m.turn, "error": m.error, "model": m.model}
+            {"agent_id": m["agent_id"], "turn": m["turn"], "error": m["error"], "model": m["model"]}
             for m in messages
-            if m.status == Message.Status.FAILED
+            if m["status"] == Message.Status.FAILED
         ],
-        "transcript": [agent(m) for m in messages if m.status != Message.Status.FAILED],
+        "transcript": [agent(m) for m in messages if m["status"] != Message.Status.FAILED],
         "usage": tokens,
         "cost": exchange_cost(conversation, messages),
         "metadata": {
@@ -224,7 +274,7 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
             "num_agents": conversation.num_agents,
             "early_stop": bool(conversation.metadata.get("early_stop")),
             "strategy": conversation.metadata.get("strategy", "majority"),
-            "simulated": any(m.simulated for m in messages),
+            "simulated": any(m["simulated"] for m in messages),
             "error": conversation.error or None,
             "no_consensus_reason": meta.get("no_consensus_reason"),
             "extra_calls": meta.get("extra_calls") or {"repair": 0, "synthesis": 0},
@@ -235,17 +285,17 @@ def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
     }
 
 
-def exchange_cost(conversation: Conversation, messages: list[Message]) -> dict[str, Any]:
+def exchange_cost(conversation: Conversation, messages: list[dict[str, Any]]) -> dict[str, Any]:
     """Estimated cost of an exchange: in total (every call, ballots included) and per turn."""
     total = conversation.metadata.get("cost") or {}
     turns: dict[int, dict[str, Any]] = {}
     for m in messages:
-        empty = {"turn": m.turn, "tokens": 0, "cost_usd": 0.0, "cost_estimated": True}
-        turn = turns.setdefault(m.turn, empty)
-        turn["tokens"] += m.prompt_tokens + m.completion_tokens
-        turn["cost_usd"] += m.cost_usd
-        if m.status != Message.Status.FAILED:
-            turn["cost_estimated"] = turn["cost_estimated"] and m.cost_estimated
+        empty = {"turn": m["turn"], "tokens": 0, "cost_usd": 0.0, "cost_estimated": True}
+        turn = turns.setdefault(m["turn"], empty)
+        turn["tokens"] += m["prompt_tokens"] + m["completion_tokens"]
+        turn["cost_usd"] += m["cost_usd"]
+        if m["status"] != Message.Status.FAILED:
+            turn["cost_estimated"] = turn["cost_estimated"] and m["cost_estimated"]
     for turn in turns.values():
         turn["cost_usd"] = round(turn["cost_usd"], 8)
     return {
@@ -257,5 +307,14 @@ def exchange_cost(conversation: Conversation, messages: list[Message]) -> dict[s
 
 
 async def achat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
-    """The /chat response body: the brief's fields plus confidence, votes and usage."""
+    """The /chat response body: the brief's fields plus confidence, votes and usage.
+
+    On PostgreSQL the exchange's rows come in one statement on the event loop's own pool
+    (no thread hop, no model instances); SQLite reads them through the ORM in its thread.
+    """
+    if settings.USING_POSTGRES:
+        rows = await store.exchange_rows(
+            conversation.pk, exchange, CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS
+        )
+        return chat_body(conversation, exchange, *rows)
     return await in_pool_thread(chat_result, conversation, exchange)

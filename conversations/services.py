@@ -425,10 +425,12 @@ def _begin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
     question, prior, history = _load_prior(conversation, exchange)
     last_seq = EventLog.last_stored_seq(conversation.pk)
     now = timezone.now()
+    # Set here as in the row: the run keeps this instance and stores its final fields from it.
+    conversation.status = Conversation.Status.RUNNING
+    conversation.started_at = conversation.started_at or now
+    conversation.heartbeat_at = now
     Conversation.objects.filter(pk=conversation.pk).update(
-        status=Conversation.Status.RUNNING,
-        started_at=conversation.started_at or now,
-        heartbeat_at=now,
+        status=conversation.status, started_at=conversation.started_at, heartbeat_at=now
     )
     return _Begun(conversation, question, prior, history, last_seq)
 
@@ -524,16 +526,14 @@ async def _finish_cancelled(
     return await Conversation.objects.aget(pk=conversation_id)
 
 
-def _store_result(conversation_id: uuid.UUID, exchange: int, result: dict[str, Any] | None) -> Conversation:
-    """The exchange's consensus result (one upsert) and the conversation, in one trip off the loop."""
-    if result is not None:
-        ConsensusResult.objects.bulk_create(
-            [ConsensusResult(conversation_id=conversation_id, exchange=exchange, **result)],
-            update_conflicts=True,
-            unique_fields=["conversation", "exchange"],
-            update_fields=list(result),
-        )
-    return Conversation.objects.get(pk=conversation_id)
+def _store_result(conversation_id: uuid.UUID, exchange: int, result: dict[str, Any]) -> None:
+    """The exchange's consensus result, one upsert (a resumed run that decides again replaces it)."""
+    ConsensusResult.objects.bulk_create(
+        [ConsensusResult(conversation_id=conversation_id, exchange=exchange, **result)],
+        update_conflicts=True,
+        unique_fields=["conversation", "exchange"],
+        update_fields=list(result),
+    )
 
 
 # What a finished run sets on its conversation (the event log keeps `last_seq` current meanwhile).
@@ -580,7 +580,14 @@ async def _finish(
                 "calibration": assessment.details,
             },
         }
-    conversation = await in_pool_thread(_store_result, conversation_id, exchange, result)
+    if result is not None:
+        if recorder.log.pipelined:
+            # Written with the consensus_reached event below, in that batch's one statement.
+            recorder.log.stage_result({"exchange": exchange, **result})
+        else:
+            await in_pool_thread(_store_result, conversation_id, exchange, result)
+    # The instance the run began with (_begin): only this run writes its final fields.
+    conversation = recorder.conversation
     if decision is not None and assessment is not None:
         await recorder(
             "consensus_reached",
@@ -670,4 +677,5 @@ async def _finish(
                 sender=Conversation, conversation_id=conversation_id, status=status
             )
         )
+    conversation.last_seq = recorder.log.last_seq
     return conversation

@@ -31,7 +31,7 @@ from typing import Any
 
 from django.db import connections
 
-from conversations.models import Conversation, Event, Message, Vote
+from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 
 POOL_MAX = 4  # per event loop: batches of many conversations share a few connections
 
@@ -42,14 +42,16 @@ _pools: dict[asyncio.AbstractEventLoop, tuple[str, Any, asyncio.Task[None]]] = {
 
 @dataclass
 class Rows:
-    """What a batch writes beside its events: agent messages, ballots, conversation fields."""
+    """What a batch writes beside its events: agent messages, ballots, an exchange's consensus
+    result, conversation fields."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
     votes: list[dict[str, Any]] = field(default_factory=list)
+    result: dict[str, Any] | None = None
     conversation: dict[str, Any] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.messages or self.votes or self.conversation)
+        return bool(self.messages or self.votes or self.result or self.conversation)
 
 
 def _column(model: type[Any], name: str) -> str:
@@ -62,6 +64,7 @@ def _columns(model: type[Any]) -> list[Any]:
 
 _MESSAGE_FIELDS = _columns(Message)
 _VOTE_FIELDS = _columns(Vote)
+_RESULT_FIELDS = _columns(ConsensusResult)
 _EVENT_FIELDS = _columns(Event)
 _EVENT_FIELDS_NO_DATA = [f for f in _EVENT_FIELDS if f.attname != "data"]
 # A message already stored by an earlier attempt of the run is kept (msg_one_answer_per_agent_turn).
@@ -69,6 +72,13 @@ _MESSAGE_CONFLICT = " ON CONFLICT DO NOTHING"
 _VOTE_KEY = ("conversation_id", "exchange", "voter")
 _VOTE_CONFLICT = ' ON CONFLICT ("conversation_id", "exchange", "voter") DO UPDATE SET ' + ", ".join(
     f'"{_column(Vote, n)}" = EXCLUDED."{_column(Vote, n)}"' for n in ("choice", "confidence", "reason")
+)
+
+# A resumed run that decides again replaces the exchange's result (all but its key and creation).
+_RESULT_CONFLICT = ' ON CONFLICT ("conversation_id", "exchange") DO UPDATE SET ' + ", ".join(
+    f'"{f.column}" = EXCLUDED."{f.column}"'
+    for f in _RESULT_FIELDS
+    if f.attname not in ("conversation_id", "exchange", "created_at")
 )
 
 
@@ -96,12 +106,12 @@ def _insert_json(model: type[Any], fields: list[Any], suffix: str) -> str:
     )
 
 
-_sql_cache: dict[tuple[bool, bool, bool, tuple[str, ...]], str] = {}
+_sql_cache: dict[tuple[bool, bool, bool, bool, tuple[str, ...]], str] = {}
 
 
-def _batch_sql(messages: bool, votes: bool, events: bool, names: tuple[str, ...]) -> str:
+def _batch_sql(messages: bool, votes: bool, result: bool, events: bool, names: tuple[str, ...]) -> str:
     """The one statement of a batch with these parts (cached: a handful of shapes exist)."""
-    key = (messages, votes, events, names)
+    key = (messages, votes, result, events, names)
     sql = _sql_cache.get(key)
     if sql is None:
         parts = []
@@ -109,6 +119,8 @@ def _batch_sql(messages: bool, votes: bool, events: bool, names: tuple[str, ...]
             parts.append(f"m AS ({_insert_json(Message, _MESSAGE_FIELDS, _MESSAGE_CONFLICT)})")
         if votes:
             parts.append(f"v AS ({_insert_json(Vote, _VOTE_FIELDS, _VOTE_CONFLICT)})")
+        if result:
+            parts.append(f"c AS ({_insert_json(ConsensusResult, _RESULT_FIELDS, _RESULT_CONFLICT)})")
         if events:
             parts.append(f"e AS ({_insert_json(Event, _EVENT_FIELDS, '')})")
         with_ = f"WITH {', '.join(parts)} " if parts else ""
@@ -260,7 +272,7 @@ async def write_batch(
     now: datetime,
     texts: list[str] | None = None,
 ) -> None:
-    """Insert the events, the messages and ballots, and update the conversation: one statement.
+    """Insert the events, the messages, ballots and result, and update the conversation: one statement.
 
     `texts` are the events already serialised (`event_text`): they go in as they are.
     """
@@ -273,13 +285,68 @@ async def write_batch(
     # One statement may not upsert a row twice: the last ballot of a voter wins, as in sequence.
     latest = {tuple(v[k] for k in _VOTE_KEY): v for v in rows.votes}
     votes = [_record(_VOTE_FIELDS, {"created_at": created, **v}) for v in latest.values()]
+    results = [_record(_RESULT_FIELDS, {"created_at": created, **rows.result})] if rows.result else []
     names = tuple(updates)
-    params: list[Any] = [_json(part) for part in (messages, votes) if part]
+    params: list[Any] = [_json(part) for part in (messages, votes, results) if part]
     if events:
         params.append(f"[{','.join(events)}]")
     if names:
         params += [*(_param(updates[n]) for n in names), conversation_id]
-    sql = _batch_sql(bool(messages), bool(votes), bool(events), names)
+    sql = _batch_sql(bool(messages), bool(votes), bool(results), bool(events), names)
     events_pool = await pool()
     async with events_pool.connection(timeout=GETCONN_TIMEOUT) as conn:
         await conn.execute(sql, params)
+
+
+_read_cache: dict[tuple[tuple[str, ...], ...], str] = {}
+_EXCHANGE_OF = '"conversation_id" = %(c)s AND "exchange" = %(x)s'
+
+
+def _json_rows(model: type[Any], fields: tuple[str, ...], order: tuple[str, ...], where: str = "") -> str:
+    """A subquery: these fields of the exchange's rows as a JSON array in this order, or as one
+    JSON object (the first row, or null) when no order is given. Names come from the models."""
+    columns = ", ".join(f'"{_column(model, n)}" AS "{n}"' for n in fields)
+    rows = f'SELECT {columns} FROM "{model._meta.db_table}" WHERE {_EXCHANGE_OF}{where}'  # noqa: S608
+    if not order:
+        return f"(SELECT row_to_json(r) FROM ({rows} LIMIT 1) r)"  # noqa: S608
+    order_by = ", ".join(f'r."{n}"' for n in order)
+    return f"(SELECT json_agg(r ORDER BY {order_by}) FROM ({rows}) r)"  # noqa: S608
+
+
+async def exchange_rows(
+    conversation_id: uuid.UUID,
+    exchange: int,
+    message_fields: tuple[str, ...],
+    result_fields: tuple[str, ...],
+    vote_fields: tuple[str, ...],
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]:
+    """An exchange's agent messages (by turn, agent), consensus result and ballots (by voter),
+    these fields of each keyed by name: one statement on the event loop's pool, no thread hop.
+
+    A connection that died with a restarted database fails the statement; it is read again
+    once on a fresh pool.
+    """
+    import psycopg
+
+    key = (message_fields, result_fields, vote_fields)
+    sql = _read_cache.get(key)
+    if sql is None:
+        parts = (
+            _json_rows(Message, message_fields, ("turn", "agent_id"), ' AND "role" = %(r)s'),
+            _json_rows(ConsensusResult, result_fields, ()),
+            _json_rows(Vote, vote_fields, ("voter",)),
+        )
+        sql = _read_cache[key] = f"SELECT {', '.join(parts)}"
+    params = {"c": conversation_id, "x": exchange, "r": str(Message.Role.AGENT)}
+    for attempt in (1, 2):
+        try:
+            events_pool = await pool()
+            async with events_pool.connection(timeout=GETCONN_TIMEOUT) as conn:
+                cursor = await conn.execute(sql, params)
+                messages, result, votes = await cursor.fetchone() or (None, None, None)
+            return messages or [], result, votes or []
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            if attempt == 2:
+                raise
+            await discard_pool()
+    raise AssertionError("unreachable")

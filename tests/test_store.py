@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from conversations import store
 from conversations.events import EventLog, EventLogBroken
-from conversations.models import Conversation, Event, Message, Vote
+from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 from tests.conftest import requires_postgres
 
 pytestmark = [pytest.mark.django_db(transaction=True), requires_postgres]
@@ -171,3 +171,61 @@ async def test_a_finished_run_is_stored_with_its_terminal_event(monkeypatch: pyt
     assert stored.duration == terminal.data["duration"]
     assert stored.metadata["tokens"] == terminal.data["tokens"]
     assert stored.metadata["strategy"] == "majority"  # set at start, kept
+    # The consensus result went in the batch of its consensus_reached event (one created_at).
+    result = await ConsensusResult.objects.aget(conversation=conversation, exchange=exchange)
+    reached = await Event.objects.aget(conversation=conversation, type="consensus_reached")
+    assert result.created_at == reached.created_at
+    assert abs(result.confidence - reached.data["confidence"]) < 1e-4  # the event's is rounded
+    # The instance returned is the stored row's final state.
+    for name in ("status", "started_at", "turns_completed", "consensus_result", "confidence", "last_seq"):
+        assert getattr(done, name) == getattr(stored, name), name
+
+
+async def test_the_chat_body_read_in_one_statement_is_the_orm_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL reads an exchange's rows for the /chat body as JSON in one statement on the
+    event loop's pool; the body is the one the ORM path builds, field for field."""
+    from conversations.events import in_pool_thread
+    from conversations.selectors import (
+        CHAT_MESSAGE_FIELDS,
+        CHAT_RESULT_FIELDS,
+        CHAT_VOTE_FIELDS,
+        achat_result,
+        chat_result,
+    )
+    from conversations.services import conversation_run, conversation_start
+    from gateway.principal import Principal
+
+    monkeypatch.setattr(settings.CONFIG, "EVENT_STORE_PIPELINED", True)
+    principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
+    conversation, exchange = await conversation_start(
+        principal=principal, message="Tabs or spaces?", num_agents=3, turns=2
+    )
+    done = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
+    # A failed answer and an abstention, which the body reports apart from the answers.
+    await Message.objects.acreate(
+        conversation=done, exchange=exchange, role="agent", agent_id="agent_9", turn=1,
+        status="failed", error="timeout: slow", model="m",
+    )  # fmt: skip
+    await Message.objects.filter(conversation=done, agent_id="agent_1", turn=2).aupdate(status="abstained")
+    one_statement = await achat_result(done, exchange)
+    orm = await in_pool_thread(chat_result, done, exchange)
+    assert one_statement == orm
+    assert one_statement["failed_agents"] == [
+        {"agent_id": "agent_9", "turn": 1, "error": "timeout: slow", "model": "m"}
+    ]
+    assert [a["abstained"] for a in one_statement["agent_responses"]] == [False, True, False]
+    assert len(one_statement["transcript"]) == 6
+    assert len(one_statement["votes"]) == 3
+    assert one_statement["consensus"] is not None
+    # An exchange without rows reads as empty, as through the ORM.
+    fields = (CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS)
+    assert await store.exchange_rows(done.pk, exchange + 1, *fields) == ([], None, [])
+    # A pooled connection that died with the database is read again on a fresh pool.
+    name = connections["default"].settings_dict["NAME"]
+    with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name = 'polyagents-events'",
+            [name],
+        )
+    assert await achat_result(done, exchange) == orm
