@@ -20,6 +20,7 @@ from django.db import (
     IntegrityError,
     InterfaceError,
     OperationalError,
+    connection,
     transaction,
 )
 from django.utils import timezone
@@ -38,7 +39,7 @@ from agents.providers.base import Usage
 from agents.synthesis import default_mode
 from consensus import Proposal, parse_reply
 from conversations import budget as admission
-from conversations import liveness
+from conversations import liveness, store
 from conversations.assessment import aassess, apanel_weights
 from conversations.events import EventLog, EventLogBroken, has_watchers, in_pool_thread
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
@@ -160,6 +161,21 @@ def _start(
     return conversation, conversation.exchanges
 
 
+def _start_released(**kwargs: Any) -> tuple[Conversation, int]:
+    """`_start`, then (PostgreSQL) the calling thread's connection goes back to the pool.
+
+    Under ASGI a request's thread-sensitive ORM calls share one thread, which keeps its pooled
+    connection until the request ends. A /chat request lasts a whole conversation, whose own
+    database work does not use that thread; handing the connection back here, in the same
+    trip, keeps 200 waiting clients from holding 200 connections (and draining the pool).
+    """
+    try:
+        return _start(**kwargs)
+    finally:
+        if settings.USING_POSTGRES:
+            connection.close()
+
+
 async def conversation_start(
     *,
     principal: Principal,
@@ -179,7 +195,7 @@ async def conversation_start(
     /chat only continues existing ids. `synthesis` None means SYNTHESIS_MODE.
     """
     config = settings.CONFIG
-    return await sync_to_async(_start)(
+    return await sync_to_async(_start_released)(
         principal=principal,
         message=message,
         conversation_id=conversation_id,
@@ -351,43 +367,61 @@ class RunRecorder:
         )
 
 
-def _load_prior(
-    conversation: Conversation, exchange: int
-) -> tuple[str, dict[int, dict[str, AgentResult]], list]:
+# What a run reads of its exchange's stored messages (by attname), in `turn`, `id` order.
+BEGIN_MESSAGE_FIELDS = (
+    "id", "role", "turn", "agent_id", "status", "content", "raw_content", "position", "confidence",
+    "position_source", "repair_calls", "repair_prompt_tokens", "repair_completion_tokens", "model",
+    "provider", "temperature", "latency_ms", "prompt_tokens", "completion_tokens", "simulated", "error",
+)  # fmt: skip
+
+
+def _prior(messages: list[dict[str, Any]]) -> tuple[str, dict[int, dict[str, AgentResult]]]:
+    """The exchange's question and the answers its earlier attempts stored, by turn and agent."""
     question = ""
     prior: dict[int, dict[str, AgentResult]] = {}
-    for message in Message.objects.filter(conversation=conversation, exchange=exchange).order_by(
-        "turn", "id"
-    ):
-        if message.role == Message.Role.USER:
-            question = message.content
+    for m in messages:
+        if m["role"] == Message.Role.USER:
+            question = m["content"]
             continue
-        ok = message.status != Message.Status.FAILED
+        ok = m["status"] != Message.Status.FAILED
         proposal = None
-        if message.status == Message.Status.OK and message.raw_content and message.position:
+        if m["status"] == Message.Status.OK and m["raw_content"] and m["position"]:
             # Stored with its parsed position (a structured or repaired reply may not parse as text).
-            proposal = Proposal(message.agent_id, message.content, message.position, message.confidence)
-        elif ok and not message.raw_content:
-            proposal = parse_reply(message.agent_id, message.content)  # a row from before raw_content
-        prior.setdefault(message.turn, {})[message.agent_id] = AgentResult(
-            agent_id=message.agent_id,
-            turn=message.turn,
+            proposal = Proposal(m["agent_id"], m["content"], m["position"], m["confidence"])
+        elif ok and not m["raw_content"]:
+            proposal = parse_reply(m["agent_id"], m["content"])  # a row from before raw_content
+        prior.setdefault(m["turn"], {})[m["agent_id"]] = AgentResult(
+            agent_id=m["agent_id"],
+            turn=m["turn"],
             ok=ok,
-            text=message.raw_content or message.content,
+            text=m["raw_content"] or m["content"],
             proposal=proposal,
-            answer=message.content if message.raw_content else "",
-            position_source=message.position_source,
-            repair_calls=message.repair_calls,
-            repair_usage=Usage(message.repair_prompt_tokens, message.repair_completion_tokens),
-            model=message.model,
-            provider=message.provider,
-            temperature=message.temperature or 0.0,
-            latency_ms=message.latency_ms or 0.0,
-            usage=Usage(message.prompt_tokens, message.completion_tokens),
-            simulated=message.simulated,
-            error=message.error,
-            error_kind=message.error.split(":", 1)[0] if message.error else "",
+            answer=m["content"] if m["raw_content"] else "",
+            position_source=m["position_source"],
+            repair_calls=m["repair_calls"],
+            repair_usage=Usage(m["repair_prompt_tokens"], m["repair_completion_tokens"]),
+            model=m["model"],
+            provider=m["provider"],
+            temperature=m["temperature"] or 0.0,
+            latency_ms=m["latency_ms"] or 0.0,
+            usage=Usage(m["prompt_tokens"], m["completion_tokens"]),
+            simulated=m["simulated"],
+            error=m["error"],
+            error_kind=m["error"].split(":", 1)[0] if m["error"] else "",
         )
+    return question, prior
+
+
+def _history(questions: dict[int, str], answers: dict[int, str]) -> list[tuple[str, str]]:
+    """Earlier exchanges as (question, answer), oldest first (no answer: an empty one)."""
+    return [(questions[n], answers.get(n, "")) for n in sorted(questions)]
+
+
+def _load_prior(
+    conversation: Conversation, exchange: int
+) -> tuple[str, dict[int, dict[str, AgentResult]], list[tuple[str, str]]]:
+    messages = Message.objects.filter(conversation=conversation, exchange=exchange).order_by("turn", "id")
+    question, prior = _prior(list(messages.values(*BEGIN_MESSAGE_FIELDS)))
     if exchange == 1:
         return question, prior, []  # a first exchange has no history: two queries saved
     questions = dict(
@@ -400,8 +434,7 @@ def _load_prior(
             "exchange", "answer"
         )
     )
-    history = [(questions[n], answers.get(n, "")) for n in sorted(questions)]
-    return question, prior, history
+    return question, prior, _history(questions, answers)
 
 
 @dataclass
@@ -435,6 +468,21 @@ def _begin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
     return _Begun(conversation, question, prior, history, last_seq)
 
 
+async def _abegin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
+    """`_begin`, on PostgreSQL in one statement on the event loop's pool (no thread hop, no
+    ORM); a missing or finished conversation, or a stale exchange, takes the ORM path, which
+    tells those apart."""
+    if settings.USING_POSTGRES:
+        read = await store.begin_run(conversation_id, exchange, timezone.now(), BEGIN_MESSAGE_FIELDS)
+        if read is not None:
+            conversation, messages, questions, answers, last_seq = read
+            question, prior = _prior(messages)
+            asked = {q["exchange"]: q["content"] for q in questions}
+            history = _history(asked, {a["exchange"]: a["answer"] for a in answers})
+            return _Begun(conversation, question, prior, history, last_seq)
+    return await in_pool_thread(_begin, conversation_id, exchange)
+
+
 async def conversation_run(
     *, conversation_id: uuid.UUID, exchange: int, stream_when_watched: bool = False
 ) -> Conversation:
@@ -444,7 +492,7 @@ async def conversation_run(
     run) streams a round only if a WebSocket follows the conversation when it starts, and
     otherwise makes the cheaper non-streaming provider call.
     """
-    begun = await in_pool_thread(_begin, conversation_id, exchange)
+    begun = await _abegin(conversation_id, exchange)
     conversation = begun.conversation
     if conversation.is_terminal:
         return conversation

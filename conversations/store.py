@@ -234,7 +234,12 @@ async def pool() -> Any:
             name="polyagents-events",
             # The name is visible in pg_stat_activity; autocommit makes each batch's one
             # statement its own transaction.
-            kwargs={"application_name": "polyagents-events", "autocommit": True},
+            # (UTC: datetimes read back are the ORM's.)
+            kwargs={
+                "application_name": "polyagents-events",
+                "autocommit": True,
+                "options": "-c TimeZone=UTC",
+            },
         )
         cached = (conninfo, new, loop.create_task(new.open(wait=True, timeout=10)))
         _pools[loop] = cached
@@ -300,13 +305,17 @@ async def write_batch(
 
 _read_cache: dict[tuple[tuple[str, ...], ...], str] = {}
 _EXCHANGE_OF = '"conversation_id" = %(c)s AND "exchange" = %(x)s'
+_BEFORE_EXCHANGE = '"conversation_id" = %(c)s AND "exchange" < %(x)s'
 
 
-def _json_rows(model: type[Any], fields: tuple[str, ...], order: tuple[str, ...], where: str = "") -> str:
-    """A subquery: these fields of the exchange's rows as a JSON array in this order, or as one
-    JSON object (the first row, or null) when no order is given. Names come from the models."""
+def _json_rows(
+    model: type[Any], fields: tuple[str, ...], order: tuple[str, ...], where: str = _EXCHANGE_OF
+) -> str:
+    """A subquery: these fields of the matching rows (by default: of the exchange) as a JSON
+    array in this order, or as one JSON object (the first row, or null) when no order is given.
+    Names come from the models; values are the statement's named parameters."""
     columns = ", ".join(f'"{_column(model, n)}" AS "{n}"' for n in fields)
-    rows = f'SELECT {columns} FROM "{model._meta.db_table}" WHERE {_EXCHANGE_OF}{where}'  # noqa: S608
+    rows = f'SELECT {columns} FROM "{model._meta.db_table}" WHERE {where}'  # noqa: S608
     if not order:
         return f"(SELECT row_to_json(r) FROM ({rows} LIMIT 1) r)"  # noqa: S608
     order_by = ", ".join(f'r."{n}"' for n in order)
@@ -326,27 +335,90 @@ async def exchange_rows(
     A connection that died with a restarted database fails the statement; it is read again
     once on a fresh pool.
     """
-    import psycopg
 
     key = (message_fields, result_fields, vote_fields)
     sql = _read_cache.get(key)
     if sql is None:
         parts = (
-            _json_rows(Message, message_fields, ("turn", "agent_id"), ' AND "role" = %(r)s'),
+            _json_rows(Message, message_fields, ("turn", "agent_id"), f'{_EXCHANGE_OF} AND "role" = %(r)s'),
             _json_rows(ConsensusResult, result_fields, ()),
             _json_rows(Vote, vote_fields, ("voter",)),
         )
         sql = _read_cache[key] = f"SELECT {', '.join(parts)}"
     params = {"c": conversation_id, "x": exchange, "r": str(Message.Role.AGENT)}
+    messages, result, votes = await _read_one(sql, params) or (None, None, None)
+    return messages or [], result, votes or []
+
+
+async def _read_one(sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The first row of a statement on the event loop's pool (autocommit: its own transaction).
+
+    A connection that died with a restarted database fails the statement; it runs again once
+    on a fresh pool.
+    """
+    import psycopg
+
     for attempt in (1, 2):
         try:
             events_pool = await pool()
             async with events_pool.connection(timeout=GETCONN_TIMEOUT) as conn:
                 cursor = await conn.execute(sql, params)
-                messages, result, votes = await cursor.fetchone() or (None, None, None)
-            return messages or [], result, votes or []
+                row: tuple[Any, ...] | None = await cursor.fetchone()
+                return row
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if attempt == 2:
                 raise
             await discard_pool()
     raise AssertionError("unreachable")
+
+
+_CONVERSATION_FIELDS = list(Conversation._meta.concrete_fields)
+_begin_cache: dict[tuple[str, ...], str] = {}
+
+
+async def begin_run(
+    conversation_id: uuid.UUID, exchange: int, now: datetime, message_fields: tuple[str, ...]
+) -> tuple[Conversation, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int] | None:
+    """Mark a run of the conversation's current exchange running and read what it starts from,
+    in one statement: the conversation, the exchange's messages (these fields, by turn and id),
+    the questions and answers of earlier exchanges, the last stored event's seq.
+
+    None when the conversation is missing, finished, or `exchange` is not its current one
+    (the caller's slower path tells those apart).
+    """
+    sql = _begin_cache.get(message_fields)
+    if sql is None:
+        table = Conversation._meta.db_table
+        returning = ", ".join(f'"{f.column}"' for f in _CONVERSATION_FIELDS)
+        status, started, beat = (_column(Conversation, n) for n in ("status", "started_at", "heartbeat_at"))
+        where = f'"id" = %(c)s AND "exchanges" = %(x)s AND NOT ("{status}" = ANY(%(terminal)s))'
+        update = (
+            f'UPDATE "{table}" SET "{status}" = %(running)s, '  # noqa: S608
+            f'"{started}" = COALESCE("{started}", %(now)s), "{beat}" = %(now)s '
+            f"WHERE {where} RETURNING {returning}"
+        )
+        reads = (
+            _json_rows(Message, message_fields, ("turn", "id")),
+            _json_rows(
+                Message, ("exchange", "content"), ("exchange",), f'{_BEFORE_EXCHANGE} AND "role" = %(u)s'
+            ),
+            _json_rows(ConsensusResult, ("exchange", "answer"), ("exchange",), _BEFORE_EXCHANGE),
+            f'(SELECT COALESCE(MAX("seq"), 0) FROM "{Event._meta.db_table}" WHERE "conversation_id" = %(c)s)',  # noqa: S608
+        )
+        sql = f"WITH c AS ({update}) SELECT c.*, {', '.join(reads)} FROM c"  # noqa: S608
+        _begin_cache[message_fields] = sql
+    params = {
+        "c": conversation_id,
+        "x": exchange,
+        "now": now,
+        "running": str(Conversation.Status.RUNNING),
+        "terminal": [str(s) for s in Conversation.TERMINAL],
+        "u": str(Message.Role.USER),
+    }
+    row = await _read_one(sql, params)
+    if row is None:
+        return None
+    n = len(_CONVERSATION_FIELDS)
+    conversation = Conversation.from_db("default", [f.attname for f in _CONVERSATION_FIELDS], row[:n])
+    messages, questions, answers, last_seq = row[n:]
+    return conversation, messages or [], questions or [], answers or [], int(last_seq)

@@ -229,3 +229,83 @@ async def test_the_chat_body_read_in_one_statement_is_the_orm_s(monkeypatch: pyt
             [name],
         )
     assert await achat_result(done, exchange) == orm
+
+
+async def test_a_run_begins_in_one_statement_as_through_the_orm() -> None:
+    """PostgreSQL marks a run running and reads what it starts from (the conversation, the
+    exchange's stored answers, earlier exchanges, the last seq) in one statement; it reads
+    what the ORM path reads. Missing, finished and stale runs take the ORM path."""
+    from conversations.events import in_pool_thread
+    from conversations.services import (
+        BEGIN_MESSAGE_FIELDS,
+        ConversationError,
+        _abegin,
+        _begin,
+        conversation_run,
+        conversation_start,
+    )
+    from gateway.principal import Principal
+
+    principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
+    first, _ = await conversation_start(principal=principal, message="Tea or coffee?", num_agents=3, turns=1)
+    await conversation_run(conversation_id=first.pk, exchange=1)
+    conversation, exchange = await conversation_start(
+        principal=principal, message="And at night?", conversation_id=first.pk, num_agents=3, turns=2
+    )
+    assert exchange == 2
+    stored = [  # an answer with its parsed position, one from before raw_content, a failure
+        dict(agent_id="agent_0", content="Tea.", raw_content="POSITION: Tea", position="Tea", confidence=0.8),
+        dict(agent_id="agent_1", content="POSITION: Coffee\nCONFIDENCE: 0.6"),
+        dict(agent_id="agent_2", status="failed", error="timeout: slow"),
+    ]
+    for fields in stored:
+        await Message.objects.acreate(conversation=conversation, exchange=2, role="agent", turn=1, **fields)
+    one = await _abegin(conversation.pk, 2)
+    orm = await in_pool_thread(_begin, conversation.pk, 2)
+    assert (one.question, one.prior, one.history, one.last_seq) == (
+        orm.question,
+        orm.prior,
+        orm.history,
+        orm.last_seq,
+    )
+    assert one.question == "And at night?"
+    assert len(one.history) == 1
+    assert one.history[0][0] == "Tea or coffee?"
+    assert sorted(one.prior[1]) == ["agent_0", "agent_1", "agent_2"]
+    assert one.last_seq > 0
+    row = await Conversation.objects.aget(pk=conversation.pk)
+    for f in Conversation._meta.concrete_fields:
+        if f.attname not in ("heartbeat_at", "updated_at"):
+            assert getattr(one.conversation, f.attname) == getattr(row, f.attname), f.attname
+    assert one.conversation.status == "running"
+    assert one.conversation.started_at is not None
+    # That was the one statement, not the ORM path: it reads the running conversation again.
+    again = await store.begin_run(conversation.pk, 2, timezone.now(), BEGIN_MESSAGE_FIELDS)
+    assert again is not None
+    assert [m["role"] for m in again[1]] == ["user", "agent", "agent", "agent"]
+    with pytest.raises(ConversationError):
+        await _abegin(conversation.pk, 1)  # not the current exchange
+    await Conversation.objects.filter(pk=conversation.pk).aupdate(status="completed")
+    done = await _abegin(conversation.pk, 2)
+    assert (done.conversation.status, done.prior) == ("completed", {})
+
+
+async def test_starting_a_run_hands_the_request_thread_s_connection_back() -> None:
+    """A /chat request waits a whole conversation: the thread that started it must not keep a
+    pooled connection meanwhile (200 waiting clients would drain the pool)."""
+    from asgiref.sync import sync_to_async
+
+    from conversations.services import conversation_start
+    from gateway.principal import Principal
+
+    def holds_a_connection() -> bool:
+        connections["default"].ensure_connection()  # as a request's auth query would
+        return connections["default"].connection is not None
+
+    def still_holds() -> bool:
+        return connections["default"].connection is not None
+
+    assert await sync_to_async(holds_a_connection)()
+    principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
+    await conversation_start(principal=principal, message="Cats or dogs?", num_agents=3, turns=1)
+    assert not await sync_to_async(still_holds)()
