@@ -365,6 +365,12 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=20, help="sequential warm /chat requests at L = 0")
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="daphne",
+        help="the ASGI server of the web process (uvicorn: uvloop, httptools, websockets)",
+    )
+    parser.add_argument(
         "--py-spy", metavar="FILE", help="record the web process's stacks while it holds the GIL (raw format)"
     )
     parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
@@ -395,10 +401,8 @@ def main() -> None:
                 f"fake Gemini: {fake_url}"
             )
             port = free_port()
-            command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            command.append("polyagents_site.asgi:application")
             daphne = subprocess.Popen(
-                command,
+                server_command(args.server, port),
                 cwd=ROOT,
                 env=dict(os.environ),
                 stdout=subprocess.DEVNULL,
@@ -412,6 +416,21 @@ def main() -> None:
                 stop(daphne)
     finally:
         clean_redis()
+
+
+SERVERS = ("daphne", "uvicorn")
+
+
+def server_command(server: str, port: int) -> list[str]:
+    """The command that serves the application on 127.0.0.1:port with this ASGI server."""
+    app = "polyagents_site.asgi:application"
+    if server == "uvicorn":
+        return [
+            *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
+            *("--loop", "uvloop", "--http", "httptools", "--ws", "websockets"),
+            *("--lifespan", "off", "--no-access-log", "--log-level", "warning"),
+        ]
+    return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
 
 
 def clean_redis() -> None:

@@ -8,8 +8,6 @@ import uuid
 from typing import Any
 
 from adrf.views import APIView
-from asgiref.sync import sync_to_async
-from django.db import connection
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
@@ -34,10 +32,6 @@ from gateway.validation import query_params
 
 # Runs started by /chat are kept here so a client that disconnects does not cancel them.
 _RUNNING: set[asyncio.Task[Any]] = set()
-
-
-def _release_connection() -> None:
-    connection.close()  # resolved in the calling thread: its own connection goes back to the pool
 
 
 def problem(status_code: int, code: str, detail: str, **extra: Any) -> Response:
@@ -96,12 +90,8 @@ class ChatView(APIView):
             )
         except ConversationError as exc:
             return conversation_problem(exc)
-        # Under ASGI each request gets its own thread for thread-sensitive ORM calls, and that
-        # thread keeps its pooled connection until the request ends. A /chat request lasts a
-        # whole conversation, so hand the connection back now and run the conversation in a
-        # fresh context: its ORM calls then share the process's sync thread instead of holding
-        # one connection per waiting client (200 clients would otherwise drain the pool).
-        await sync_to_async(_release_connection)()
+        # conversation_start handed this request thread's connection back to the pool; the run
+        # goes in a fresh context, so its own database work never holds a connection per client.
         task = asyncio.get_running_loop().create_task(
             conversation_run(conversation_id=conversation.pk, exchange=exchange, stream_when_watched=True),
             context=contextvars.Context(),
