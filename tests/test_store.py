@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import psycopg
 import pytest
@@ -253,7 +254,8 @@ async def test_a_run_begins_in_one_statement_as_through_the_orm() -> None:
         principal=principal, message="And at night?", conversation_id=first.pk, num_agents=3, turns=2
     )
     assert exchange == 2
-    stored = [  # an answer with its parsed position, one from before raw_content, a failure
+    # An answer with its parsed position, one from before raw_content, a failure.
+    stored: list[dict[str, Any]] = [
         dict(agent_id="agent_0", content="Tea.", raw_content="POSITION: Tea", position="Tea", confidence=0.8),
         dict(agent_id="agent_1", content="POSITION: Coffee\nCONFIDENCE: 0.6"),
         dict(agent_id="agent_2", status="failed", error="timeout: slow"),
