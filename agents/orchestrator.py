@@ -27,6 +27,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import jiter
@@ -94,7 +95,16 @@ REPAIR_OUTPUT = OutputFormat(
 
 
 def ballot_output(labels: Sequence[str]) -> OutputFormat:
-    """The ballot's output format; as structured output the vote is one of `labels`."""
+    """The ballot's output format; as structured output the vote is one of `labels`.
+
+    One object per label set (a handful exist), so a provider can key what it builds from a
+    format's schema by its identity, as for the constant formats above.
+    """
+    return _ballot_output(tuple(labels))
+
+
+@lru_cache(maxsize=64)
+def _ballot_output(labels: tuple[str, ...]) -> OutputFormat:
     return OutputFormat(
         name="panel_ballot",
         schema=ballot_schema(labels),

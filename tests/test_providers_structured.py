@@ -96,6 +96,24 @@ async def test_gemini_ballot_schema_restricts_the_vote_to_the_labels(
     assert generation.data["vote"] == "A"
 
 
+async def test_gemini_builds_a_config_once_per_shape_and_each_ballot_gets_its_labels(
+    gfake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    """Configs are kept per shape, the schema keyed by identity: one object per label set."""
+    assert ballot_output(["A", "B"]) is ballot_output(("A", "B"))
+    for labels in (["A", "B"], ["A", "B"], ["A", "B", "C"]):
+        await gemini.complete(request("gemini-2.5-flash", output=ballot_output(labels)))
+    await gemini.complete(request("gemini-2.5-flash", output=ANSWER_OUTPUT))
+    sent = [call.body["generationConfig"]["responseSchema"] for _, call in gfake.generate_calls]
+    assert [s["properties"].get("vote", {}).get("enum") for s in sent] == [
+        ["A", "B"],
+        ["A", "B"],
+        ["A", "B", "C"],
+        None,
+    ]
+    assert len(gemini._configs) == 3
+
+
 async def test_gemini_stream_sends_readable_answer_text_not_json(
     gfake: FakeGemini, gemini: GeminiProvider
 ) -> None:

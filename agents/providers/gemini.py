@@ -14,7 +14,6 @@ connection itself.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -193,7 +192,8 @@ class GeminiProvider(Provider):
             return genai.Client(api_key=api_key, http_options=options)
 
         self._clients = PerLoop(client)
-        self._configs: dict[tuple[Any, ...], types.GenerateContentConfig] = {}
+        # Each entry keeps the schema it was built for: its id in the key can't be reused meanwhile.
+        self._configs: dict[tuple[Any, ...], tuple[Any, types.GenerateContentConfig]] = {}
 
     def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
         """The request's config, built (and validated by pydantic) once per distinct shape.
@@ -208,23 +208,26 @@ class GeminiProvider(Provider):
             request.temperature,
             request.max_output_tokens,
             timeout_ms,
-            json.dumps(schema.schema, sort_keys=True) if schema else None,
+            # A schema is a module constant (an OutputFormat's): its identity, not its text.
+            id(schema.schema) if schema else None,
         )
-        config = self._configs.get(key)
-        if config is None:
-            if len(self._configs) >= CONFIG_SHAPES:
-                self._configs.clear()
-            config = self._configs[key] = types.GenerateContentConfig(
-                system_instruction=request.system_instruction or None,
-                temperature=request.temperature,  # 0.0 is sent as 0.0, never dropped
-                max_output_tokens=request.max_output_tokens,
-                http_options=types.HttpOptions(timeout=timeout_ms),
-                response_mime_type="application/json" if schema else None,
-                response_schema=gemini_schema(schema.schema) if schema else None,
-                # No tools are sent: skip the SDK's automatic function calling loop (and its
-                # INFO log line per call).
-                automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
-            )
+        cached = self._configs.get(key)
+        if cached is not None:
+            return cached[1]
+        if len(self._configs) >= CONFIG_SHAPES:
+            self._configs.clear()
+        config = types.GenerateContentConfig(
+            system_instruction=request.system_instruction or None,
+            temperature=request.temperature,  # 0.0 is sent as 0.0, never dropped
+            max_output_tokens=request.max_output_tokens,
+            http_options=types.HttpOptions(timeout=timeout_ms),
+            response_mime_type="application/json" if schema else None,
+            response_schema=gemini_schema(schema.schema) if schema else None,
+            # No tools are sent: skip the SDK's automatic function calling loop (and its
+            # INFO log line per call).
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+        )
+        self._configs[key] = (schema.schema if schema else None, config)
         return config
 
     async def generate(self, request: GenerationRequest) -> Generation:
