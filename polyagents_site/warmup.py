@@ -155,6 +155,12 @@ async def awarm_up() -> dict[str, float]:
             if isinstance(clients, PerLoop):
                 clients.get()
 
+    async def sdk_calls() -> None:
+        for provider in panel_providers():
+            warm = getattr(provider, "warm_up", None)  # one SDK round, in memory (GeminiProvider)
+            if warm is not None:
+                await warm()
+
     async def redis() -> None:
         from conversations.events import redis_client
 
@@ -177,6 +183,7 @@ async def awarm_up() -> dict[str, float]:
             await store.pool()  # the event log's connections of this loop, all opened now
 
     await step("sdk_clients", sdk_clients)
+    await step("sdk_calls", sdk_calls)
     await step("event_store", event_store)
     await step("redis", redis)
     await step("channel_layer", channel_layer)

@@ -73,6 +73,15 @@ async def test_generate_sends_model_system_instruction_temperature_and_key(
     assert config["maxOutputTokens"] == 256
 
 
+async def test_warm_up_runs_the_sdk_in_memory_without_calling_the_server(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    await gemini.warm_up()
+    assert fake.generate_calls == []
+    fake.script(ok("Warm.\n\nFINAL POSITION: Yes\nCONFIDENCE: 0.9"))
+    assert (await gemini.generate(request())).text.startswith("Warm.")  # the real client is untouched
+
+
 async def test_thinking_tokens_count_as_completion_tokens(fake: FakeGemini, gemini: GeminiProvider) -> None:
     fake.script(ok("x", prompt_tokens=5, output_tokens=3, thought_tokens=40))
     generation = await gemini.generate(request())

@@ -75,11 +75,12 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
     skipped: list[dict[str, Any]], gemini_configured: None
 ) -> None:
     timings = await warmup.awarm_up()
-    assert set(timings) == {"sdk_clients", "event_store", "redis", "channel_layer"}
+    assert set(timings) == {"sdk_clients", "sdk_calls", "event_store", "redis", "channel_layer"}
     assert skipped == []
     provider = registry.get_provider("gemini")
     assert isinstance(provider, GeminiProvider)
     assert asyncio.get_running_loop() in provider._clients._values
+    assert len(provider._configs) == 1  # the SDK ran a call of the warm-up's shape, in memory
     from conversations import store
 
     # On PostgreSQL the event log's pool of this loop is open, every connection made.
