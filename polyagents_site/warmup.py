@@ -40,6 +40,7 @@ HOT_MODULES = (
     "gateway.blocking",
     "gateway.security",
     "gateway.net",
+    "httpx_aiohttp",  # the SDKs' transport (agents.providers.loops), built per event loop
 )
 
 _tasks: set[asyncio.Task[None]] = set()
@@ -89,6 +90,18 @@ def panel_providers() -> list[Any]:
     return [get_provider(name) for name in sorted(names)]
 
 
+def _off_the_running_loop(fn: Callable[[], Any]) -> None:
+    """Call `fn` here, or, when this thread runs an event loop (uvicorn imports the application
+    inside it, as does an in-process ASGI client), in a thread while start-up waits for it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        fn()
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        executor.submit(fn).result()
+
+
 def _database() -> None:
     from django.db import connection
 
@@ -101,15 +114,20 @@ def _database() -> None:
         finally:
             connection.close()  # back to the pool: request threads take their own
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        query()
-        return
-    # Imported inside a running loop (uvicorn, an in-process ASGI client): the ORM refuses to
-    # run there, so the query runs in a thread while start-up waits for it.
-    with concurrent.futures.ThreadPoolExecutor(1) as executor:
-        executor.submit(query).result()
+    _off_the_running_loop(query)  # the ORM refuses to run inside a running loop
+
+
+def _sdk_calls() -> None:
+    """Each provider's SDK round in memory (`warm_up`), on a loop of its own before the server's
+    runs: it binds nothing to a loop, and the server accepts no request before it is done."""
+
+    async def calls() -> None:
+        for provider in panel_providers():
+            warm = getattr(provider, "warm_up", None)
+            if warm is not None:
+                await warm()
+
+    _off_the_running_loop(lambda: asyncio.run(calls()))
 
 
 def _cache() -> None:
@@ -125,6 +143,7 @@ def warm_up() -> dict[str, float]:
     _step("rest_framework", timings, _rest_framework)
     _step("modules", timings, _modules)
     _step("providers", timings, panel_providers)
+    _step("sdk_calls", timings, _sdk_calls)
     _step("database", timings, _database)
     _step("cache", timings, _cache)
     logger.info("warmed up", extra={"steps_ms": timings})
@@ -155,12 +174,6 @@ async def awarm_up() -> dict[str, float]:
             if isinstance(clients, PerLoop):
                 clients.get()
 
-    async def sdk_calls() -> None:
-        for provider in panel_providers():
-            warm = getattr(provider, "warm_up", None)  # one SDK round, in memory (GeminiProvider)
-            if warm is not None:
-                await warm()
-
     async def redis() -> None:
         from conversations.events import redis_client
 
@@ -183,7 +196,6 @@ async def awarm_up() -> dict[str, float]:
             await store.pool()  # the event log's connections of this loop, all opened now
 
     await step("sdk_clients", sdk_clients)
-    await step("sdk_calls", sdk_calls)
     await step("event_store", event_store)
     await step("redis", redis)
     await step("channel_layer", channel_layer)

@@ -225,3 +225,30 @@ async def test_calls_go_through_aiohttp_and_aclose_releases_the_session(fake: Fa
     assert not session.closed
     await provider.aclose()
     assert session.closed
+
+
+def test_sdk_clients_share_the_process_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the CA bundle costs ~50 ms: google-genai would do it three times per client (one
+    client per event loop) and the aiohttp transport once more; they share one context instead."""
+    import ssl
+
+    from agents.providers.loops import tls_context
+
+    tls_context()
+    made: list[object] = []
+    real = ssl.create_default_context
+
+    def counted(*args: object, **kwargs: object) -> ssl.SSLContext:
+        made.append(args)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    provider = GeminiProvider(api_key="k", base_url="http://127.0.0.1:9")
+
+    async def build() -> None:
+        provider._clients.get()
+        await provider.aclose()
+
+    asyncio.run(build())
+    asyncio.run(build())
+    assert made == []

@@ -34,7 +34,7 @@ from agents.providers.base import (
     ResponseSchema,
     Usage,
 )
-from agents.providers.loops import PerLoop, aiohttp_transport, refused
+from agents.providers.loops import PerLoop, aiohttp_transport, refused, tls_context
 
 # What GeminiProvider.warm_up sends and is answered, in memory.
 WARM_UP_SCHEMA = ResponseSchema(
@@ -189,6 +189,14 @@ def _check_prompt_block(response: types.GenerateContentResponse, model: str) -> 
         )
 
 
+def sdk_tls_args() -> dict[str, Any]:
+    """HttpOptions that give google-genai the process's TLS context (`tls_context`), which it
+    would otherwise build three times per client: for its sync and async httpx clients
+    (`verify`), and for websockets (`ssl`)."""
+    context = tls_context()
+    return {"client_args": {"verify": context}, "async_client_args": {"verify": context, "ssl": context}}
+
+
 class GeminiProvider(Provider):
     """Google Gemini via google-genai's async client."""
 
@@ -202,6 +210,7 @@ class GeminiProvider(Provider):
             base_url=base_url or None,
             timeout=int(timeout * 1000),
             retry_options=None,  # one retry layer: ours (agents.resilience)
+            **sdk_tls_args(),
         )
 
         # One aiohttp session per event loop (a session is bound to its loop), no connection cap.
@@ -230,7 +239,9 @@ class GeminiProvider(Provider):
             model="warm-up", prompt="warm up", system_instruction="warm up", response_schema=WARM_UP_SCHEMA
         )
         async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
-            options = types.HttpOptions(base_url="http://warm-up.invalid", httpx_async_client=http)
+            options = types.HttpOptions(
+                base_url="http://warm-up.invalid", httpx_async_client=http, **sdk_tls_args()
+            )
             models = genai.Client(api_key="warm-up", http_options=options).aio.models
             config = self._config(request)
             response = await models.generate_content(
