@@ -130,6 +130,23 @@ def _sdk_calls() -> None:
     _off_the_running_loop(lambda: asyncio.run(calls()))
 
 
+def _fits() -> None:
+    """The calibration fits a finished run reads (conversations.assessment): fitted or read from
+    the shared cache now, and kept by this process for its first runs."""
+    from conversations.assessment import recalibration, reliabilities
+
+    def read() -> None:
+        from django.db import connection
+
+        try:
+            reliabilities()
+            recalibration()
+        finally:
+            connection.close()
+
+    _off_the_running_loop(read)
+
+
 def _cache() -> None:
     from django.core.cache import cache
 
@@ -146,6 +163,7 @@ def warm_up() -> dict[str, float]:
     _step("sdk_calls", timings, _sdk_calls)
     _step("database", timings, _database)
     _step("cache", timings, _cache)
+    _step("fits", timings, _fits)
     logger.info("warmed up", extra={"steps_ms": timings})
     return timings
 

@@ -16,7 +16,7 @@ from polyagents_site import warmup
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-STEPS = {"routes", "rest_framework", "modules", "providers", "sdk_calls", "database", "cache"}
+STEPS = {"routes", "rest_framework", "modules", "providers", "sdk_calls", "database", "cache", "fits"}
 
 
 @pytest.fixture
