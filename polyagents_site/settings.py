@@ -250,5 +250,9 @@ LOGGING = {
         "console": {"class": "logging.StreamHandler", "formatter": "json", "filters": ["request_id"]}
     },
     "root": {"handlers": ["console"], "level": CONFIG.LOG_LEVEL},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # httpx logs every request at INFO: one line per LLM call (the SDKs' transport).
+        "httpx": {"level": "WARNING"},
+    },
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -80,6 +81,15 @@ async def test_warm_up_runs_the_sdk_in_memory_without_calling_the_server(
     assert fake.generate_calls == []
     fake.script(ok("Warm.\n\nFINAL POSITION: Yes\nCONFIDENCE: 0.9"))
     assert (await gemini.generate(request())).text.startswith("Warm.")  # the real client is untouched
+
+
+async def test_a_call_logs_no_line_of_its_own(
+    fake: FakeGemini, gemini: GeminiProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At the default INFO level, httpx would log each LLM call ("HTTP Request: POST ...")."""
+    caplog.set_level(logging.INFO)
+    await gemini.generate(request())
+    assert [r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "google"))] == []
 
 
 async def test_thinking_tokens_count_as_completion_tokens(fake: FakeGemini, gemini: GeminiProvider) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 
 from agents.orchestrator import ANSWER_OUTPUT, REPAIR_OUTPUT, ballot_output, read_reply
@@ -94,6 +95,52 @@ async def test_gemini_ballot_schema_restricts_the_vote_to_the_labels(
     assert ordering(schema) == ["reason", "vote", "confidence"]
     assert generation.data is not None
     assert generation.data["vote"] == "A"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_gemini_sends_the_body_the_sdk_builds_from_the_full_config(
+    gfake: FakeGemini, gemini: GeminiProvider, stream: bool
+) -> None:
+    """The provider sends each shape's config fields as the SDK wrote them once (extra_body):
+    the body on the wire is the one google-genai builds from the full config, field for field."""
+    from google import genai
+    from google.genai import types
+
+    from agents.providers.base import ResponseSchema
+    from agents.providers.gemini import gemini_schema
+
+    call = request(
+        "gemini-2.5-flash",
+        system_instruction="You are terse.",
+        temperature=0.3,
+        max_output_tokens=321,
+        response_schema=ResponseSchema("panel_answer", ANSWER_OUTPUT.schema),
+    )
+    if stream:
+        await gemini.stream(call, Collector())
+    else:
+        await gemini.generate(call)
+    http = httpx.AsyncClient()
+    options = types.HttpOptions(base_url=gfake.base_url, httpx_async_client=http)
+    direct = genai.Client(api_key="k", http_options=options).aio.models
+    full = types.GenerateContentConfig(
+        system_instruction="You are terse.",
+        temperature=0.3,
+        max_output_tokens=321,
+        response_mime_type="application/json",
+        response_schema=gemini_schema(ANSWER_OUTPUT.schema),
+    )
+    if stream:
+        async for _ in await direct.generate_content_stream(
+            model=call.model, contents=call.prompt, config=full
+        ):
+            pass
+    else:
+        await direct.generate_content(model=call.model, contents=call.prompt, config=full)
+    ours, sdk = (sent.body for _, sent in gfake.generate_calls)
+    assert ours == sdk
+    assert ours["generationConfig"]["maxOutputTokens"] == 321
+    assert ours["systemInstruction"]["parts"][0]["text"] == "You are terse."
 
 
 async def test_gemini_builds_a_config_once_per_shape_and_each_ballot_gets_its_labels(

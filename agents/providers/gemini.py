@@ -14,10 +14,11 @@ connection itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -36,6 +37,8 @@ from agents.providers.base import (
 )
 from agents.providers.loops import PerLoop, aiohttp_transport, refused, tls_context
 
+# No tools are sent: the SDK's automatic function calling loop is skipped (and its INFO line).
+NO_AFC = types.AutomaticFunctionCallingConfig(disable=True)
 # What GeminiProvider.warm_up sends and is answered, in memory.
 WARM_UP_SCHEMA = ResponseSchema(
     "warm_up",
@@ -197,6 +200,40 @@ def sdk_tls_args() -> dict[str, Any]:
     return {"client_args": {"verify": context}, "async_client_args": {"verify": context, "ssl": context}}
 
 
+def _in_memory_reply(request: httpx.Request) -> httpx.Response:
+    """A Gemini answer (WARM_UP_REPLY), as one JSON body or as one server-sent event."""
+    if request.url.path.endswith(":streamGenerateContent"):
+        sse = f"data: {json.dumps(WARM_UP_REPLY)}\r\n\r\n".encode()
+        return httpx.Response(200, content=sse, headers={"content-type": "text/event-stream"})
+    return httpx.Response(200, json=WARM_UP_REPLY)
+
+
+@contextlib.asynccontextmanager
+async def _in_memory_sdk(answer: Callable[[httpx.Request], httpx.Response]) -> AsyncIterator[Any]:
+    """google-genai's async models API on an in-memory transport that `answer`s each request."""
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        options = types.HttpOptions(
+            base_url="http://in-memory.invalid", httpx_async_client=http, **sdk_tls_args()
+        )
+        yield genai.Client(api_key="in-memory", http_options=options).aio.models
+
+
+async def _wire_body(config: types.GenerateContentConfig) -> dict[str, Any]:
+    """The fields google-genai sends for `config` in a generateContent body (all but the
+    contents: systemInstruction, generationConfig with its responseSchema), as it builds
+    them: one call to an in-memory transport, which records the body."""
+    sent: dict[str, Any] = {}
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.update(json.loads(request.content))
+        return _in_memory_reply(request)
+
+    async with _in_memory_sdk(record) as models:
+        await models.generate_content(model="in-memory", contents="-", config=config)
+    sent.pop("contents", None)
+    return sent
+
+
 class GeminiProvider(Provider):
     """Google Gemini via google-genai's async client."""
 
@@ -228,22 +265,11 @@ class GeminiProvider(Provider):
         """One call and one streamed call through the SDK on an in-memory transport (no network,
         no LLM), so that a process's first real call does not pay for the SDK's and pydantic's
         first run of request building and response parsing (about 10 ms of CPU)."""
-
-        def answer(request: httpx.Request) -> httpx.Response:
-            if request.url.path.endswith(":streamGenerateContent"):
-                sse = f"data: {json.dumps(WARM_UP_REPLY)}\r\n\r\n".encode()
-                return httpx.Response(200, content=sse, headers={"content-type": "text/event-stream"})
-            return httpx.Response(200, json=WARM_UP_REPLY)
-
         request = GenerationRequest(
             model="warm-up", prompt="warm up", system_instruction="warm up", response_schema=WARM_UP_SCHEMA
         )
-        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
-            options = types.HttpOptions(
-                base_url="http://warm-up.invalid", httpx_async_client=http, **sdk_tls_args()
-            )
-            models = genai.Client(api_key="warm-up", http_options=options).aio.models
-            config = self._config(request)
+        config = await self._config(request)
+        async with _in_memory_sdk(_in_memory_reply) as models:
             response = await models.generate_content(
                 model=request.model, contents=request.prompt, config=config
             )
@@ -254,11 +280,15 @@ class GeminiProvider(Provider):
             async for chunk in stream:
                 _text_of(chunk)
 
-    def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
-        """The request's config, built (and validated by pydantic) once per distinct shape.
+    async def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
+        """The request's config, built once per distinct shape (a panel sends a handful: one per
+        agent, and the ballot).
 
-        A panel sends a handful of shapes (one per agent, and the ballot), so each call would
-        otherwise rebuild the same object. The SDK copies a config before it changes anything.
+        What the SDK would send for the full config (system instruction, generation settings,
+        response schema) is captured once, in memory (`_wire_body`), and each call sends it
+        as the documented `HttpOptions.extra_body` beside a config holding only the timeout:
+        the SDK then neither converts nor dumps the full config on every call (about 0.6 ms of
+        its 2.6 ms per call), and the body on the wire is the one it builds itself.
         """
         timeout_ms = max(1, int((request.timeout or self.timeout) * 1000))
         schema = request.response_schema
@@ -273,19 +303,20 @@ class GeminiProvider(Provider):
         cached = self._configs.get(key)
         if cached is not None:
             return cached[1]
-        if len(self._configs) >= CONFIG_SHAPES:
-            self._configs.clear()
-        config = types.GenerateContentConfig(
+        full = types.GenerateContentConfig(
             system_instruction=request.system_instruction or None,
             temperature=request.temperature,  # 0.0 is sent as 0.0, never dropped
             max_output_tokens=request.max_output_tokens,
-            http_options=types.HttpOptions(timeout=timeout_ms),
             response_mime_type="application/json" if schema else None,
             response_schema=gemini_schema(schema.schema) if schema else None,
-            # No tools are sent: skip the SDK's automatic function calling loop (and its
-            # INFO log line per call).
-            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+            automatic_function_calling=NO_AFC,
         )
+        config = types.GenerateContentConfig(
+            http_options=types.HttpOptions(timeout=timeout_ms, extra_body=await _wire_body(full)),
+            automatic_function_calling=NO_AFC,
+        )
+        if len(self._configs) >= CONFIG_SHAPES:
+            self._configs.clear()
         self._configs[key] = (schema.schema if schema else None, config)
         return config
 
@@ -294,7 +325,7 @@ class GeminiProvider(Provider):
         started = time.monotonic()
         try:
             response = await self._clients.get().aio.models.generate_content(
-                model=request.model, contents=request.prompt, config=self._config(request)
+                model=request.model, contents=request.prompt, config=await self._config(request)
             )
         except Exception as exc:
             raise classify(exc, model=request.model) from exc
@@ -346,7 +377,7 @@ class GeminiProvider(Provider):
         """The SDK's stream, with its failures classified (and only its failures)."""
         try:
             stream = await self._clients.get().aio.models.generate_content_stream(
-                model=request.model, contents=request.prompt, config=self._config(request)
+                model=request.model, contents=request.prompt, config=await self._config(request)
             )
             iterator = stream.__aiter__()
         except Exception as exc:
