@@ -338,21 +338,35 @@ class EventLog:
     """Assigns `seq`, stores, appends to the stream and publishes, strictly in `seq` order.
 
     By default `emit` returns once its event is stored and sent. A `buffered` log (the one a
-    conversation run writes through) does not wait for deltas, for the markers of a turn
-    (`turn_started`, `consensus_update`) nor for ballots (`vote`): a single writer task
-    stores and sends them in batches, at once when it is idle, so streaming agents never wait
-    on I/O per chunk, a turn's agents start without waiting for the write of `turn_started`,
-    and a panel's ballots go in one batch instead of one round trip each. Every other event
-    waits for its batch, because it stands beside a stored row (an agent's message) that a
-    resumed run reuses without emitting again. If the process dies, only events of the
-    buffered kinds written in its last milliseconds can be lost: each delta is superseded by
-    its `agent_response`, a resumed run announces its turn again, `consensus_update` is an
-    interim figure that the turn's `turn_completed` and the final result stand for, and a
-    resumed run votes again (ballots are upserted, never reused), before the result, whose
-    events wait for every earlier one.
+    conversation run writes through) does not wait for deltas, for a run's and a turn's
+    markers (`conversation_started`, `turn_started`, `consensus_update`, `turn_completed`),
+    for ballots (`vote`) nor for `consensus_reached`: a single writer task stores and sends
+    them in batches, at once when it is idle, so streaming agents never wait on I/O per
+    chunk, a run's first calls start without waiting for a write, a panel's ballots go in one
+    batch instead of one round trip each, and a decision goes in the batch of its terminal
+    event. Every other event waits for its batch, because it stands beside a stored row (an
+    agent's message) that a resumed run reuses without emitting again. If the process dies,
+    only events of the buffered kinds written in its last milliseconds can be lost, and none
+    of them is needed to resume: each delta is superseded by its `agent_response`, a resumed
+    run announces itself and its turn again, `consensus_update` is an interim figure, a
+    turn's `turn_completed` (and the counter staged with it) is superseded by the next one
+    and by the terminal event, and a resumed run votes and decides again (ballots and the
+    result are upserted, never reused), before its terminal event, which waits for every
+    earlier one.
     """
 
-    BUFFERED_TYPES = frozenset({"agent_delta", "synthesis_delta", "turn_started", "consensus_update", "vote"})
+    BUFFERED_TYPES = frozenset(
+        {
+            "agent_delta",
+            "synthesis_delta",
+            "conversation_started",
+            "turn_started",
+            "consensus_update",
+            "turn_completed",
+            "vote",
+            "consensus_reached",
+        }
+    )
 
     def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0, *, buffered: bool = False) -> None:
         self.conversation_id = conversation_id

@@ -176,6 +176,9 @@ async def test_a_finished_run_is_stored_with_its_terminal_event(monkeypatch: pyt
     result = await ConsensusResult.objects.aget(conversation=conversation, exchange=exchange)
     reached = await Event.objects.aget(conversation=conversation, type="consensus_reached")
     assert result.created_at == reached.created_at
+    # The decision does not wait for a write of its own: it goes with the terminal event.
+    batch = {e.type: e.created_at async for e in Event.objects.filter(conversation=conversation)}
+    assert batch["consensus_reached"] == batch["conversation_completed"]
     assert abs(result.confidence - reached.data["confidence"]) < 1e-4  # the event's is rounded
     # The instance returned is the stored row's final state.
     for name in ("status", "started_at", "turns_completed", "consensus_result", "confidence", "last_seq"):
