@@ -27,6 +27,19 @@ def message(turn: int, agent_id: str, content: str) -> dict[str, object]:
     return {"exchange": 1, "role": Message.Role.AGENT, "agent_id": agent_id, "turn": turn, "content": content}
 
 
+def end_event_store_connections() -> int:
+    """End the event store's pooled connections server-side, as a database restart would."""
+    name = connections["default"].settings_dict["NAME"]
+    with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
+        return len(
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND application_name = 'polyagents-events'",
+                [name],
+            ).fetchall()
+        )
+
+
 async def new_conversation() -> Conversation:
     return await Conversation.objects.acreate(owner="key:1", status="running", exchanges=1)
 
@@ -87,23 +100,10 @@ async def test_a_batch_after_a_restarted_database_connection_is_stored_by_the_re
     conversation = await new_conversation()
     log = await EventLog.open(conversation.pk)
     await log.emit("turn_started", turn=1)
-    name = connections["default"].settings_dict["NAME"]
-    # End every pooled connection server-side, as a database restart would.
-    with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
-        ended = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = %s AND application_name = 'polyagents-events'",
-            [name],
-        ).fetchall()
-    assert ended
+    assert end_event_store_connections()
     with pytest.raises(psycopg.OperationalError):  # the statement itself meets the dead connection
         await store.write_batch(conversation.pk, [event(conversation, 2)], store.Rows(), timezone.now())
-    with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = %s AND application_name = 'polyagents-events'",
-            [name],
-        )
+    end_event_store_connections()
     await log.emit("turn_completed", turn=1)
     assert [e.seq async for e in Event.objects.filter(conversation=conversation).order_by("seq")] == [1, 2]
 
@@ -225,13 +225,7 @@ async def test_the_chat_body_read_in_one_statement_is_the_orm_s(monkeypatch: pyt
     fields = (CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS)
     assert await store.exchange_rows(done.pk, exchange + 1, *fields) == ([], None, [])
     # A pooled connection that died with the database is read again on a fresh pool.
-    name = connections["default"].settings_dict["NAME"]
-    with psycopg.connect(settings.CONFIG.DATABASE_URL or "", autocommit=True) as admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = %s AND application_name = 'polyagents-events'",
-            [name],
-        )
+    end_event_store_connections()
     assert await achat_result(done, exchange) == orm
 
 
