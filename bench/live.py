@@ -36,12 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.load import (  # noqa: E402
+    add_server_option,
     bench_environment,
     clean_redis,
     fake_gemini,
     free_port,
     percentile,
     py_spy,
+    server_command,
     stop,
     wait_for_port,
 )
@@ -141,7 +143,7 @@ async def run(
         await asyncio.gather(*(follow(ws_base, issued.raw, Follower(warm), 60) for warm in warm_ids))
         ids = [str(uuid.uuid4()) for _ in range(args.runs)]
         followers = [Follower(cid) for cid in ids for _ in range(args.clients)]
-        with py_spy(workers[0].pid, args.py_spy):
+        with py_spy(workers[0].pid, args.py_spy), py_spy(web.pid, args.py_spy_web):
             cpu_before = cpu()
             started = time.monotonic()
             responses = await asyncio.gather(
@@ -212,6 +214,10 @@ def main() -> None:
     parser.add_argument(
         "--py-spy", metavar="FILE", help="record the worker's stacks while it holds the GIL (raw)"
     )
+    parser.add_argument(
+        "--py-spy-web", metavar="FILE", help="record the web process's stacks while it holds the GIL (raw)"
+    )
+    add_server_option(parser)
     args = parser.parse_args()
     if not (os.environ.get("DATABASE_URL", "").startswith("postgres") and os.environ.get("REDIS_URL")):
         print("bench/live.py: skipped, needs DATABASE_URL (PostgreSQL, the worker's queue) and REDIS_URL")
@@ -234,10 +240,7 @@ def main() -> None:
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
             try:
                 web = subprocess.Popen(
-                    [
-                        *(sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)),
-                        "polyagents_site.asgi:application",
-                    ],
+                    server_command(args.server, port),
                     cwd=ROOT,
                     env=dict(os.environ),
                     **quiet,  # type: ignore[call-overload]

@@ -364,12 +364,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--warm", type=int, default=20, help="sequential warm /chat requests at L = 0")
     parser.add_argument("--settle", type=float, default=3.0)
-    parser.add_argument(
-        "--server",
-        choices=SERVERS,
-        default="daphne",
-        help="the ASGI server of the web process (uvicorn: uvloop, httptools, websockets)",
-    )
+    add_server_option(parser)
     parser.add_argument(
         "--py-spy", metavar="FILE", help="record the web process's stacks while it holds the GIL (raw format)"
     )
@@ -421,16 +416,28 @@ def main() -> None:
 SERVERS = ("daphne", "uvicorn")
 
 
-def server_command(server: str, port: int) -> list[str]:
-    """The command that serves the application on 127.0.0.1:port with this ASGI server."""
+def server_command(server: str, port: int | None = None, *, fd: int | None = None) -> list[str]:
+    """The command that serves the application with this ASGI server on 127.0.0.1:port, or on
+    the inherited listening socket `fd` (several processes behind one port)."""
     app = "polyagents_site.asgi:application"
     if server == "uvicorn":
+        where = ["--fd", str(fd)] if fd is not None else ["--host", "127.0.0.1", "--port", str(port)]
         return [
-            *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
+            *(sys.executable, "-m", "uvicorn", app, *where),
             *("--loop", "uvloop", "--http", "httptools", "--ws", "websockets"),
             *("--lifespan", "off", "--no-access-log", "--log-level", "warning"),
         ]
-    return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+    where = ["--fd", str(fd)] if fd is not None else ["-b", "127.0.0.1", "-p", str(port)]
+    return [sys.executable, "-m", "daphne", *where, app]
+
+
+def add_server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="daphne",
+        help="the ASGI server of the web process (uvicorn: uvloop, httptools, websockets)",
+    )
 
 
 def clean_redis() -> None:

@@ -1,7 +1,7 @@
 """Streaming benchmark through real Redis and real sockets: latency, loss and duplicates.
 
-Starts a daphne web process, connects WebSocket clients over TCP (token as subprotocol),
-and emits events from this process through `EventLog.emit` (database row, Redis Stream
+Starts a web process (daphne, or uvicorn with --server), connects WebSocket clients over TCP
+(token as subprotocol), and emits events from this process through `EventLog.emit` (database row, Redis Stream
 XADD, channel-layer group_send over Redis), as the orchestrator does. Each event carries
 its emit time; clients measure emit-to-receipt latency and check every seq arrives once.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import clean_redis, free_port, py_spy, stop  # noqa: E402
+from bench.load import add_server_option, clean_redis, free_port, py_spy, server_command, stop  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
 os.environ.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
@@ -54,8 +54,8 @@ class Client:
     reconnects: int = 0
 
 
-def start_daphne(processes: int = 1) -> tuple[list[subprocess.Popen[bytes]], str]:
-    """Start daphne; with processes > 1, that many share one listening socket (`--fd`)."""
+def start_web(server: str, processes: int = 1) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """Start the web process; with processes > 1, that many share one listening socket (`--fd`)."""
     import httpx
 
     listener: socket.socket | None = None
@@ -66,13 +66,13 @@ def start_daphne(processes: int = 1) -> tuple[list[subprocess.Popen[bytes]], str
         listener.bind(("127.0.0.1", 0))
         listener.listen(1024)
         port = int(listener.getsockname()[1])
-        where = ["--fd", str(listener.fileno())]
+        command = server_command(server, fd=listener.fileno())
     else:
         port = free_port()
-        where = ["-b", "127.0.0.1", "-p", str(port)]
+        command = server_command(server, port)
     started = [
         subprocess.Popen(
-            [sys.executable, "-m", "daphne", *where, "polyagents_site.asgi:application"],
+            command,
             cwd=ROOT,
             env=dict(os.environ),
             stdout=subprocess.DEVNULL,
@@ -93,7 +93,7 @@ def start_daphne(processes: int = 1) -> tuple[list[subprocess.Popen[bytes]], str
             time.sleep(0.2)
     for process in started:
         os.killpg(process.pid, signal.SIGKILL)
-    raise SystemExit("daphne did not start")
+    raise SystemExit(f"{server} did not start")
 
 
 def mark_ready(ready: asyncio.Event, ready_count: list[int], wanted: int) -> None:
@@ -266,8 +266,8 @@ async def main(args: argparse.Namespace) -> None:
         name=f"bench-{uuid.uuid4().hex[:6]}", permissions=["read", "write"]
     )
     owner = f"key:{issued.key.pk}"
-    processes, url = start_daphne(args.web_processes)
-    print(f"web processes: {len(processes)} daphne")
+    processes, url = start_web(args.server, args.web_processes)
+    print(f"web processes: {len(processes)} {args.server}")
     import psutil
 
     watched = [psutil.Process(process.pid) for process in processes]
@@ -338,10 +338,11 @@ if __name__ == "__main__":
         "--interval", type=float, default=0.05, help="seconds between a conversation's events"
     )
     parser.add_argument(
-        "--web-processes", type=int, default=1, help="daphne processes sharing one listening socket"
+        "--web-processes", type=int, default=1, help="web processes sharing one listening socket"
     )
     parser.add_argument("--py-spy", metavar="FILE", help="record the web process's busy stacks (raw format)")
     parser.add_argument("--skip-many", action="store_true", help="run only the fan-out scenario")
+    add_server_option(parser)
     cli = parser.parse_args()
     if not os.environ.get("REDIS_URL"):
         print("bench/stream.py: skipped, needs REDIS_URL (real Redis)")
