@@ -43,6 +43,7 @@ from conversations import liveness, store
 from conversations.assessment import aassess, apanel_weights
 from conversations.events import EventLog, EventLogBroken, has_watchers, in_pool_thread
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
+from conversations.selectors import CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS
 from conversations.signals import conversation_completed
 from gateway import quota
 from gateway.principal import Principal
@@ -481,6 +482,26 @@ async def _abegin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
             history = _history(asked, {a["exchange"]: a["answer"] for a in answers})
             return _Begun(conversation, question, prior, history, last_seq)
     return await in_pool_thread(_begin, conversation_id, exchange)
+
+
+async def rehearse_run() -> None:
+    """A run's statements on the event store, once, for a throwaway conversation: its start,
+    a batch with a message, a ballot, a result and an event, and the /chat body's read. For
+    `store.on_every_connection`, which rolls all of it back (the warm-up of a process)."""
+    conversation_id, now = uuid.uuid4(), timezone.now()
+    one = {"conversation_id": conversation_id, "exchange": 1}
+    conversation = {"id": conversation_id, "exchanges": 1, "created_at": now, "updated_at": now}
+    await store.insert_conversation(conversation)
+    await store.begin_run(conversation_id, 1, now, BEGIN_MESSAGE_FIELDS)
+    rows = store.Rows(
+        messages=[{**one, "role": Message.Role.AGENT, "agent_id": "a", "turn": 1}],
+        votes=[{**one, "voter": "a", "choice": "A"}],
+        result={**one, "method": "majority"},
+        conversation={"turns_completed": 1},
+    )
+    event = {"type": "warm_up", "conversation_id": str(conversation_id), "seq": 1}
+    await store.write_batch(conversation_id, [event], rows, now)
+    await store.exchange_rows(conversation_id, 1, CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS)
 
 
 async def conversation_run(

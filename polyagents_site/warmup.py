@@ -212,6 +212,10 @@ async def awarm_up() -> dict[str, float]:
 
         if settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED:
             await store.pool()  # the event log's connections of this loop, all opened now
+            from conversations.services import rehearse_run
+
+            # ... and each has run a run's statements once (rolled back): its first use is warm.
+            await store.on_every_connection(rehearse_run)
 
     await step("sdk_clients", sdk_clients)
     await step("event_store", event_store)

@@ -308,3 +308,22 @@ async def test_starting_a_run_hands_the_request_thread_s_connection_back() -> No
     principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
     await conversation_start(principal=principal, message="Cats or dogs?", num_agents=3, turns=1)
     assert not await sync_to_async(still_holds)()
+
+
+async def test_the_warm_up_rehearses_a_run_on_every_connection_and_leaves_nothing() -> None:
+    from conversations.services import rehearse_run
+
+    pinned: list[object] = []
+
+    async def rehearsal() -> None:
+        pinned.append(store._pinned.get())
+        await rehearse_run()
+
+    before = await Conversation.objects.acount()
+    await store.on_every_connection(rehearsal)
+    assert len({id(conn) for conn in pinned}) == store.POOL_MAX  # each connection once
+    assert None not in pinned
+    assert await Conversation.objects.acount() == before  # all of it rolled back
+    assert not await Event.objects.filter(type="warm_up").aexists()
+    assert not await Message.objects.filter(agent_id="a").aexists()
+    await store.close_pool()
