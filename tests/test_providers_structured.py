@@ -158,7 +158,12 @@ async def test_gemini_builds_a_config_once_per_shape_and_each_ballot_gets_its_la
         ["A", "B", "C"],
         None,
     ]
-    assert len(gemini._configs) == 3
+    assert len(gemini._bodies) == 3
+    # A timeout shortened by the conversation's deadline makes a new config, not a new body.
+    configs = len(gemini._configs)
+    await gemini.complete(request("gemini-2.5-flash", output=ANSWER_OUTPUT, timeout=1.234))
+    assert (len(gemini._bodies), len(gemini._configs)) == (3, configs + 1)
+    assert gfake.generate_calls[-1][1].body == gfake.generate_calls[-2][1].body
 
 
 async def test_gemini_stream_sends_readable_answer_text_not_json(

@@ -46,7 +46,7 @@ def test_warm_up_runs_every_step(skipped: list[dict[str, Any]], gemini_configure
     assert skipped == []
     provider = registry._providers.get("gemini")
     assert isinstance(provider, GeminiProvider)  # the SDK is imported and built
-    assert len(provider._configs) == 1  # and ran a call of the warm-up's shape, in memory
+    assert len(provider._bodies) == 1  # and ran a call of the warm-up's shape, in memory
     assert "conversations.services" in sys.modules
 
 

@@ -133,7 +133,7 @@ def classify(exc: Exception, *, model: str) -> ProviderError:
     return ProviderError(f"gemini failed: {exc!r}", kind="unknown", provider="gemini", model=model)
 
 
-CONFIG_SHAPES = 256  # distinct request configs kept per provider (a panel uses a handful)
+CONFIG_SHAPES = 256  # request bodies and configs kept per provider (a panel uses a handful)
 
 
 def gemini_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -258,8 +258,9 @@ class GeminiProvider(Provider):
             return genai.Client(api_key=api_key, http_options=options)
 
         self._clients = PerLoop(client)
-        # Each entry keeps the schema it was built for: its id in the key can't be reused meanwhile.
-        self._configs: dict[tuple[Any, ...], tuple[Any, types.GenerateContentConfig]] = {}
+        # Each body keeps the schema it was built for: its id in the key can't be reused meanwhile.
+        self._bodies: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
+        self._configs: dict[tuple[Any, ...], types.GenerateContentConfig] = {}
 
     async def warm_up(self) -> None:
         """One call and one streamed call through the SDK on an in-memory transport (no network,
@@ -281,28 +282,44 @@ class GeminiProvider(Provider):
                 _text_of(chunk)
 
     async def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
-        """The request's config, built once per distinct shape (a panel sends a handful: one per
-        agent, and the ballot).
+        """The request's config: its shape's body (`_body`) and the call's timeout.
 
-        What the SDK would send for the full config (system instruction, generation settings,
-        response schema) is captured once, in memory (`_wire_body`), and each call sends it
-        as the documented `HttpOptions.extra_body` beside a config holding only the timeout:
-        the SDK then neither converts nor dumps the full config on every call (about 0.6 ms of
-        its 2.6 ms per call), and the body on the wire is the one it builds itself.
+        The body is sent as the documented `HttpOptions.extra_body` beside a config holding
+        only the timeout: the SDK then neither converts nor dumps the full config on every
+        call (about 0.6 ms of its 2.6 ms per call), and the body on the wire is the one it
+        builds itself. A timeout shortened by the conversation's deadline changes the config,
+        never the body.
         """
         timeout_ms = max(1, int((request.timeout or self.timeout) * 1000))
+        body, shape = await self._body(request)
+        key = (shape, timeout_ms)
+        config = self._configs.get(key)
+        if config is None:
+            if len(self._configs) >= CONFIG_SHAPES:
+                self._configs.clear()
+            config = self._configs[key] = types.GenerateContentConfig(
+                http_options=types.HttpOptions(timeout=timeout_ms, extra_body=body),
+                automatic_function_calling=NO_AFC,
+            )
+        return config
+
+    async def _body(self, request: GenerationRequest) -> tuple[dict[str, Any], tuple[Any, ...]]:
+        """What the SDK sends for the request's shape (system instruction, generation settings,
+        response schema), captured once per shape in memory (`_wire_body`); and the shape.
+
+        A panel sends a handful of shapes (one per agent, and the ballot).
+        """
         schema = request.response_schema
-        key = (
+        shape = (
             request.system_instruction,
             request.temperature,
             request.max_output_tokens,
-            timeout_ms,
             # A schema is a module constant (an OutputFormat's): its identity, not its text.
             id(schema.schema) if schema else None,
         )
-        cached = self._configs.get(key)
+        cached = self._bodies.get(shape)
         if cached is not None:
-            return cached[1]
+            return cached[1], shape
         full = types.GenerateContentConfig(
             system_instruction=request.system_instruction or None,
             temperature=request.temperature,  # 0.0 is sent as 0.0, never dropped
@@ -311,14 +328,11 @@ class GeminiProvider(Provider):
             response_schema=gemini_schema(schema.schema) if schema else None,
             automatic_function_calling=NO_AFC,
         )
-        config = types.GenerateContentConfig(
-            http_options=types.HttpOptions(timeout=timeout_ms, extra_body=await _wire_body(full)),
-            automatic_function_calling=NO_AFC,
-        )
-        if len(self._configs) >= CONFIG_SHAPES:
-            self._configs.clear()
-        self._configs[key] = (schema.schema if schema else None, config)
-        return config
+        body = await _wire_body(full)
+        if len(self._bodies) >= CONFIG_SHAPES:
+            self._bodies.clear()
+        self._bodies[shape] = (schema.schema if schema else None, body)
+        return body, shape
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """One generateContent call."""
