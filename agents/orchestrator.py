@@ -71,6 +71,7 @@ from consensus import (
     parse_structured_ballot,
     parse_structured_reply,
 )
+from consensus.scoring import option_labels
 from telemetry.metrics import EXTRA_CALLS
 
 Emit = Callable[..., Awaitable[Any]]
@@ -111,6 +112,37 @@ def _ballot_output(labels: tuple[str, ...]) -> OutputFormat:
         json_instructions=BALLOT_JSON_INSTRUCTIONS,
         text_instructions=BALLOT_INSTRUCTIONS,
     )
+
+
+def agent_request(
+    profile: AgentProfile,
+    prompt: str,
+    max_output_tokens: int | None,
+    *,
+    output: OutputFormat | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> GenerationRequest:
+    """The request of one agent call."""
+    return GenerationRequest(
+        model=profile.model,
+        prompt=prompt,
+        system_instruction=profile.system_instruction,
+        temperature=profile.temperature,
+        max_output_tokens=max_output_tokens,
+        metadata=metadata or {},
+        output=output,
+    )
+
+
+def panel_shapes(
+    panel: Sequence[AgentProfile], max_output_tokens: int | None
+) -> list[tuple[str, GenerationRequest]]:
+    """One request of each shape a run of this panel sends, with its provider's name: each
+    agent's answer, repair and ballot (for every possible number of options). A provider
+    prepares them at warm-up (`Provider.prepare`)."""
+    formats = [ANSWER_OUTPUT, REPAIR_OUTPUT]
+    formats += [ballot_output(option_labels(n)) for n in range(2, len(panel) + 1)]
+    return [(p.provider, agent_request(p, "", max_output_tokens, output=f)) for p in panel for f in formats]
 
 
 @dataclass
@@ -336,14 +368,12 @@ class Orchestrator:
         batcher: DeltaBatcher | None = None,
     ) -> Generation:
         provider = get_provider(profile.provider)
-        request = GenerationRequest(
-            model=profile.model,
-            prompt=prompt,
-            system_instruction=profile.system_instruction,
-            temperature=profile.temperature,
-            max_output_tokens=self.max_output_tokens,
-            metadata={"agent_id": profile.agent_id, "turn": turn, "question": self.question, **metadata},
+        request = agent_request(
+            profile,
+            prompt,
+            self.max_output_tokens,
             output=output,
+            metadata={"agent_id": profile.agent_id, "turn": turn, "question": self.question, **metadata},
         )
         if not stream:
             return await call_with_resilience(

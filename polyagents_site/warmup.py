@@ -43,6 +43,7 @@ HOT_MODULES = (
     "httpx_aiohttp",  # the SDKs' transport (agents.providers.loops), built per event loop
 )
 
+REDIS_CONNECTIONS = 4  # opened at start; like the event store's pool (conversations.store.POOL_MAX)
 _tasks: set[asyncio.Task[None]] = set()
 
 
@@ -118,14 +119,21 @@ def _database() -> None:
 
 
 def _sdk_calls() -> None:
-    """Each provider's SDK round in memory (`warm_up`), on a loop of its own before the server's
+    """Each provider's SDK round in memory (`warm_up`), and what the calls of a default panel's
+    shapes need (`prepare`: Gemini's request bodies), on a loop of its own before the server's
     runs: it binds nothing to a loop, and the server accepts no request before it is done."""
+    from agents.orchestrator import panel_shapes
+    from agents.profiles import build_panel
+    from agents.providers.registry import get_provider
 
     async def calls() -> None:
         for provider in panel_providers():
             warm = getattr(provider, "warm_up", None)
             if warm is not None:
                 await warm()
+        config = settings.CONFIG
+        for name, request in panel_shapes(build_panel(config.NUM_AGENTS), config.MAX_OUTPUT_TOKENS):
+            await get_provider(name).prepare(request)
 
     _off_the_running_loop(lambda: asyncio.run(calls()))
 
@@ -197,7 +205,9 @@ async def awarm_up() -> dict[str, float]:
 
         client = redis_client()
         if client is not None:
-            await client.ping()
+            # Pings at once open as many pooled connections: the first runs' batches write
+            # their events concurrently, each on a connection of its own.
+            await asyncio.gather(*(client.ping() for _ in range(REDIS_CONNECTIONS)))
 
     async def channel_layer() -> None:
         from channels.layers import get_channel_layer

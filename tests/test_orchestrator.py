@@ -330,6 +330,37 @@ class TestOrchestratorUnit:
         assert "agent_1 says. Because.\nFinal position: Use tenacity (confidence 0.9)" in prompt
         assert "FINAL POSITION" not in prompt
 
+    async def test_every_call_of_a_run_has_a_shape_warm_up_prepares(self, config, monkeypatch):
+        """panel_shapes lists what a run sends (answers, repairs, ballots), so the warm-up's
+        prepare covers the first run's calls; a call of another shape would be missed."""
+        from agents.orchestrator import panel_shapes
+        from agents.providers.simulated import SimulatedProvider
+
+        sent = []
+        complete = SimulatedProvider.complete
+
+        async def recorded(provider, request, on_delta=None):
+            sent.append(request)
+            return await complete(provider, request, on_delta)
+
+        monkeypatch.setattr(SimulatedProvider, "complete", recorded)
+
+        async def emit(type: str, **data):
+            return None
+
+        panel = build_panel(3)
+        orchestrator = Orchestrator(
+            panel=panel, question=QUESTION, turns=2, emit=emit, stream=False, max_output_tokens=321
+        )
+        await orchestrator.run()
+
+        def shape(r):
+            return (r.model, r.system_instruction, r.temperature, r.max_output_tokens, id(r.output))
+
+        prepared = {shape(r) for _, r in panel_shapes(panel, 321)}
+        assert len(sent) >= 3  # at least the first turn's answers
+        assert {shape(r) for r in sent} <= prepared
+
     def test_quorum_is_a_strict_majority(self):
         assert [quorum_size(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from agents.providers import registry
+from agents.providers import gemini, registry
 from agents.providers.gemini import GeminiProvider
 from polyagents_site import warmup
 
@@ -46,7 +46,19 @@ def test_warm_up_runs_every_step(skipped: list[dict[str, Any]], gemini_configure
     assert skipped == []
     provider = registry._providers.get("gemini")
     assert isinstance(provider, GeminiProvider)  # the SDK is imported and built
-    assert len(provider._bodies) == 1  # and ran a call of the warm-up's shape, in memory
+    # It ran a call in memory, and captured the body of each shape a default panel sends.
+    from agents.orchestrator import panel_shapes
+    from agents.profiles import build_panel
+
+    shapes = panel_shapes(build_panel(settings.CONFIG.NUM_AGENTS), settings.CONFIG.MAX_OUTPUT_TOKENS)
+
+    async def not_again(config: object) -> dict[str, Any]:
+        raise AssertionError("a shape the warm-up should have prepared")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gemini, "_wire_body", not_again)
+        for _, request in shapes:
+            asyncio.run(provider._body(provider.as_sent(request)))
     assert "conversations.services" in sys.modules
 
 
@@ -84,6 +96,12 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
     assert asyncio.get_running_loop() in provider._clients._values
     from conversations import store
 
+    # With Redis, the event log's client of this loop holds its connections already.
+    from conversations.events import redis_client
+
+    client = redis_client()
+    if client is not None:
+        assert len(client.connection_pool._available_connections) >= warmup.REDIS_CONNECTIONS
     # On PostgreSQL the event log's pool of this loop is open, every connection made.
     pooled = store._pools.get(asyncio.get_running_loop())
     if settings.USING_POSTGRES:

@@ -214,6 +214,22 @@ class Provider(abc.ABC):
         """Whether requests for `model` ask for structured output (not after a server refused it)."""
         return self.supports_structured and model not in self.text_only_models
 
+    def as_sent(self, request: GenerationRequest) -> GenerationRequest:
+        """The request `complete` sends first: with its schema and JSON instructions where the
+        model takes structured output (`output` set), else as it is."""
+        output = request.output
+        if output is None or not self.structured_for(request.model):
+            return request
+        return replace(
+            request,
+            prompt=f"{request.prompt}\n\n{output.json_instructions}",
+            response_schema=ResponseSchema(output.name, output.schema),
+        )
+
+    async def prepare(self, request: GenerationRequest) -> None:
+        """Build now what calls of this request's shape need (warm-up); nothing by default."""
+        return None
+
     async def complete(self, request: GenerationRequest, on_delta: DeltaCallback | None = None) -> Generation:
         """One reply in the request's output format: structured where possible, else text.
 
@@ -227,11 +243,7 @@ class Provider(abc.ABC):
             return await self._call(request, on_delta)
         if not self.structured_for(request.model):
             return await self._as_text(request, output, on_delta)
-        structured = replace(
-            request,
-            prompt=f"{request.prompt}\n\n{output.json_instructions}",
-            response_schema=ResponseSchema(output.name, output.schema),
-        )
+        structured = self.as_sent(request)
         forward = on_delta
         if on_delta is not None:
             forward = JsonFieldStream(output.stream_field, on_delta) if output.stream_field else _discard

@@ -281,6 +281,10 @@ class GeminiProvider(Provider):
             async for chunk in stream:
                 _text_of(chunk)
 
+    async def prepare(self, request: GenerationRequest) -> None:
+        """Capture the body of the request's shape now (`_body`: an in-memory SDK call)."""
+        await self._body(self.as_sent(request))
+
     async def _config(self, request: GenerationRequest) -> types.GenerateContentConfig:
         """The request's config: its shape's body (`_body`) and the call's timeout.
 
