@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -11,6 +13,8 @@ from django.db import connections
 from rest_framework.test import APIClient
 
 from gateway.models import ApiKey, generate_key, hash_key
+
+T = TypeVar("T")
 
 requires_redis = pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL (real Redis)")
 requires_postgres = pytest.mark.skipif(not settings.USING_POSTGRES, reason="needs DATABASE_URL (PostgreSQL)")
@@ -109,3 +113,19 @@ async def thread_connections_closed() -> AsyncIterator[None]:
                 conn.close_pool()
 
     await sync_to_async(close)()
+
+
+def on_two_loops(provider: Any, call: Callable[[], Awaitable[T]]) -> tuple[T, T]:
+    """`call()` on two event loops alive at once (a cached provider used from a second loop),
+    then each loop's SDK client closed on its own loop: no session is left open at exit."""
+    loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+    try:
+        results = [loop.run_until_complete(call()) for loop in loops]
+        for loop in loops:
+            loop.run_until_complete(provider.aclose())
+            # google-genai's AsyncClient schedules its own aclose() when collected: let it run.
+            loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        for loop in loops:
+            loop.close()
+    return results[0], results[1]

@@ -13,6 +13,7 @@ import pytest
 
 from agents.providers.base import GenerationRequest, ProviderError
 from agents.providers.gemini import GeminiProvider, parse_duration
+from tests.conftest import on_two_loops
 from tests.fakes.gemini_server import (
     FakeGemini,
     http_error,
@@ -218,8 +219,7 @@ def test_parse_duration() -> None:
 
 def test_a_cached_provider_works_from_another_event_loop(fake: FakeGemini) -> None:
     provider = GeminiProvider(api_key="k", base_url=fake.base_url, timeout=5)
-    first = asyncio.run(provider.generate(request()))
-    second = asyncio.run(provider.generate(request()))  # a new loop: a new SDK client
+    first, second = on_two_loops(provider, lambda: provider.generate(request()))  # a new SDK client each
     assert first.text == second.text
     assert len(fake.generate_calls) == 2
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -10,6 +9,7 @@ import pytest
 
 from agents.providers.base import GenerationRequest, ProviderError
 from agents.providers.openai_compat import OpenAICompatProvider, parse_retry_after
+from tests.conftest import on_two_loops
 from tests.fakes.openai_server import FakeOpenAI, content_filter, http_error, ok, rate_limited, slow
 
 
@@ -157,7 +157,6 @@ def test_parse_retry_after() -> None:
 
 def test_a_cached_provider_works_from_another_event_loop(fake: FakeOpenAI) -> None:
     provider = OpenAICompatProvider(base_url=fake.api_url, api_key="k", timeout=5)
-    first = asyncio.run(provider.generate(request()))
-    second = asyncio.run(provider.generate(request()))
+    first, second = on_two_loops(provider, lambda: provider.generate(request()))  # a new SDK client each
     assert first.text == second.text
     assert len(fake.requests) == 2
