@@ -238,8 +238,8 @@ async def test_calls_go_through_aiohttp_and_aclose_releases_the_session(fake: Fa
 
 
 def test_sdk_clients_share_the_process_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading the CA bundle costs ~50 ms: google-genai would do it three times per client (one
-    client per event loop) and the aiohttp transport once more; they share one context instead."""
+    """Loading the CA bundle costs ~50 ms: google-genai would do it twice per client (one client
+    per event loop) and the aiohttp transport once more; they share one context instead."""
     import ssl
 
     from agents.providers.loops import tls_context

@@ -194,8 +194,8 @@ def _check_prompt_block(response: types.GenerateContentResponse, model: str) -> 
 
 def sdk_tls_args() -> dict[str, Any]:
     """HttpOptions that give google-genai the process's TLS context (`tls_context`), which it
-    would otherwise build three times per client: for its sync and async httpx clients
-    (`verify`), and for websockets (`ssl`)."""
+    would otherwise build twice per client: once for its sync and async httpx clients
+    (`verify`), once for websockets (`ssl`)."""
     context = tls_context()
     return {"client_args": {"verify": context}, "async_client_args": {"verify": context, "ssl": context}}
 

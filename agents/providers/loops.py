@@ -48,8 +48,8 @@ def tls_context() -> ssl.SSLContext:
     """The process's one verifying TLS context, shared by every SDK client and transport.
 
     The CA bundle is the one the SDKs would load (SSL_CERT_FILE or certifi's, and
-    SSL_CERT_DIR); loading it takes about 50 ms, and google-genai would load it three times
-    for each client it builds, once per event loop.
+    SSL_CERT_DIR); loading it takes about 50 ms, google-genai would load it twice for each
+    client it builds (once per event loop), and the aiohttp transport once more.
     """
     import certifi
 
