@@ -40,6 +40,7 @@ from bench.load import (  # noqa: E402
     bench_environment,
     clean_redis,
     fake_gemini,
+    follow_socket,
     free_port,
     percentile,
     py_spy,
@@ -71,12 +72,7 @@ async def follow(base: str, token: str, follower: Follower, timeout: float) -> N
     while time.monotonic() < deadline:
         after = follower.seqs[-1] if follower.seqs else 0
         try:
-            async with websockets.connect(
-                f"{base}/ws/{follower.conversation_id}?after={after}",
-                subprotocols=[websockets.Subprotocol(f"bearer.{token}")],
-                open_timeout=30,
-                max_queue=None,
-            ) as ws:
+            async with follow_socket(base, follower.conversation_id, token, after) as ws:
                 if not follower.subscribed_at:
                     await ws.send('{"type":"ping"}')
                     pending = []

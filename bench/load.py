@@ -431,6 +431,19 @@ def server_command(server: str, port: int | None = None, *, fd: int | None = Non
     return [sys.executable, "-m", "daphne", *where, app]
 
 
+def follow_socket(base: str, conversation_id: str, token: str, after: int) -> Any:
+    """A WebSocket client of a conversation's events after seq `after` (the API key as its
+    subprotocol, as the dashboard sends it), for `async with`."""
+    import websockets
+
+    return websockets.connect(
+        f"{base}/ws/{conversation_id}?after={after}",
+        subprotocols=[websockets.Subprotocol(f"bearer.{token}")],
+        open_timeout=30,
+        max_queue=None,
+    )
+
+
 def add_server_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",

@@ -34,7 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import add_server_option, clean_redis, free_port, py_spy, server_command, stop  # noqa: E402
+from bench.load import (  # noqa: E402
+    add_server_option,
+    clean_redis,
+    follow_socket,
+    free_port,
+    py_spy,
+    server_command,
+    stop,
+)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "polyagents_site.settings")
 os.environ.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(32))
@@ -116,7 +124,6 @@ async def follow(
     Like a real client, a refused or dropped connection is retried with backoff and
     resumes with after=<last seq received>.
     """
-    import websockets
 
     subscribed = False
     deadline = time.monotonic() + timeout
@@ -124,12 +131,7 @@ async def follow(
     while True:
         after = client.seqs[-1] if client.seqs else 0
         try:
-            async with websockets.connect(
-                f"{url}/ws/{client.conversation_id}?after={after}",
-                subprotocols=[websockets.Subprotocol(f"bearer.{token}")],
-                open_timeout=30,
-                max_queue=None,
-            ) as ws:
+            async with follow_socket(url, client.conversation_id, token, after) as ws:
                 if not subscribed:
                     await ws.send('{"type":"ping"}')
                     while json.loads(await asyncio.wait_for(ws.recv(), 60)).get("type") != "pong":
