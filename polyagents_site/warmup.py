@@ -227,10 +227,17 @@ async def awarm_up() -> dict[str, float]:
             # ... and each has run a run's statements once (rolled back): its first use is warm.
             await store.on_every_connection(rehearse_run)
 
+    async def heap() -> None:
+        from streaming.worker import settle_heap
+
+        settle_heap()
+
     await step("sdk_clients", sdk_clients)
     await step("event_store", event_store)
     await step("redis", redis)
     await step("channel_layer", channel_layer)
+    # Last: everything the steps above built is part of the heap that is set aside.
+    await step("heap", heap)
     logger.info("warmed up the event loop", extra={"steps_ms": timings})
     return timings
 

@@ -16,6 +16,7 @@ workers.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,26 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 5.0
 # How long a finished job's status is retried while the database is away.
 PERSIST_GIVE_UP_SECONDS = 600.0
+# A full garbage collection after this many collections of the middle generation (Python's
+# default is 10); see settle_heap.
+FULL_COLLECTION_EVERY = 100
+
+
+def settle_heap() -> None:
+    """Move what start-up built (modules, classes, settings, pools: about 250,000 objects) out
+    of the garbage collector's sight, and make full collections rarer.
+
+    For a process that serves many conversations at once, once it has warmed up. Under load a
+    full collection walked the whole start-up heap each time: 5 of them, 1.1-1.2 s, during
+    200 concurrent /chat conversations (about 6 ms of CPU per conversation, and pauses of
+    about 250 ms for every run in flight). Frozen and at most one per 100 middle-generation
+    collections, none ran in the same load. Young collections are unchanged: in-flight
+    conversations die by reference counting, not by collection.
+    """
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
 def backoff(failures: int) -> float:
@@ -68,6 +89,11 @@ async def keep_running(
 class ResilientWorker(worker.Worker):
     # When this worker last failed to reach the database (event loop time).
     _database_lost_at = float("-inf")
+
+    async def run(self) -> None:
+        if self.wait:  # a worker that runs until stopped, not a burst that drains the queue
+            settle_heap()
+        await super().run()
 
     def _database_lost(self) -> None:
         self._database_lost_at = asyncio.get_running_loop().time()

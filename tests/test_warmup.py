@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ from django.conf import settings
 from agents.providers import gemini, registry
 from agents.providers.gemini import GeminiProvider
 from polyagents_site import warmup
+from streaming.worker import FULL_COLLECTION_EVERY
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -85,11 +87,20 @@ def test_a_failing_step_is_logged_and_skipped(
     assert "cache down" in skipped[0]["error"]
 
 
+@pytest.fixture
+def heap_restored() -> Iterator[None]:
+    """Give the test process its garbage collector back as it was."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
 async def test_the_loop_steps_build_this_loops_sdk_client(
-    skipped: list[dict[str, Any]], gemini_configured: None
+    skipped: list[dict[str, Any]], gemini_configured: None, heap_restored: None
 ) -> None:
     timings = await warmup.awarm_up()
-    assert set(timings) == {"sdk_clients", "event_store", "redis", "channel_layer"}
+    assert set(timings) == {"sdk_clients", "event_store", "redis", "channel_layer", "heap"}
     assert skipped == []
     provider = registry.get_provider("gemini")
     assert isinstance(provider, GeminiProvider)
@@ -110,6 +121,30 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
         await store.close_pool()
     else:
         assert pooled is None
+    # Last, the start-up heap is set aside from the collector, and full collections are rarer.
+    assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold()[2] == FULL_COLLECTION_EVERY
+
+
+@pytest.mark.parametrize("wait", [True, False])
+async def test_a_worker_that_runs_until_stopped_settles_its_heap_a_burst_does_not(
+    wait: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from procrastinate import App
+    from procrastinate import worker as procrastinate_worker
+    from procrastinate.testing import InMemoryConnector
+
+    from streaming import worker
+
+    settled: list[bool] = []
+    monkeypatch.setattr(worker, "settle_heap", lambda: settled.append(True))
+
+    async def ran(self: object) -> None:
+        settled.append(False)
+
+    monkeypatch.setattr(procrastinate_worker.Worker, "run", ran)
+    await worker.ResilientWorker(app=App(connector=InMemoryConnector()), wait=wait).run()
+    assert settled == ([True, False] if wait else [False])
 
 
 async def test_scheduled_on_the_running_loop() -> None:
