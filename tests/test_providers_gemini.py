@@ -262,3 +262,39 @@ def test_sdk_clients_share_the_process_tls_context(monkeypatch: pytest.MonkeyPat
     asyncio.run(build())
     asyncio.run(build())
     assert made == []
+
+
+async def test_the_sdk_transport_runs_more_than_a_hundred_calls_at_once() -> None:
+    """No cap on connections to a vendor: aiohttp's default of 100 made 300 calls at once (100
+    /chat conversations) run in three waves. The server answers only once 150 requests are in."""
+    from agents.providers.loops import aiohttp_transport
+
+    calls = 150
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal arrived
+        await reader.readuntil(b"\r\n\r\n")
+        arrived += 1
+        if arrived == calls:
+            all_in.set()
+        try:
+            await asyncio.wait_for(all_in.wait(), 10)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aiohttp_transport()
+    try:
+        replies = await asyncio.gather(
+            *(client.get(f"http://127.0.0.1:{port}/", timeout=15) for _ in range(calls))
+        )
+    finally:
+        await client.aclose()
+        server.close()
+    assert [reply.text for reply in replies] == ["ok"] * calls
+    assert arrived == calls

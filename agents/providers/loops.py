@@ -18,6 +18,9 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+# An idle connection to a vendor is kept this long for the next call.
+KEEPALIVE_SECONDS = 30
+
 
 class PerLoop(Generic[T]):
     """Builds a value lazily for each event loop and forgets it when the loop is collected."""
@@ -63,13 +66,23 @@ def aiohttp_transport() -> Any:
 
     Both SDKs keep their httpx code paths (timeouts, exceptions); aiohttp's connector costs far
     less CPU than httpcore's pool under hundreds of concurrent calls (docs/scaling.md). One per
-    event loop, like the SDK clients holding it (a session is bound to its loop); no connection cap.
-    """
-    import httpx
-    from httpx_aiohttp import HttpxAiohttpClient
+    event loop, like the SDK clients holding it (a session is bound to its loop).
 
-    limits = httpx.Limits(max_connections=None, keepalive_expiry=30)
-    return HttpxAiohttpClient(limits=limits, verify=tls_context())
+    No connection cap: a process runs as many calls at once as it has conversations in flight.
+    The session is built here because httpx-aiohttp 0.2 leaves aiohttp's default cap of 100
+    connections in place when httpx's `max_connections` is None: 100 concurrent /chat
+    conversations (300 calls at once) then ran each round in three waves.
+    """
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
+
+    context = tls_context()
+
+    def session() -> aiohttp.ClientSession:  # called on the first request, inside the loop
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS, ssl=context)
+        return aiohttp.ClientSession(connector=connector)
+
+    return HttpxAiohttpClient(transport=AiohttpTransport(verify=context, client=session))
 
 
 def refused(exc: BaseException) -> bool:
