@@ -213,13 +213,18 @@ def main() -> None:
     parser.add_argument(
         "--py-spy-web", metavar="FILE", help="record the web process's stacks while it holds the GIL (raw)"
     )
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        help="runs each worker process takes at once (default: runs / workers, every run in flight)",
+    )
     add_server_option(parser)
     args = parser.parse_args()
     if not (os.environ.get("DATABASE_URL", "").startswith("postgres") and os.environ.get("REDIS_URL")):
         print("bench/live.py: skipped, needs DATABASE_URL (PostgreSQL, the worker's queue) and REDIS_URL")
         raise SystemExit(0)
     bench_environment("live")
-    os.environ["WORKER_CONCURRENCY"] = str(-(-args.runs // args.workers))
+    os.environ["WORKER_CONCURRENCY"] = str(args.worker_concurrency or -(-args.runs // args.workers))
     children: list[subprocess.Popen[bytes]] = []
     try:
         with fake_gemini() as fake_url:

@@ -161,18 +161,21 @@ async def follow(
 
 
 async def emit_conversation(
-    conversation_id: uuid.UUID, events: int, interval: float, calls: list[float]
+    conversation_id: uuid.UUID, events: int, interval: float, calls: list[float], buffered: bool
 ) -> None:
-    """Emit like the orchestrator; `calls` gets each emit's duration (store + XADD + group_send), ms."""
+    """Emit agent deltas; `calls` gets each emit's duration, ms. Unbuffered, each emit returns once
+    its event is stored, appended and published (one batch per event); buffered, as a run's log
+    emits its deltas, the log's writer stores and sends them in batches behind the emit."""
     from conversations.events import EventLog
 
-    log = await EventLog.open(conversation_id)
+    log = await EventLog.open(conversation_id, buffered=buffered)
     chunk = "token " * 16
     for n in range(events):
         started = time.perf_counter()
         await log.emit("agent_delta", agent_id=f"agent_{n % 3}", turn=1 + n // 10, delta=chunk)
         calls.append((time.perf_counter() - started) * 1000)
         await asyncio.sleep(interval)
+    await log.flush()
 
 
 async def scenario(
@@ -185,6 +188,7 @@ async def scenario(
     events: int,
     interval: float,
     cpu_of: Callable[[], float] = lambda: 0.0,
+    buffered: bool = False,
 ) -> dict[str, object]:
     from conversations.models import Conversation
 
@@ -209,7 +213,7 @@ async def scenario(
     emit_started = time.monotonic()
     cpu_started = cpu_of()
     calls: list[float] = []
-    await asyncio.gather(*(emit_conversation(cid, events, interval, calls) for cid in ids))
+    await asyncio.gather(*(emit_conversation(cid, events, interval, calls, buffered) for cid in ids))
     emit_seconds = time.monotonic() - emit_started
     await asyncio.gather(*tasks)
     total_seconds = time.monotonic() - emit_started
@@ -231,6 +235,7 @@ async def scenario(
         "clients": len(clients),
         "events_emitted": conversations * events,
         "emit_interval_s": interval,
+        "buffered": buffered,
         "deliveries_expected": expected,
         "deliveries_received": received,
         "lost": expected - distinct,
@@ -294,6 +299,7 @@ async def main(args: argparse.Namespace) -> None:
                         args.events,
                         args.interval,
                         cpu_of,
+                        args.buffered,
                     )
                 )
             results.append(
@@ -307,6 +313,7 @@ async def main(args: argparse.Namespace) -> None:
                     args.fanout_events,
                     args.fanout_interval,
                     cpu_of,
+                    args.buffered,
                 )
             )
     finally:
@@ -343,6 +350,11 @@ if __name__ == "__main__":
         "--web-processes", type=int, default=1, help="web processes sharing one listening socket"
     )
     parser.add_argument("--py-spy", metavar="FILE", help="record the web process's busy stacks (raw format)")
+    parser.add_argument(
+        "--buffered",
+        action="store_true",
+        help="emit through a buffered log, as a conversation run does (default: one batch per event)",
+    )
     parser.add_argument("--skip-many", action="store_true", help="run only the fan-out scenario")
     add_server_option(parser)
     cli = parser.parse_args()
