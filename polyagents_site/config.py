@@ -180,7 +180,7 @@ class Config(BaseSettings):
     STREAM_MAXLEN: int = Field(default=10000, ge=100)
     STREAM_TTL: int = Field(default=7 * 86400, gt=0)
     RETENTION_DAYS: int = Field(default=30, ge=1)
-    WORKER_CONCURRENCY: int = Field(default=10, ge=1, le=200)
+    WORKER_CONCURRENCY: int = Field(default=50, ge=1, le=200)
     CONVERSATION_STALE_SECONDS: int = Field(default=15, ge=10)
     # Warm a web process up when the ASGI application loads (polyagents_site/warmup.py).
     WARM_UP: bool = True
