@@ -205,3 +205,68 @@ async def test_a_buffered_log_does_not_wait_for_the_markers_of_a_turn(
     gate.set()
     await asyncio.wait_for(response, timeout=5)
     assert stored == [1, 2, 3]
+
+
+@requires_redis
+async def test_batches_of_several_conversations_ready_together_share_one_round_trip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conversations import events
+
+    logs = [await new_log() for _ in range(4)]
+    layer = get_channel_layer()
+    channels = [await layer.new_channel() for _ in logs]
+    for log, channel in zip(logs, channels, strict=True):
+        await layer.group_add(group_name(log.conversation_id), channel)
+    client = events.redis_client()
+    assert client is not None
+    pipelines = 0
+    make_pipeline = client.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return make_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(client, "pipeline", counted)
+    batches = [
+        [{"type": "agent_delta", "conversation_id": str(log.conversation_id), "seq": seq} for seq in (1, 2)]
+        for log in logs
+    ]
+    sends = [asyncio.ensure_future(events._send(b, [json.dumps(e) for e in b])) for b in batches]
+    await asyncio.sleep(0)  # every batch is waiting for the round now
+    sends[1].cancel()  # a run cancelled while its batch waits: the round still sends it, and the others
+    await asyncio.gather(*sends, return_exceptions=True)
+    assert pipelines == 1
+    for log, channel in zip(logs, channels, strict=True):
+        # Each conversation's events, in order, in its own stream and to its own followers only.
+        stored = await client.xrange(stream_key(log.conversation_id))
+        assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1, 2]
+        received = [await asyncio.wait_for(layer.receive(channel), timeout=5) for _ in range(2)]
+        assert [(m["event"]["conversation_id"], m["event"]["seq"]) for m in received] == [
+            (str(log.conversation_id), 1),
+            (str(log.conversation_id), 2),
+        ]
+
+
+@requires_redis
+async def test_a_failed_round_is_reported_for_each_of_its_conversations(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from conversations import events
+
+    logs = [await new_log() for _ in range(3)]
+    with (
+        override_settings(REDIS_URL="redis://127.0.0.1:1/0"),
+        caplog.at_level(logging.WARNING, "polyagents.events"),
+    ):
+        batches = [
+            [{"type": "turn_started", "conversation_id": str(log.conversation_id), "seq": 1}] for log in logs
+        ]
+        await asyncio.gather(*(events._send(b, [json.dumps(e) for e in b]) for b in batches))
+    warned = {
+        record.conversation_id  # type: ignore[attr-defined]
+        for record in caplog.records
+        if "Redis Stream" in record.getMessage()
+    }
+    assert warned == {str(log.conversation_id) for log in logs}
