@@ -327,7 +327,7 @@ async def _store_pipelined(
     """PostgreSQL: the batch's events and staged rows in one pipelined transaction, retried like `_store`."""
 
     async def write() -> None:
-        await store.write_batch(conversation_id, batch, rows, now, texts)
+        await store.write_batches(conversation_id, batch, rows, now, texts)
 
     async def reset() -> None:
         await store.discard_pool()  # the next try opens a fresh pool

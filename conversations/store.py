@@ -317,6 +317,21 @@ async def close_pool() -> None:
         await cached[1].close()
 
 
+def _batch_rows(
+    conversation_id: uuid.UUID, batch: list[dict[str, Any]], rows: Rows, created: str, texts: list[str] | None
+) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A batch's events (JSON texts), messages, ballots and result as the statement's rows."""
+    if texts is None:
+        texts = [event_text(e) for e in batch]
+    events = [_event_json(conversation_id, e, text, created) for e, text in zip(batch, texts, strict=True)]
+    messages = [_record(_MESSAGE_FIELDS, {"created_at": created, **m}) for m in rows.messages]
+    # One statement may not upsert a row twice: the last ballot of a voter wins, as in sequence.
+    latest = {tuple(v[k] for k in _VOTE_KEY): v for v in rows.votes}
+    votes = [_record(_VOTE_FIELDS, {"created_at": created, **v}) for v in latest.values()]
+    results = [_record(_RESULT_FIELDS, {"created_at": created, **rows.result})] if rows.result else []
+    return events, messages, votes, results
+
+
 async def write_batch(
     conversation_id: uuid.UUID,
     batch: list[dict[str, Any]],
@@ -329,15 +344,7 @@ async def write_batch(
     `texts` are the events already serialised (`event_text`): they go in as they are.
     """
     updates = {**rows.conversation, "last_seq": batch[-1]["seq"]} if batch else dict(rows.conversation)
-    created = now.isoformat()
-    if texts is None:
-        texts = [event_text(e) for e in batch]
-    events = [_event_json(conversation_id, e, text, created) for e, text in zip(batch, texts, strict=True)]
-    messages = [_record(_MESSAGE_FIELDS, {"created_at": created, **m}) for m in rows.messages]
-    # One statement may not upsert a row twice: the last ballot of a voter wins, as in sequence.
-    latest = {tuple(v[k] for k in _VOTE_KEY): v for v in rows.votes}
-    votes = [_record(_VOTE_FIELDS, {"created_at": created, **v}) for v in latest.values()]
-    results = [_record(_RESULT_FIELDS, {"created_at": created, **rows.result})] if rows.result else []
+    events, messages, votes, results = _batch_rows(conversation_id, batch, rows, now.isoformat(), texts)
     names = tuple(updates)
     params: list[Any] = [_json(part) for part in (messages, votes, results) if part]
     if events:
@@ -347,6 +354,137 @@ async def write_batch(
     sql = _batch_sql(bool(messages), bool(votes), bool(results), bool(events), names)
     async with _connection() as conn:
         await conn.execute(sql, params)
+
+
+# Batch writes of many conversations (write_batches): one statement per round.
+_Write = tuple[uuid.UUID, list[dict[str, Any]], Rows, datetime, list[str] | None]
+
+
+def _many_sql(messages: bool, votes: bool, result: bool) -> str:
+    """The statement of a round: the batches' rows and events, and each conversation's last_seq."""
+    key = (messages, votes, result, True, ("*",))
+    sql = _sql_cache.get(key)
+    if sql is None:
+        with_ = _batch_sql(messages, votes, result, True, ()).removesuffix("SELECT 1")
+        table = Conversation._meta.db_table
+        seq = Conversation._meta.get_field("last_seq").db_type(connections["default"])
+        sql = _sql_cache[key] = (
+            f'{with_}UPDATE "{table}" AS t SET "last_seq" = r."last_seq" '  # noqa: S608
+            f'FROM json_to_recordset(%s::json) AS r("id" uuid, "last_seq" {seq}) WHERE t."id" = r."id"'
+        )
+    return sql
+
+
+async def _write_many(writes: list[_Write]) -> None:
+    """Batches of several conversations, each with events and no other conversation field, in one
+    statement: stored all together or not at all."""
+    events: list[str] = []
+    messages: list[dict[str, Any]] = []
+    votes: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    counters = []
+    for conversation_id, batch, rows, now, texts in writes:
+        its_events, its_messages, its_votes, its_results = _batch_rows(
+            conversation_id, batch, rows, now.isoformat(), texts
+        )
+        events += its_events
+        messages += its_messages
+        votes += its_votes
+        results += its_results
+        counters.append({"id": str(conversation_id), "last_seq": batch[-1]["seq"]})
+    params: list[Any] = [_json(part) for part in (messages, votes, results) if part]
+    params += [f"[{','.join(events)}]", _json(counters)]
+    async with _connection() as conn:
+        await conn.execute(_many_sql(bool(messages), bool(votes), bool(results)), params)
+
+
+class _Rounds:
+    """The batches of every conversation ready at once, written in one statement (one round trip
+    for many conversations' batches, not one each).
+
+    One per event loop. A batch waits at most for the round in flight; each conversation's
+    batches still go in order, because its log writes the next one only after this one is
+    stored. If a round's statement is refused (a stale run's duplicate seq, a conversation
+    deleted meanwhile), nothing of it is stored and each batch is written again on its own, so
+    only the faulty one fails; a lost connection fails every batch of the round, and each is
+    retried by its log as before.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[_Write, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, write: _Write) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((write, done))
+        if self._task is None or self._task.done():
+            # Its own context: a round never writes on a connection pinned by its first caller.
+            self._task = loop.create_task(self._run(), context=contextvars.Context())
+        # Shielded: a run cancelled while it waits leaves the round, and the others in it, alone.
+        await asyncio.shield(done)
+
+    async def _run(self) -> None:
+        import psycopg
+        import psycopg_pool
+
+        lost = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+        while self._waiting:
+            round_, self._waiting = self._waiting, []
+            try:
+                if len(round_) > 1:
+                    try:
+                        await _write_many([write for write, _ in round_])
+                        _answer(round_, None)
+                    except lost as exc:
+                        _answer(round_, exc)
+                    except Exception:  # noqa: S110 (refused as a whole: written again below, one by one)
+                        pass
+                for write, done in round_:
+                    if not done.done():
+                        try:
+                            await write_batch(*write)
+                            _answer([(write, done)], None)
+                        except Exception as exc:
+                            _answer([(write, done)], exc)
+            finally:
+                for _, done in round_:
+                    if not done.done():
+                        done.cancel()  # the loop is going away: nobody is left to answer
+
+
+def _answer(round_: list[tuple[_Write, asyncio.Future[None]]], error: BaseException | None) -> None:
+    for _, done in round_:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+
+_rounds: dict[asyncio.AbstractEventLoop, _Rounds] = {}
+
+
+async def write_batches(
+    conversation_id: uuid.UUID,
+    batch: list[dict[str, Any]],
+    rows: Rows,
+    now: datetime,
+    texts: list[str] | None = None,
+) -> None:
+    """`write_batch`, sharing its statement with the batches of other conversations ready at the
+    same time (`_Rounds`). A batch that sets conversation fields beyond its last_seq (a run's
+    start or end), or has no events, is written on its own."""
+    if rows.conversation or not batch:
+        await write_batch(conversation_id, batch, rows, now, texts)
+        return
+    loop = asyncio.get_running_loop()
+    rounds = _rounds.get(loop)
+    if rounds is None:
+        for closed in [old for old in _rounds if old.is_closed()]:
+            del _rounds[closed]
+        rounds = _rounds[loop] = _Rounds()
+    await rounds.write((conversation_id, batch, rows, now, texts))
 
 
 _read_cache: dict[tuple[tuple[str, ...], ...], str] = {}

@@ -327,3 +327,128 @@ async def test_the_warm_up_rehearses_a_run_on_every_connection_and_leaves_nothin
     assert not await Event.objects.filter(type="warm_up").aexists()
     assert not await Message.objects.filter(agent_id="a").aexists()
     await store.close_pool()
+
+
+def ballot(conversation: Conversation, voter: str, choice: str) -> dict[str, object]:
+    return {"conversation_id": conversation.pk, "exchange": 1, "voter": voter, "choice": choice}
+
+
+async def test_batches_of_several_conversations_ready_together_share_one_statement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conversations = [await new_conversation() for _ in range(3)]
+    statements: list[int] = []
+    write_many, write_one = store._write_many, store.write_batch
+
+    async def many(writes: list[Any]) -> None:
+        statements.append(len(writes))
+        await write_many(writes)
+
+    async def one(*args: Any) -> None:
+        statements.append(1)
+        await write_one(*args)
+
+    monkeypatch.setattr(store, "_write_many", many)
+    monkeypatch.setattr(store, "write_batch", one)
+    now = timezone.now()
+    await asyncio.gather(
+        *(
+            store.write_batches(
+                c.pk,
+                [event(c, 1), event(c, 2, "vote")],
+                store.Rows(
+                    messages=[{"conversation_id": c.pk, **message(1, "agent_0", f"Blue {n}.")}],
+                    votes=[ballot(c, "agent_0", "A"), ballot(c, "agent_0", "B")],  # the last one wins
+                    result={"conversation_id": c.pk, "exchange": 1, "method": "majority", "winner": f"B {n}"},
+                ),
+                now,
+            )
+            for n, c in enumerate(conversations)
+        )
+    )
+    assert statements == [3]
+    for n, c in enumerate(conversations):
+        # Each conversation's own rows and counter, as its own statement would have written them.
+        await c.arefresh_from_db()
+        assert c.last_seq == 2
+        assert [(e.seq, e.type) async for e in Event.objects.filter(conversation=c).order_by("seq")] == [
+            (1, "agent_response"),
+            (2, "vote"),
+        ]
+        assert [m.content async for m in Message.objects.filter(conversation=c)] == [f"Blue {n}."]
+        assert [v.choice async for v in Vote.objects.filter(conversation=c)] == ["B"]
+        assert [r.winner async for r in ConsensusResult.objects.filter(conversation=c)] == [f"B {n}"]
+
+
+async def test_a_refused_round_is_written_again_batch_by_batch_so_only_the_faulty_one_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    good, stale = await new_conversation(), await new_conversation()
+    rounds: list[int] = []
+    write_many = store._write_many
+
+    async def many(writes: list[Any]) -> None:
+        rounds.append(len(writes))
+        await write_many(writes)
+
+    monkeypatch.setattr(store, "_write_many", many)
+    await store.write_batch(stale.pk, [event(stale, 1)], store.Rows(), timezone.now())
+    now = timezone.now()
+    # A stale run writes seq 1 again: its batch is refused, the other conversation's is stored.
+    results = await asyncio.gather(
+        store.write_batches(good.pk, [event(good, 1), event(good, 2)], store.Rows(), now),
+        store.write_batches(stale.pk, [event(stale, 1)], store.Rows(), now),
+        return_exceptions=True,
+    )
+    assert rounds == [2]  # tried together first
+    assert results[0] is None
+    assert isinstance(results[1], psycopg.errors.UniqueViolation)
+    await good.arefresh_from_db()
+    assert good.last_seq == 2
+    assert await Event.objects.filter(conversation=good).acount() == 2
+    assert await Event.objects.filter(conversation=stale).acount() == 1
+
+
+async def test_a_batch_that_sets_conversation_fields_is_written_on_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, second = await new_conversation(), await new_conversation()
+
+    async def refused(writes: list[Any]) -> None:
+        raise AssertionError("not a shared statement")
+
+    monkeypatch.setattr(store, "_write_many", refused)
+    now = timezone.now()
+    await asyncio.gather(
+        store.write_batches(
+            first.pk, [event(first, 1)], store.Rows(conversation={"turns_completed": 2}), now
+        ),
+        store.write_batches(
+            second.pk, [], store.Rows(messages=[{"conversation_id": second.pk, **message(1, "a", "x")}]), now
+        ),
+    )
+    await first.arefresh_from_db()
+    assert (first.last_seq, first.turns_completed) == (1, 2)
+    assert await Message.objects.filter(conversation=second).aexists()
+
+
+async def test_a_round_that_meets_a_restarted_database_is_retried_by_each_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settings.CONFIG, "EVENT_STORE_PIPELINED", True)
+    conversations = [await new_conversation() for _ in range(3)]
+    logs = [await EventLog.open(c.pk) for c in conversations]
+    await asyncio.gather(*(log.emit("turn_started", turn=1) for log in logs))
+    rounds: list[int] = []
+    write_many = store._write_many
+
+    async def many(writes: list[Any]) -> None:
+        rounds.append(len(writes))
+        await write_many(writes)
+
+    monkeypatch.setattr(store, "_write_many", many)
+    assert end_event_store_connections()
+    await asyncio.gather(*(log.emit("turn_completed", turn=1) for log in logs))
+    assert rounds[:1] == [3]  # the shared statement met the dead connection; each log retried
+    for c in conversations:
+        assert [e.seq async for e in Event.objects.filter(conversation=c).order_by("seq")] == [1, 2]
