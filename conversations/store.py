@@ -432,7 +432,9 @@ class _Rounds:
         while self._waiting:
             round_, self._waiting = self._waiting, []
             try:
-                if len(round_) > 1:
+                # Two batches of one conversation (a stale run beside its resumed one) never share
+                # a statement: each sets the conversation's last_seq as it would alone.
+                if len(round_) > 1 and len({write[0] for write, _ in round_}) == len(round_):
                     try:
                         await _write_many([write for write, _ in round_])
                         _answer(round_, None)

@@ -409,15 +409,16 @@ async def test_a_refused_round_is_written_again_batch_by_batch_so_only_the_fault
     assert await Event.objects.filter(conversation=stale).acount() == 1
 
 
-async def test_a_batch_that_sets_conversation_fields_is_written_on_its_own(
+async def test_batches_that_set_conversation_fields_or_have_no_event_are_written_on_their_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    first, second = await new_conversation(), await new_conversation()
+    first, second, third = await new_conversation(), await new_conversation(), await new_conversation()
+    shared: list[int] = []
 
-    async def refused(writes: list[Any]) -> None:
-        raise AssertionError("not a shared statement")
+    async def recorded(writes: list[Any]) -> None:
+        shared.append(len(writes))
 
-    monkeypatch.setattr(store, "_write_many", refused)
+    monkeypatch.setattr(store, "_write_many", recorded)
     now = timezone.now()
     await asyncio.gather(
         store.write_batches(
@@ -426,10 +427,14 @@ async def test_a_batch_that_sets_conversation_fields_is_written_on_its_own(
         store.write_batches(
             second.pk, [], store.Rows(messages=[{"conversation_id": second.pk, **message(1, "a", "x")}]), now
         ),
+        store.write_batches(third.pk, [event(third, 1)], store.Rows(), now),
     )
+    assert shared == []
     await first.arefresh_from_db()
     assert (first.last_seq, first.turns_completed) == (1, 2)
     assert await Message.objects.filter(conversation=second).aexists()
+    await third.arefresh_from_db()
+    assert third.last_seq == 1
 
 
 async def test_a_round_that_meets_a_restarted_database_is_retried_by_each_log(
@@ -452,3 +457,23 @@ async def test_a_round_that_meets_a_restarted_database_is_retried_by_each_log(
     assert rounds[:1] == [3]  # the shared statement met the dead connection; each log retried
     for c in conversations:
         assert [e.seq async for e in Event.objects.filter(conversation=c).order_by("seq")] == [1, 2]
+
+
+async def test_two_batches_of_one_conversation_never_share_a_statement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conversation = await new_conversation()
+    shared: list[int] = []
+
+    async def recorded(writes: list[Any]) -> None:
+        shared.append(len(writes))
+
+    monkeypatch.setattr(store, "_write_many", recorded)
+    now = timezone.now()
+    await asyncio.gather(
+        store.write_batches(conversation.pk, [event(conversation, 1)], store.Rows(), now),
+        store.write_batches(conversation.pk, [event(conversation, 2)], store.Rows(), now),
+    )
+    assert shared == []
+    await conversation.arefresh_from_db()
+    assert conversation.last_seq == 2  # the later batch, as written on its own
