@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 
 from conversations import store
 from conversations.models import Conversation, Event
+from conversations.rounds import Rounds
 
 logger = logging.getLogger("polyagents.events")
 
@@ -103,7 +104,7 @@ async def _send(batch: list[dict[str, Any]], texts: list[str]) -> None:
     With REDIS_URL and the Redis pub/sub layer, one pipelined round trip does both, in order:
     XADD under ids `<seq>-0` (trimmed to STREAM_MAXLEN, expiring after STREAM_TTL), then the
     layer's own PUBLISH of each event (the message a `group_send` would publish); the batches
-    of other conversations ready at the same time share that round trip (`_RedisRounds`).
+    of other conversations ready at the same time share that round trip (`_send_round`).
     Otherwise the stream append and the layer's `group_send` go separately, as before.
     """
     client = redis_client()
@@ -117,7 +118,10 @@ async def _send(batch: list[dict[str, Any]], texts: list[str]) -> None:
         for event, text in zip(batch, texts, strict=True):
             await _publish(event, text)
         return
-    failed = await _redis_rounds(client).send(client, layer, channel, batch, texts)
+    rounds = _rounds.get(client)
+    if rounds is None:
+        rounds = _rounds[client] = Rounds(_send_round)
+    failed = await rounds.submit((client, layer, channel, batch, texts))
     if failed:
         logger.warning(
             "events not all appended to the Redis Stream or published; replay serves them from the database",
@@ -125,66 +129,34 @@ async def _send(batch: list[dict[str, Any]], texts: list[str]) -> None:
         )
 
 
-class _RedisRounds:
-    """The Redis commands of every batch ready at once, in one pipeline: one round trip for the
-    stored batches of many conversations.
-
-    One per Redis client (so per event loop). A batch waits at most for the round in flight;
-    each conversation's batches still go in order, because its log sends the next one only
-    after this one is done.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: list[tuple[Any, str, list[dict[str, Any]], list[str], asyncio.Future[list[Any]]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def send(
-        self, client: aioredis.Redis, layer: Any, channel: str, batch: list[dict[str, Any]], texts: list[str]
-    ) -> list[Any]:
-        """Append the batch to its stream and publish it on `channel`; the errors of its commands.
-
-        `client` is the one these rounds belong to (held only while a round runs: the rounds
-        are kept by a weak reference to it)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[Any]] = loop.create_future()
-        self._waiting.append((layer, channel, batch, texts, done))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._run(client))
-        # Shielded: a run cancelled while it waits leaves the round, and the others in it, alone.
-        return await asyncio.shield(done)
-
-    async def _run(self, client: aioredis.Redis) -> None:
-        while self._waiting:
-            round_, self._waiting = self._waiting, []
-            counts = [2 * len(batch) + 1 for _, _, batch, _, _ in round_]  # XADDs, EXPIRE, PUBLISHes
-            results: list[Any] = []
-            try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for layer, channel, batch, texts, _ in round_:
-                        _queue_appends(pipe, stream_key(batch[0]["conversation_id"]), batch, texts)
-                        for event, text in zip(batch, texts, strict=True):
-                            pipe.publish(channel, layer.serialize(_live_message(event, text)))
-                    results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                results = [exc] * sum(counts)
-            finally:
-                # Every batch of the round gets its answer, whatever happened (even a cancel).
-                start = 0
-                for (*_, done), count in zip(round_, counts, strict=True):
-                    mine = results[start : start + count] or [RedisError("the round did not finish")]
-                    start += count
-                    if not done.done():
-                        done.set_result([r for r in mine if isinstance(r, Exception)])
+# A round's item: the client, the channel layer, its pub/sub channel, the batch, its texts.
+_Send = tuple[aioredis.Redis, Any, str, list[dict[str, Any]], list[str]]
 
 
-_rounds: weakref.WeakKeyDictionary[aioredis.Redis, _RedisRounds] = weakref.WeakKeyDictionary()
+async def _send_round(sends: list[_Send]) -> list[list[Any] | BaseException]:
+    """Every batch of the round appended to its stream and published, in one pipeline; for each
+    batch, the errors of its commands."""
+    client = sends[0][0]  # one client per round: the rounds are kept per client
+    counts = [2 * len(batch) + 1 for _, _, _, batch, _ in sends]  # XADDs, EXPIRE, PUBLISHes
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for _, layer, channel, batch, texts in sends:
+                _queue_appends(pipe, stream_key(batch[0]["conversation_id"]), batch, texts)
+                for event, text in zip(batch, texts, strict=True):
+                    pipe.publish(channel, layer.serialize(_live_message(event, text)))
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+    except (RedisError, OSError) as exc:
+        results = [exc] * sum(counts)
+    outcomes: list[list[Any] | BaseException] = []
+    start = 0
+    for count in counts:
+        outcomes.append([r for r in results[start : start + count] if isinstance(r, Exception)])
+        start += count
+    return outcomes
 
 
-def _redis_rounds(client: aioredis.Redis) -> _RedisRounds:
-    rounds = _rounds.get(client)
-    if rounds is None:
-        rounds = _rounds[client] = _RedisRounds()
-    return rounds
+# Per Redis client (so per event loop); weakly, so a client's rounds go with it.
+_rounds: weakref.WeakKeyDictionary[aioredis.Redis, Rounds[_Send, list[Any]]] = weakref.WeakKeyDictionary()
 
 
 def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]], texts: list[str]) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 from django.db import connections
 
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
+from conversations.rounds import Rounds
 
 POOL_MAX = 4  # per event loop: batches of many conversations share a few connections
 
@@ -398,73 +399,37 @@ async def _write_many(writes: list[_Write]) -> None:
         await conn.execute(_many_sql(bool(messages), bool(votes), bool(results)), params)
 
 
-class _Rounds:
-    """The batches of every conversation ready at once, written in one statement (one round trip
-    for many conversations' batches, not one each).
+async def _write_round(writes: list[_Write]) -> list[BaseException | None]:
+    """The batches of several conversations ready at once: one statement for all of them.
 
-    One per event loop. A batch waits at most for the round in flight; each conversation's
-    batches still go in order, because its log writes the next one only after this one is
-    stored. If a round's statement is refused (a stale run's duplicate seq, a conversation
-    deleted meanwhile), nothing of it is stored and each batch is written again on its own, so
-    only the faulty one fails; a lost connection fails every batch of the round, and each is
-    retried by its log as before.
+    If that statement is refused (a stale run's duplicate seq, a conversation deleted meanwhile)
+    nothing of it is stored, and each batch is written again on its own, so only the faulty one
+    fails. A lost connection fails every batch of the round; each log retries its own as before.
+    Two batches of one conversation (a stale run beside its resumed one) never share a
+    statement: each sets the conversation's last_seq as it would alone.
     """
+    import psycopg
+    import psycopg_pool
 
-    def __init__(self) -> None:
-        self._waiting: list[tuple[_Write, asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def write(self, write: _Write) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((write, done))
-        if self._task is None or self._task.done():
-            # Its own context: a round never writes on a connection pinned by its first caller.
-            self._task = loop.create_task(self._run(), context=contextvars.Context())
-        # Shielded: a run cancelled while it waits leaves the round, and the others in it, alone.
-        await asyncio.shield(done)
-
-    async def _run(self) -> None:
-        import psycopg
-        import psycopg_pool
-
-        lost = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
-        while self._waiting:
-            round_, self._waiting = self._waiting, []
-            try:
-                # Two batches of one conversation (a stale run beside its resumed one) never share
-                # a statement: each sets the conversation's last_seq as it would alone.
-                if len(round_) > 1 and len({write[0] for write, _ in round_}) == len(round_):
-                    try:
-                        await _write_many([write for write, _ in round_])
-                        _answer(round_, None)
-                    except lost as exc:
-                        _answer(round_, exc)
-                    except Exception:  # noqa: S110 (refused as a whole: written again below, one by one)
-                        pass
-                for write, done in round_:
-                    if not done.done():
-                        try:
-                            await write_batch(*write)
-                            _answer([(write, done)], None)
-                        except Exception as exc:
-                            _answer([(write, done)], exc)
-            finally:
-                for _, done in round_:
-                    if not done.done():
-                        done.cancel()  # the loop is going away: nobody is left to answer
+    if len(writes) > 1 and len({write[0] for write in writes}) == len(writes):
+        try:
+            await _write_many(writes)
+            return [None] * len(writes)
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
+            return [exc] * len(writes)
+        except Exception:  # noqa: S110 (refused as a whole: written again below, one by one)
+            pass
+    outcomes: list[BaseException | None] = []
+    for write in writes:
+        try:
+            await write_batch(*write)
+            outcomes.append(None)
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
-def _answer(round_: list[tuple[_Write, asyncio.Future[None]]], error: BaseException | None) -> None:
-    for _, done in round_:
-        if not done.done():
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
-
-
-_rounds: dict[asyncio.AbstractEventLoop, _Rounds] = {}
+_rounds: dict[asyncio.AbstractEventLoop, Rounds[_Write, None]] = {}
 
 
 async def write_batches(
@@ -475,8 +440,8 @@ async def write_batches(
     texts: list[str] | None = None,
 ) -> None:
     """`write_batch`, sharing its statement with the batches of other conversations ready at the
-    same time (`_Rounds`). A batch that sets conversation fields beyond its last_seq (a run's
-    start or end), or has no events, is written on its own."""
+    same time (`conversations.rounds`, `_write_round`). A batch that sets conversation fields
+    beyond its last_seq (a run's start or end), or has no events, is written on its own."""
     if rows.conversation or not batch:
         await write_batch(conversation_id, batch, rows, now, texts)
         return
@@ -485,8 +450,8 @@ async def write_batches(
     if rounds is None:
         for closed in [old for old in _rounds if old.is_closed()]:
             del _rounds[closed]
-        rounds = _rounds[loop] = _Rounds()
-    await rounds.write((conversation_id, batch, rows, now, texts))
+        rounds = _rounds[loop] = Rounds(_write_round)
+    await rounds.submit((conversation_id, batch, rows, now, texts))
 
 
 _read_cache: dict[tuple[tuple[str, ...], ...], str] = {}
