@@ -9,6 +9,9 @@
    c) the same with 10 events per batch (a turn's rows together).
    Reports events/s and this process's CPU per event (process_time).
 2. Redis: XADD (+EXPIRE, pipelined, as `_append_to_stream`) and PUBLISH per event, C at once.
+3. The event log as the application runs it: `EventLog.emit` of C conversations at once, each
+   event stored, appended and published before the next (one batch per event, a run's
+   unbuffered events): the batches ready together share a statement and a Redis pipeline.
 
 Needs DATABASE_URL (PostgreSQL) and REDIS_URL; writes to its own rows and keys, then deletes them.
 
@@ -91,9 +94,15 @@ async def main(args: argparse.Namespace) -> None:
     from psycopg.types.json import Jsonb
     from psycopg_pool import AsyncConnectionPool
 
-    from conversations.events import _store, redis_client, stream_key
+    from conversations.events import EventLog, _store, redis_client, stream_key
 
     results = []
+    logs: dict[uuid.UUID, EventLog] = {}
+
+    async def emit(cid: uuid.UUID, batch: list[dict[str, Any]]) -> None:
+        log = logs.setdefault(cid, EventLog(cid))
+        for event in batch:
+            await log.emit("agent_response", agent_id="agent_0", turn=1, content=event["content"])
 
     async def orm(cid: uuid.UUID, batch: list[dict[str, Any]]) -> None:
         await _store(cid, batch, timezone.now())
@@ -143,6 +152,9 @@ async def main(args: argparse.Namespace) -> None:
 
     results.append(await measure("redis: XADD + EXPIRE pipeline", args.concurrency, args.events, 1, xadd))
     results.append(await measure("redis: PUBLISH", args.concurrency, args.events, 1, publish))
+    results.append(
+        await measure("event log: emit (store, stream, publish)", args.concurrency, args.events, 1, emit)
+    )
     keys = [key async for key in client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:*", count=1000)]
     if keys:
         await client.delete(*keys)
