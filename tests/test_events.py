@@ -25,6 +25,23 @@ async def new_log() -> EventLog:
     return await EventLog.open(conversation.pk)
 
 
+def count_pipelines(monkeypatch: pytest.MonkeyPatch) -> tuple[aioredis.Redis, list[int]]:
+    """The event log's Redis client of this loop, and a list that grows by one per pipeline it opens."""
+    from conversations import events
+
+    client = events.redis_client()
+    assert client is not None
+    opened: list[int] = []
+    make_pipeline = client.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        return make_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(client, "pipeline", counted)
+    return client, opened
+
+
 async def test_events_are_stored_before_they_are_published() -> None:
     log = await new_log()
     layer = get_channel_layer()
@@ -157,17 +174,7 @@ async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
         separately.append(event)
 
     monkeypatch.setattr(events, "_publish", publish)
-    client = events.redis_client()
-    assert client is not None
-    pipelines = 0
-    make_pipeline = client.pipeline
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal pipelines
-        pipelines += 1
-        return make_pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(client, "pipeline", counted)
+    client, pipelines = count_pipelines(monkeypatch)
     emitted = await log.emit("turn_started", turn=1)
     message = await asyncio.wait_for(layer.receive(channel), timeout=5)
     # The layer's own message, as a group_send would have published it; and in the stream.
@@ -175,7 +182,7 @@ async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
     assert json.loads(message["text"]) == emitted
     stored = await client.xrange(stream_key(log.conversation_id))
     assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1]
-    assert pipelines == 1
+    assert len(pipelines) == 1
     assert separately == []
 
 
@@ -218,17 +225,7 @@ async def test_batches_of_several_conversations_ready_together_share_one_round_t
     channels = [await layer.new_channel() for _ in logs]
     for log, channel in zip(logs, channels, strict=True):
         await layer.group_add(group_name(log.conversation_id), channel)
-    client = events.redis_client()
-    assert client is not None
-    pipelines = 0
-    make_pipeline = client.pipeline
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal pipelines
-        pipelines += 1
-        return make_pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(client, "pipeline", counted)
+    client, pipelines = count_pipelines(monkeypatch)
     batches = [
         [{"type": "agent_delta", "conversation_id": str(log.conversation_id), "seq": seq} for seq in (1, 2)]
         for log in logs
@@ -237,7 +234,7 @@ async def test_batches_of_several_conversations_ready_together_share_one_round_t
     await asyncio.sleep(0)  # every batch is waiting for the round now
     sends[1].cancel()  # a run cancelled while its batch waits: the round still sends it, and the others
     await asyncio.gather(*sends, return_exceptions=True)
-    assert pipelines == 1
+    assert len(pipelines) == 1
     for log, channel in zip(logs, channels, strict=True):
         # Each conversation's events, in order, in its own stream and to its own followers only.
         stored = await client.xrange(stream_key(log.conversation_id))

@@ -329,26 +329,35 @@ async def test_the_warm_up_rehearses_a_run_on_every_connection_and_leaves_nothin
     await store.close_pool()
 
 
+@pytest.fixture
+def shared_statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of batches of each shared statement (`store._write_many`) the test made."""
+    counts: list[int] = []
+    write_many = store._write_many
+
+    async def recorded(writes: list[Any]) -> None:
+        counts.append(len(writes))
+        await write_many(writes)
+
+    monkeypatch.setattr(store, "_write_many", recorded)
+    return counts
+
+
 def ballot(conversation: Conversation, voter: str, choice: str) -> dict[str, object]:
     return {"conversation_id": conversation.pk, "exchange": 1, "voter": voter, "choice": choice}
 
 
 async def test_batches_of_several_conversations_ready_together_share_one_statement(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, shared_statements: list[int]
 ) -> None:
     conversations = [await new_conversation() for _ in range(3)]
-    statements: list[int] = []
-    write_many, write_one = store._write_many, store.write_batch
-
-    async def many(writes: list[Any]) -> None:
-        statements.append(len(writes))
-        await write_many(writes)
+    alone: list[int] = []
+    write_one = store.write_batch
 
     async def one(*args: Any) -> None:
-        statements.append(1)
+        alone.append(1)
         await write_one(*args)
 
-    monkeypatch.setattr(store, "_write_many", many)
     monkeypatch.setattr(store, "write_batch", one)
     now = timezone.now()
     await asyncio.gather(
@@ -366,7 +375,7 @@ async def test_batches_of_several_conversations_ready_together_share_one_stateme
             for n, c in enumerate(conversations)
         )
     )
-    assert statements == [3]
+    assert (shared_statements, alone) == ([3], [])
     for n, c in enumerate(conversations):
         # Each conversation's own rows and counter, as its own statement would have written them.
         await c.arefresh_from_db()
@@ -381,17 +390,9 @@ async def test_batches_of_several_conversations_ready_together_share_one_stateme
 
 
 async def test_a_refused_round_is_written_again_batch_by_batch_so_only_the_faulty_one_fails(
-    monkeypatch: pytest.MonkeyPatch,
+    shared_statements: list[int],
 ) -> None:
     good, stale = await new_conversation(), await new_conversation()
-    rounds: list[int] = []
-    write_many = store._write_many
-
-    async def many(writes: list[Any]) -> None:
-        rounds.append(len(writes))
-        await write_many(writes)
-
-    monkeypatch.setattr(store, "_write_many", many)
     await store.write_batch(stale.pk, [event(stale, 1)], store.Rows(), timezone.now())
     now = timezone.now()
     # A stale run writes seq 1 again: its batch is refused, the other conversation's is stored.
@@ -400,7 +401,7 @@ async def test_a_refused_round_is_written_again_batch_by_batch_so_only_the_fault
         store.write_batches(stale.pk, [event(stale, 1)], store.Rows(), now),
         return_exceptions=True,
     )
-    assert rounds == [2]  # tried together first
+    assert shared_statements == [2]  # tried together first
     assert results[0] is None
     assert isinstance(results[1], psycopg.errors.UniqueViolation)
     await good.arefresh_from_db()
@@ -410,15 +411,9 @@ async def test_a_refused_round_is_written_again_batch_by_batch_so_only_the_fault
 
 
 async def test_batches_that_set_conversation_fields_or_have_no_event_are_written_on_their_own(
-    monkeypatch: pytest.MonkeyPatch,
+    shared_statements: list[int],
 ) -> None:
     first, second, third = await new_conversation(), await new_conversation(), await new_conversation()
-    shared: list[int] = []
-
-    async def recorded(writes: list[Any]) -> None:
-        shared.append(len(writes))
-
-    monkeypatch.setattr(store, "_write_many", recorded)
     now = timezone.now()
     await asyncio.gather(
         store.write_batches(
@@ -429,7 +424,7 @@ async def test_batches_that_set_conversation_fields_or_have_no_event_are_written
         ),
         store.write_batches(third.pk, [event(third, 1)], store.Rows(), now),
     )
-    assert shared == []
+    assert shared_statements == []
     await first.arefresh_from_db()
     assert (first.last_seq, first.turns_completed) == (1, 2)
     assert await Message.objects.filter(conversation=second).aexists()
@@ -438,42 +433,28 @@ async def test_batches_that_set_conversation_fields_or_have_no_event_are_written
 
 
 async def test_a_round_that_meets_a_restarted_database_is_retried_by_each_log(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, shared_statements: list[int]
 ) -> None:
     monkeypatch.setattr(settings.CONFIG, "EVENT_STORE_PIPELINED", True)
     conversations = [await new_conversation() for _ in range(3)]
     logs = [await EventLog.open(c.pk) for c in conversations]
     await asyncio.gather(*(log.emit("turn_started", turn=1) for log in logs))
-    rounds: list[int] = []
-    write_many = store._write_many
-
-    async def many(writes: list[Any]) -> None:
-        rounds.append(len(writes))
-        await write_many(writes)
-
-    monkeypatch.setattr(store, "_write_many", many)
+    before = len(shared_statements)
     assert end_event_store_connections()
     await asyncio.gather(*(log.emit("turn_completed", turn=1) for log in logs))
-    assert rounds[:1] == [3]  # the shared statement met the dead connection; each log retried
+    # The shared statement met the dead connection; each log retried its own batch.
+    assert shared_statements[before : before + 1] == [3]
     for c in conversations:
         assert [e.seq async for e in Event.objects.filter(conversation=c).order_by("seq")] == [1, 2]
 
 
-async def test_two_batches_of_one_conversation_never_share_a_statement(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_two_batches_of_one_conversation_never_share_a_statement(shared_statements: list[int]) -> None:
     conversation = await new_conversation()
-    shared: list[int] = []
-
-    async def recorded(writes: list[Any]) -> None:
-        shared.append(len(writes))
-
-    monkeypatch.setattr(store, "_write_many", recorded)
     now = timezone.now()
     await asyncio.gather(
         store.write_batches(conversation.pk, [event(conversation, 1)], store.Rows(), now),
         store.write_batches(conversation.pk, [event(conversation, 2)], store.Rows(), now),
     )
-    assert shared == []
+    assert shared_statements == []
     await conversation.arefresh_from_db()
     assert conversation.last_seq == 2  # the later batch, as written on its own
