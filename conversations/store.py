@@ -571,3 +571,36 @@ async def begin_run(
     conversation = Conversation.from_db("default", [f.attname for f in _CONVERSATION_FIELDS], row[:n])
     messages, questions, answers, last_seq = row[n:]
     return conversation, messages or [], questions or [], answers or [], int(last_seq)
+
+
+_admission_sql: list[str] = []
+
+
+async def admission_row(
+    ip: str | None, key_hash: str, conversation_id: uuid.UUID
+) -> tuple[bool, str | None, Any]:
+    """What a WebSocket handshake checks, in one statement on the event loop's pool: whether `ip`
+    is blocked now, the conversation's owner (None if it is gone), and the API key with this hash
+    (an `ApiKey` loaded from its row, or None).
+
+    The same reads as `gateway.blocking.is_blocked`, `gateway.keys.key_authenticate`'s lookup and
+    the owner check, without the ORM and its thread hop (`streaming.consumers.aadmit`).
+    """
+    from gateway.models import ApiKey, BlockedIP
+
+    if not _admission_sql:
+        columns = ", ".join(f'k."{f.column}"' for f in ApiKey._meta.concrete_fields)
+        blocked = BlockedIP._meta.db_table
+        _admission_sql.append(
+            f'SELECT EXISTS (SELECT 1 FROM "{blocked}" b WHERE b."ip" = %(ip)s::inet'  # noqa: S608
+            ' AND (b."expires_at" IS NULL OR b."expires_at" > now())), '
+            f'(SELECT c."owner" FROM "{Conversation._meta.db_table}" c WHERE c."id" = %(c)s), {columns} '
+            f'FROM (SELECT 1) AS one LEFT JOIN "{ApiKey._meta.db_table}" k ON k."key_hash" = %(h)s'
+        )
+    row = await _read_one(_admission_sql[0], {"ip": ip, "c": conversation_id, "h": key_hash})
+    assert row is not None  # one row always: the LEFT JOIN keeps it without a key
+    blocked_now, owner, *key_values = row
+    key = None
+    if key_values[0] is not None:
+        key = ApiKey.from_db("default", [f.attname for f in ApiKey._meta.concrete_fields], key_values)
+    return bool(blocked_now), owner, key

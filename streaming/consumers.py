@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 from channels.db import aclose_old_connections
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.utils import timezone
 
 from conversations.events import group_name, in_pool_thread, read_events
 from conversations.models import Conversation
@@ -154,10 +156,59 @@ def admit(scope: dict[str, Any]) -> Admission:
 
 
 async def aadmit(scope: dict[str, Any]) -> Admission:
-    """`admit` off the event loop. On PostgreSQL any pool thread takes it, so a thousand clients
-    connecting at once are checked in parallel, not queued behind the one thread that Django's
-    async ORM uses outside a request; SQLite keeps that one thread (a single writer)."""
+    """`admit` off the event loop.
+
+    On PostgreSQL the common handshake (an API key that is known, usable and recently used, a
+    valid conversation id, an allowed origin) is decided by one statement on the event loop's
+    pool (`admit_in_one_statement`). Everything else (a JWT, no token, a failure to record, a
+    last-used time to refresh) takes `admit` in a pool thread: any thread of it, so a thousand
+    clients connecting at once are checked in parallel, not queued behind the one thread that
+    Django's async ORM uses outside a request; SQLite keeps that one thread (a single writer).
+    """
+    if settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED:
+        admission = await admit_in_one_statement(scope)
+        if admission is not None:
+            return admission
     return await in_pool_thread(admit, scope)
+
+
+async def admit_in_one_statement(scope: dict[str, Any]) -> Admission | None:
+    """`admit`'s decision from one statement (`store.admission_row`), or None where `admit`
+    must decide (it records failures and refreshes the key's last-used time)."""
+    from conversations import store
+    from gateway.auth import JWT_SHAPE, MAX_TOKEN_LENGTH
+    from gateway.keys import LAST_USED_RESOLUTION, KeyRejected, check_usable, principal_for_key
+    from gateway.models import hash_key
+    from gateway.net import client_ip
+
+    token = token_from_scope(scope)[0]
+    if not token or len(token) > MAX_TOKEN_LENGTH or JWT_SHAPE.match(token) or not origin_allowed(scope):
+        return None
+    try:
+        conversation_id = uuid.UUID(str(scope["url_route"]["kwargs"]["conversation_id"]))
+    except ValueError:
+        return None
+    try:
+        blocked, owner, key = await store.admission_row(client_ip(scope), hash_key(token), conversation_id)
+    except psycopg.Error:
+        return None  # `admit` decides, and fails open on the block list as it always did
+    if blocked:
+        return Admission(accept=False, code=CLOSE_FORBIDDEN)
+    now = timezone.now()
+    if key is None or key.last_used_at is None or key.last_used_at < now - LAST_USED_RESOLUTION:
+        return None
+    try:
+        check_usable(key, now)
+    except KeyRejected:
+        return None
+    principal = principal_for_key(key)
+    if not principal.has("read"):
+        return Admission(accept=True, code=CLOSE_FORBIDDEN)
+    if owner is None:
+        return Admission(accept=True, code=CLOSE_NOT_FOUND)
+    if not principal.is_admin and owner != principal.owner:
+        return Admission(accept=True, code=CLOSE_FORBIDDEN)
+    return Admission(accept=True, principal=principal, conversation_id=conversation_id)
 
 
 class ConversationConsumer(AsyncJsonWebsocketConsumer):
