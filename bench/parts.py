@@ -12,6 +12,8 @@
 3. The event log as the application runs it: `EventLog.emit` of C conversations at once, each
    event stored, appended and published before the next (one batch per event, a run's
    unbuffered events): the batches ready together share a statement and a Redis pipeline.
+4. A WebSocket handshake's checks (block list, key, owner), C at once: `admit` through the ORM
+   in a pool thread, and the one statement a known key takes (`admit_in_one_statement`).
 
 Needs DATABASE_URL (PostgreSQL) and REDIS_URL; writes to its own rows and keys, then deletes them.
 
@@ -88,6 +90,58 @@ async def measure(
     }
 
 
+async def measure_handshakes(concurrency: int) -> list[dict[str, Any]]:
+    """`concurrency` handshakes of one key following its own conversation, checked at once."""
+    from asgiref.sync import sync_to_async
+    from django.utils import timezone
+
+    from conversations.events import in_pool_thread
+    from conversations.models import Conversation
+    from gateway.models import ApiKey, generate_key, hash_key
+    from streaming.consumers import admit, admit_in_one_statement
+
+    raw = generate_key()
+    key = await ApiKey.objects.acreate(
+        name="bench:parts",
+        prefix=raw[:10],
+        key_hash=hash_key(raw),
+        permissions=["read"],
+        last_used_at=timezone.now(),
+    )
+    conversation = await Conversation.objects.acreate(owner=f"key:{key.pk}")
+    scope = {
+        "type": "websocket",
+        "path": f"/ws/{conversation.pk}",
+        "headers": [],
+        "client": ("203.0.113.9", 40000),
+        "subprotocols": [f"bearer.{raw}"],
+        "query_string": b"",
+        "url_route": {"kwargs": {"conversation_id": str(conversation.pk)}},
+    }
+    paths: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("admit (ORM, pool thread)", lambda: in_pool_thread(admit, scope)),
+        ("one statement (admit_in_one_statement)", lambda: admit_in_one_statement(scope)),
+    ]
+    results = []
+    for name, check in paths:
+        await asyncio.gather(*(check() for _ in range(20)))  # warm: pools, plans
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        decisions = await asyncio.gather(*(check() for _ in range(concurrency)))
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        assert all(d is not None and d.principal is not None for d in decisions)
+        results.append(
+            {
+                "part": name,
+                "concurrency": concurrency,
+                "checks_per_s": round(concurrency / wall),
+                "cpu_ms_per_check": round(cpu * 1000 / concurrency, 2),
+            }
+        )
+    await sync_to_async(conversation.delete)()
+    await sync_to_async(key.delete)()
+    return results
+
+
 async def main(args: argparse.Namespace) -> None:
     from django.conf import settings
     from django.utils import timezone
@@ -155,6 +209,7 @@ async def main(args: argparse.Namespace) -> None:
     results.append(
         await measure("event log: emit (store, stream, publish)", args.concurrency, args.events, 1, emit)
     )
+    handshakes = await measure_handshakes(args.concurrency * 6)
     keys = [key async for key in client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:*", count=1000)]
     if keys:
         await client.delete(*keys)
@@ -165,6 +220,9 @@ async def main(args: argparse.Namespace) -> None:
             f"{r['part']:<44} {r['concurrency']:>5} {r['batch']:>5} {r['events_per_s']:>9} "
             f"{r['round_trips_per_s']:>8} {r['cpu_us_per_event']:>12}"
         )
+    print(f"\n{'WebSocket handshake checks':<44} {'conc':>5} {'checks/s':>9} {'CPU ms/check':>12}")
+    for r in handshakes:
+        print(f"{r['part']:<44} {r['concurrency']:>5} {r['checks_per_s']:>9} {r['cpu_ms_per_check']:>12}")
 
 
 if __name__ == "__main__":
