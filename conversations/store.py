@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import re
 import uuid
@@ -33,6 +34,7 @@ from typing import Any
 
 from django.db import connections
 
+from agents.providers.loops import PerLoop
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 from conversations.rounds import Rounds
 
@@ -113,29 +115,32 @@ def _insert_json(model: type[Any], fields: list[Any], suffix: str) -> str:
 _sql_cache: dict[tuple[bool, bool, bool, bool, tuple[str, ...]], str] = {}
 
 
+def _with_rows(messages: bool, votes: bool, result: bool, events: bool) -> str:
+    """The data-modifying CTEs that insert these kinds of rows (each from one JSON parameter)."""
+    parts = []
+    if messages:
+        parts.append(f"m AS ({_insert_json(Message, _MESSAGE_FIELDS, _MESSAGE_CONFLICT)})")
+    if votes:
+        parts.append(f"v AS ({_insert_json(Vote, _VOTE_FIELDS, _VOTE_CONFLICT)})")
+    if result:
+        parts.append(f"c AS ({_insert_json(ConsensusResult, _RESULT_FIELDS, _RESULT_CONFLICT)})")
+    if events:
+        parts.append(f"e AS ({_insert_json(Event, _EVENT_FIELDS, '')})")
+    # Every data-modifying CTE runs whether or not the main statement reads it.
+    return f"WITH {', '.join(parts)} " if parts else ""
+
+
 def _batch_sql(messages: bool, votes: bool, result: bool, events: bool, names: tuple[str, ...]) -> str:
     """The one statement of a batch with these parts (cached: a handful of shapes exist)."""
     key = (messages, votes, result, events, names)
     sql = _sql_cache.get(key)
     if sql is None:
-        parts = []
-        if messages:
-            parts.append(f"m AS ({_insert_json(Message, _MESSAGE_FIELDS, _MESSAGE_CONFLICT)})")
-        if votes:
-            parts.append(f"v AS ({_insert_json(Vote, _VOTE_FIELDS, _VOTE_CONFLICT)})")
-        if result:
-            parts.append(f"c AS ({_insert_json(ConsensusResult, _RESULT_FIELDS, _RESULT_CONFLICT)})")
-        if events:
-            parts.append(f"e AS ({_insert_json(Event, _EVENT_FIELDS, '')})")
-        with_ = f"WITH {', '.join(parts)} " if parts else ""
         if names:
             sets = ", ".join(f'"{_column(Conversation, n)}" = %s' for n in names)
             main = f'UPDATE "{Conversation._meta.db_table}" SET {sets} WHERE "id" = %s'  # noqa: S608
         else:
             main = "SELECT 1"  # rows without events: the conversation row stays as it is
-        # Every data-modifying CTE runs whether or not the main statement reads it.
-        sql = with_ + main
-        _sql_cache[key] = sql
+        sql = _sql_cache[key] = _with_rows(messages, votes, result, events) + main
     return sql
 
 
@@ -361,19 +366,15 @@ async def write_batch(
 _Write = tuple[uuid.UUID, list[dict[str, Any]], Rows, datetime, list[str] | None]
 
 
+@functools.cache
 def _many_sql(messages: bool, votes: bool, result: bool) -> str:
     """The statement of a round: the batches' rows and events, and each conversation's last_seq."""
-    key = (messages, votes, result, True, ("*",))
-    sql = _sql_cache.get(key)
-    if sql is None:
-        with_ = _batch_sql(messages, votes, result, True, ()).removesuffix("SELECT 1")
-        table = Conversation._meta.db_table
-        seq = Conversation._meta.get_field("last_seq").db_type(connections["default"])
-        sql = _sql_cache[key] = (
-            f'{with_}UPDATE "{table}" AS t SET "last_seq" = r."last_seq" '  # noqa: S608
-            f'FROM json_to_recordset(%s::json) AS r("id" uuid, "last_seq" {seq}) WHERE t."id" = r."id"'
-        )
-    return sql
+    table = Conversation._meta.db_table
+    seq = Conversation._meta.get_field("last_seq").db_type(connections["default"])
+    return (
+        f'{_with_rows(messages, votes, result, True)}UPDATE "{table}" AS t SET "last_seq" = r."last_seq" '  # noqa: S608
+        f'FROM json_to_recordset(%s::json) AS r("id" uuid, "last_seq" {seq}) WHERE t."id" = r."id"'
+    )
 
 
 async def _write_many(writes: list[_Write]) -> None:
@@ -429,7 +430,8 @@ async def _write_round(writes: list[_Write]) -> list[BaseException | None]:
     return outcomes
 
 
-_rounds: dict[asyncio.AbstractEventLoop, Rounds[_Write, None]] = {}
+# One per event loop, forgotten with it.
+_rounds: PerLoop[Rounds[_Write, None]] = PerLoop(lambda: Rounds(_write_round))
 
 
 async def write_batches(
@@ -445,13 +447,7 @@ async def write_batches(
     if rows.conversation or not batch:
         await write_batch(conversation_id, batch, rows, now, texts)
         return
-    loop = asyncio.get_running_loop()
-    rounds = _rounds.get(loop)
-    if rounds is None:
-        for closed in [old for old in _rounds if old.is_closed()]:
-            del _rounds[closed]
-        rounds = _rounds[loop] = Rounds(_write_round)
-    await rounds.submit((conversation_id, batch, rows, now, texts))
+    await _rounds.get().submit((conversation_id, batch, rows, now, texts))
 
 
 _read_cache: dict[tuple[tuple[str, ...], ...], str] = {}
@@ -573,7 +569,20 @@ async def begin_run(
     return conversation, messages or [], questions or [], answers or [], int(last_seq)
 
 
-_admission_sql: list[str] = []
+@functools.cache
+def _admission_statement() -> tuple[str, list[str]]:
+    """The handshake's statement, and the attnames of the ApiKey columns it reads, in order."""
+    from gateway.models import ApiKey, BlockedIP
+
+    fields = ApiKey._meta.concrete_fields
+    columns = ", ".join(f'k."{f.column}"' for f in fields)
+    sql = (
+        f'SELECT EXISTS (SELECT 1 FROM "{BlockedIP._meta.db_table}" b WHERE b."ip" = %(ip)s::inet'  # noqa: S608
+        ' AND (b."expires_at" IS NULL OR b."expires_at" > now())), '
+        f'(SELECT c."owner" FROM "{Conversation._meta.db_table}" c WHERE c."id" = %(c)s), {columns} '
+        f'FROM (SELECT 1) AS one LEFT JOIN "{ApiKey._meta.db_table}" k ON k."key_hash" = %(h)s'
+    )
+    return sql, [f.attname for f in fields]
 
 
 async def admission_row(
@@ -586,21 +595,11 @@ async def admission_row(
     The same reads as `gateway.blocking.is_blocked`, `gateway.keys.key_authenticate`'s lookup and
     the owner check, without the ORM and its thread hop (`streaming.consumers.aadmit`).
     """
-    from gateway.models import ApiKey, BlockedIP
+    from gateway.models import ApiKey
 
-    if not _admission_sql:
-        columns = ", ".join(f'k."{f.column}"' for f in ApiKey._meta.concrete_fields)
-        blocked = BlockedIP._meta.db_table
-        _admission_sql.append(
-            f'SELECT EXISTS (SELECT 1 FROM "{blocked}" b WHERE b."ip" = %(ip)s::inet'  # noqa: S608
-            ' AND (b."expires_at" IS NULL OR b."expires_at" > now())), '
-            f'(SELECT c."owner" FROM "{Conversation._meta.db_table}" c WHERE c."id" = %(c)s), {columns} '
-            f'FROM (SELECT 1) AS one LEFT JOIN "{ApiKey._meta.db_table}" k ON k."key_hash" = %(h)s'
-        )
-    row = await _read_one(_admission_sql[0], {"ip": ip, "c": conversation_id, "h": key_hash})
+    sql, attnames = _admission_statement()
+    row = await _read_one(sql, {"ip": ip, "c": conversation_id, "h": key_hash})
     assert row is not None  # one row always: the LEFT JOIN keeps it without a key
     blocked_now, owner, *key_values = row
-    key = None
-    if key_values[0] is not None:
-        key = ApiKey.from_db("default", [f.attname for f in ApiKey._meta.concrete_fields], key_values)
+    key = ApiKey.from_db("default", attnames, key_values) if key_values[0] is not None else None
     return bool(blocked_now), owner, key
