@@ -148,6 +148,11 @@ def admit(scope: dict[str, Any]) -> Admission:
     except ValueError:
         return Admission(accept=True, code=CLOSE_NOT_FOUND)
     owner = Conversation.objects.filter(pk=conversation_id).values_list("owner", flat=True).first()
+    return _follow(principal, conversation_id, owner)
+
+
+def _follow(principal: Principal, conversation_id: uuid.UUID, owner: str | None) -> Admission:
+    """The last check of a handshake: the conversation exists, and is the principal's (or an admin's)."""
     if owner is None:
         return Admission(accept=True, code=CLOSE_NOT_FOUND)
     if not principal.is_admin and owner != principal.owner:
@@ -204,11 +209,7 @@ async def admit_in_one_statement(scope: dict[str, Any]) -> Admission | None:
     principal = principal_for_key(key)
     if not principal.has("read"):
         return Admission(accept=True, code=CLOSE_FORBIDDEN)
-    if owner is None:
-        return Admission(accept=True, code=CLOSE_NOT_FOUND)
-    if not principal.is_admin and owner != principal.owner:
-        return Admission(accept=True, code=CLOSE_FORBIDDEN)
-    return Admission(accept=True, principal=principal, conversation_id=conversation_id)
+    return _follow(principal, conversation_id, owner)
 
 
 class ConversationConsumer(AsyncJsonWebsocketConsumer):
