@@ -57,13 +57,14 @@ MIDDLEWARE = [
     "gateway.middleware.BlockedIPMiddleware",
     "gateway.middleware.RequestIdMiddleware",
     "gateway.middleware.RateLimitHeadersMiddleware",
-    "django.middleware.security.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Django's own, run on the event loop where they do no I/O (polyagents_site/middleware.py).
+    "polyagents_site.middleware.SecurityMiddleware",
+    "polyagents_site.middleware.SessionMiddleware",
+    "polyagents_site.middleware.CommonMiddleware",
+    "polyagents_site.middleware.CsrfViewMiddleware",
+    "polyagents_site.middleware.AuthenticationMiddleware",
+    "polyagents_site.middleware.MessageMiddleware",
+    "polyagents_site.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "polyagents_site.urls"

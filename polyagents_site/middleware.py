@@ -1,0 +1,121 @@
+"""Django's own middleware, without a thread hop for work that does no I/O.
+
+Under ASGI, Django runs each hook of a `MiddlewareMixin` middleware (`process_request`,
+`process_view`, `process_response`) through `sync_to_async`: the seven built-in middleware this
+site needs cost about thirteen hops into the request's thread for every request, each a few
+tens of microseconds of CPU plus a wait for the GIL. Most of those hooks only read headers and
+cookies or set attributes, so each subclass here runs them on the event loop and keeps the hop
+for the cases that can touch the database: a session to save, messages to store, a body to
+parse for a CSRF token, CSRF secrets kept in the session. Synchronous mode (the test client, a
+WSGI server) is Django's own path, unchanged.
+
+They subclass Django's classes, so `isinstance` checks (the admin's system checks among them) and
+every setting those classes read still apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import middleware as auth
+from django.contrib.messages import middleware as messages
+from django.contrib.sessions import middleware as sessions
+from django.http import HttpRequest, HttpResponseBase
+from django.middleware import clickjacking, common, csrf, security
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+class OnLoop:
+    """Async mode for a `MiddlewareMixin`: its hooks run on the event loop unless
+    `request_needs_thread` / `response_needs_thread` say the call may block."""
+
+    get_response: Any
+
+    def request_needs_thread(self, request: HttpRequest) -> bool:
+        return False
+
+    def response_needs_thread(self, request: HttpRequest, response: HttpResponseBase) -> bool:
+        return False
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        response = None
+        process_request = getattr(self, "process_request", None)
+        if process_request is not None:
+            if self.request_needs_thread(request):
+                response = await sync_to_async(process_request, thread_sensitive=True)(request)
+            else:
+                response = process_request(request)
+        response = response or await self.get_response(request)
+        process_response = getattr(self, "process_response", None)
+        if process_response is not None:
+            if self.response_needs_thread(request, response):
+                response = await sync_to_async(process_response, thread_sensitive=True)(request, response)
+            else:
+                response = process_response(request, response)
+        return response
+
+
+class SecurityMiddleware(OnLoop, security.SecurityMiddleware):
+    """Headers and the HTTPS redirect: no I/O."""
+
+
+class CommonMiddleware(OnLoop, common.CommonMiddleware):
+    """The host check, the user-agent block list and the slash redirect (a URL lookup): no I/O."""
+
+
+class XFrameOptionsMiddleware(OnLoop, clickjacking.XFrameOptionsMiddleware):
+    """One header: no I/O."""
+
+
+class AuthenticationMiddleware(OnLoop, auth.AuthenticationMiddleware):
+    """Sets lazy `request.user` / `request.auser`; the user is read when first used, not here."""
+
+
+class SessionMiddleware(OnLoop, sessions.SessionMiddleware):
+    """Opening a session reads nothing; saving one writes it, so that goes to the thread."""
+
+    def response_needs_thread(self, request: HttpRequest, response: HttpResponseBase) -> bool:
+        session = getattr(request, "session", None)
+        return session is not None and (session.modified or settings.SESSION_SAVE_EVERY_REQUEST)
+
+
+class MessageMiddleware(OnLoop, messages.MessageMiddleware):
+    """Opening the message storage reads nothing; storing messages that were read or added may
+    read and write the session, so that goes to the thread."""
+
+    def response_needs_thread(self, request: HttpRequest, response: HttpResponseBase) -> bool:
+        storage = getattr(request, "_messages", None)
+        return storage is not None and (storage.used or storage.added_new)
+
+
+class CsrfViewMiddleware(OnLoop, csrf.CsrfViewMiddleware):
+    """The CSRF cookie is read and set on the loop; a token check of an unsafe request (which
+    may parse a multipart body) and secrets kept in the session go to the thread."""
+
+    def __init__(self, get_response: Any) -> None:
+        super().__init__(get_response)
+        if self.async_mode:
+            # The handler awaits a coroutine function as it is and wraps anything else in
+            # sync_to_async, so async mode gets the coroutine.
+            self.process_view = self._aprocess_view  # type: ignore[method-assign]
+
+    def request_needs_thread(self, request: HttpRequest) -> bool:
+        return bool(settings.CSRF_USE_SESSIONS)
+
+    def response_needs_thread(self, request: HttpRequest, response: HttpResponseBase) -> bool:
+        return bool(settings.CSRF_USE_SESSIONS)
+
+    async def _aprocess_view(
+        self, request: HttpRequest, callback: Any, callback_args: Any, callback_kwargs: Any
+    ) -> HttpResponseBase | None:
+        view = super().process_view
+        if settings.CSRF_USE_SESSIONS or (
+            request.method not in SAFE_METHODS and not getattr(callback, "csrf_exempt", False)
+        ):
+            return await sync_to_async(view, thread_sensitive=True)(
+                request, callback, callback_args, callback_kwargs
+            )
+        return view(request, callback, callback_args, callback_kwargs)
