@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings
 from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
@@ -97,10 +97,10 @@ class CsrfViewMiddleware(OnLoop, csrf.CsrfViewMiddleware):
 
     def __init__(self, get_response: Any) -> None:
         super().__init__(get_response)
-        if self.async_mode:
+        if iscoroutinefunction(get_response):  # Django's async mode
             # The handler awaits a coroutine function as it is and wraps anything else in
             # sync_to_async, so async mode gets the coroutine.
-            self.process_view = self._aprocess_view  # type: ignore[method-assign]
+            self.process_view = self._aprocess_view  # type: ignore[method-assign,assignment]
 
     def request_needs_thread(self, request: HttpRequest) -> bool:
         return bool(settings.CSRF_USE_SESSIONS)

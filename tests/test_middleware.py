@@ -4,7 +4,7 @@ Django's own classes, with a thread hop only where a hook may touch the database
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,7 +28,7 @@ HEADERS = (
 
 
 @pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The hooks any middleware sent to the request's thread, by name."""
     names: list[str] = []
 
