@@ -62,6 +62,10 @@ def estimate_first_round(conversation: Conversation, message: str, num_agents: i
     )
 
 
+# What `admit` returns when there is nothing to check or reserve (no budget, no quota).
+NOTHING_ADMITTED: dict[str, Any] = {"budget": None, "quota": None, "stopped": None}
+
+
 def admit(
     *, conversation: Conversation, principal: Principal, message: str, num_agents: int, budget: Budget | None
 ) -> dict[str, Any]:
@@ -72,7 +76,7 @@ def admit(
     """
     needs_quota = quota.quota_of(principal.api_key_id) is not None
     if budget is None and not needs_quota:
-        return {"budget": None, "quota": None, "stopped": None}
+        return dict(NOTHING_ADMITTED)
     estimate = estimate_first_round(conversation, message, num_agents)
     if budget is not None and not budget.allows(estimate.tokens, estimate.usd):
         raise AdmissionRefused(

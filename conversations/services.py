@@ -115,12 +115,7 @@ def _start(
                 # Someone else's conversation is indistinguishable from a missing one.
                 raise ConversationNotFound("conversation not found")
         if conversation is None:
-            conversation = Conversation(
-                id=conversation_id or uuid.uuid4(),
-                owner=principal.owner,
-                api_key_id=principal.api_key_id,
-                title=message[:TITLE_CHARS],
-            )
+            conversation = _new_conversation(principal, message, conversation_id)
         elif conversation.status in (Conversation.Status.PENDING, Conversation.Status.RUNNING):
             raise ConversationBusy("this conversation is already running; wait for it or cancel it")
         try:
@@ -133,33 +128,90 @@ def _start(
             )
         except admission.AdmissionRefused as exc:
             raise ConversationRefused(exc) from None
-        conversation.exchanges += 1
-        conversation.status = Conversation.Status.PENDING
-        conversation.num_agents = num_agents
-        conversation.turns_requested = turns
-        conversation.turns_completed = 0
-        conversation.consensus_result = ""
-        conversation.confidence = None
-        conversation.error = ""
-        conversation.cancel_requested = False
-        conversation.started_at = None
-        conversation.completed_at = None
-        conversation.duration = None
-        conversation.metadata = {**conversation.metadata, "strategy": strategy, "synthesis": synthesis}
-        conversation.metadata.update(admitted)
+        _open_exchange(
+            conversation,
+            num_agents=num_agents,
+            turns=turns,
+            strategy=strategy,
+            synthesis=synthesis,
+            admitted=admitted,
+        )
         try:
             conversation.save()
-            Message.objects.create(
-                conversation=conversation,
-                exchange=conversation.exchanges,
-                role=Message.Role.USER,
-                turn=0,
-                content=message,
-            )
+            Message.objects.create(**_question(conversation, message))
         except BaseException:
             quota.release(admitted.get("quota"))
             raise
     return conversation, conversation.exchanges
+
+
+def _new_conversation(principal: Principal, message: str, conversation_id: uuid.UUID | None) -> Conversation:
+    return Conversation(
+        id=conversation_id or uuid.uuid4(),
+        owner=principal.owner,
+        api_key_id=principal.api_key_id,
+        title=message[:TITLE_CHARS],
+    )
+
+
+def _open_exchange(
+    conversation: Conversation,
+    *,
+    num_agents: int,
+    turns: int,
+    strategy: str,
+    synthesis: str,
+    admitted: dict[str, Any],
+) -> None:
+    """Set the fields of a conversation's next exchange, ready to run (not saved)."""
+    conversation.exchanges += 1
+    conversation.status = Conversation.Status.PENDING
+    conversation.num_agents = num_agents
+    conversation.turns_requested = turns
+    conversation.turns_completed = 0
+    conversation.consensus_result = ""
+    conversation.confidence = None
+    conversation.error = ""
+    conversation.cancel_requested = False
+    conversation.started_at = None
+    conversation.completed_at = None
+    conversation.duration = None
+    conversation.metadata = {**conversation.metadata, "strategy": strategy, "synthesis": synthesis}
+    conversation.metadata.update(admitted)
+
+
+def _question(conversation: Conversation, message: str) -> dict[str, Any]:
+    """The Message fields of the question that opens the conversation's current exchange."""
+    return {
+        "conversation_id": conversation.pk,
+        "exchange": conversation.exchanges,
+        "role": Message.Role.USER,
+        "turn": 0,
+        "content": message,
+    }
+
+
+async def _astart_new(
+    *, principal: Principal, message: str, num_agents: int, turns: int, strategy: str, synthesis: str
+) -> Conversation | None:
+    """`_start` of a new conversation without a budget, on PostgreSQL in one statement on the
+    event loop's pool (no thread hop, no ORM); None, with nothing written, when its key has a
+    daily quota to reserve (`_start` does that)."""
+    conversation = _new_conversation(principal, message, None)
+    _open_exchange(
+        conversation,
+        num_agents=num_agents,
+        turns=turns,
+        strategy=strategy,
+        synthesis=synthesis,
+        admitted=admission.NOTHING_ADMITTED,
+    )
+    conversation.updated_at = conversation.created_at
+    if not await store.start_conversation(conversation, _question(conversation, message)):
+        return None
+    conversation._state.adding = False
+    conversation._state.db = "default"
+    return conversation
 
 
 def _start_released(**kwargs: Any) -> tuple[Conversation, int]:
@@ -173,8 +225,13 @@ def _start_released(**kwargs: Any) -> tuple[Conversation, int]:
     try:
         return _start(**kwargs)
     finally:
-        if settings.USING_POSTGRES:
-            connection.close()
+        _release_connection()
+
+
+def _release_connection() -> None:
+    """(PostgreSQL) The calling thread's pooled connection goes back to the pool."""
+    if settings.USING_POSTGRES:
+        connection.close()
 
 
 async def conversation_start(
@@ -196,16 +253,33 @@ async def conversation_start(
     /chat only continues existing ids. `synthesis` None means SYNTHESIS_MODE.
     """
     config = settings.CONFIG
+    num_agents = num_agents or config.NUM_AGENTS
+    turns = turns or config.DEFAULT_TURNS
+    synthesis = synthesis or default_mode()
+    budget = Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None
+    if settings.USING_POSTGRES and conversation_id is None and budget is None:
+        conversation = await _astart_new(
+            principal=principal,
+            message=message,
+            num_agents=num_agents,
+            turns=turns,
+            strategy=strategy,
+            synthesis=synthesis,
+        )
+        if conversation is not None:
+            # As _start_released does: the request thread's connection (its auth query) goes back.
+            await sync_to_async(_release_connection)()
+            return conversation, conversation.exchanges
     return await sync_to_async(_start_released)(
         principal=principal,
         message=message,
         conversation_id=conversation_id,
-        num_agents=num_agents or config.NUM_AGENTS,
-        turns=turns or config.DEFAULT_TURNS,
+        num_agents=num_agents,
+        turns=turns,
         strategy=strategy,
-        synthesis=synthesis or default_mode(),
+        synthesis=synthesis,
         create_with_id=create_with_id,
-        budget=Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None,
+        budget=budget,
     )
 
 
@@ -490,8 +564,8 @@ async def rehearse_run() -> None:
     `store.on_every_connection`, which rolls all of it back (the warm-up of a process)."""
     conversation_id, now = uuid.uuid4(), timezone.now()
     one = {"conversation_id": conversation_id, "exchange": 1}
-    conversation = {"id": conversation_id, "exchanges": 1, "created_at": now, "updated_at": now}
-    await store.insert_conversation(conversation)
+    conversation = Conversation(id=conversation_id, exchanges=1, created_at=now, updated_at=now)
+    await store.start_conversation(conversation, {**one, "role": Message.Role.USER, "content": "warm-up"})
     await store.begin_run(conversation_id, 1, now, BEGIN_MESSAGE_FIELDS)
     rows = store.Rows(
         messages=[{**one, "role": Message.Role.AGENT, "agent_id": "a", "turn": 1}],

@@ -296,11 +296,34 @@ async def on_every_connection(rehearsal: Callable[[], Awaitable[None]]) -> None:
             await events_pool.putconn(conn)
 
 
-async def insert_conversation(fields: dict[str, Any]) -> None:
-    """Insert one Conversation row: these fields by attname, the model's defaults for the rest."""
-    sql = _insert_json(Conversation, _CONVERSATION_FIELDS, "")
-    async with _connection() as conn:
-        await conn.execute(sql, [_json([_record(_CONVERSATION_FIELDS, fields)])])
+@functools.cache
+def _start_statement() -> str:
+    """A new conversation and its question, unless the key has a daily quota (one statement)."""
+    from gateway.models import ApiKey
+
+    quota = _column(ApiKey, "daily_quota")
+    return (
+        f'WITH q AS (SELECT EXISTS (SELECT 1 FROM "{ApiKey._meta.db_table}" '  # noqa: S608
+        f'WHERE "id" = %s AND "{quota}" IS NOT NULL) AS held), '
+        f"c AS ({_insert_json(Conversation, _CONVERSATION_FIELDS, ' WHERE NOT (SELECT held FROM q) RETURNING 1')}), "  # noqa: E501
+        f"m AS ({_insert_json(Message, _MESSAGE_FIELDS, ' WHERE EXISTS (SELECT 1 FROM c)')}) "
+        "SELECT EXISTS (SELECT 1 FROM c)"
+    )
+
+
+async def start_conversation(conversation: Conversation, question: dict[str, Any]) -> bool:
+    """Insert a new conversation (its fields as set on the instance) and its first question (a
+    Message's fields by attname, the model's defaults for the rest) in one statement on the
+    event loop's pool, unless its API key has a daily quota to reserve: False then, and nothing
+    is written (the caller's ORM path reserves it)."""
+    fields = {f.attname: getattr(conversation, f.attname) for f in _CONVERSATION_FIELDS}
+    params = [
+        conversation.api_key_id,
+        _json([_record(_CONVERSATION_FIELDS, fields)]),
+        _json([_record(_MESSAGE_FIELDS, question)]),
+    ]
+    row = await _read_one(_start_statement(), params)
+    return bool(row and row[0])
 
 
 async def discard_pool() -> None:
@@ -497,7 +520,7 @@ async def exchange_rows(
     return messages or [], result, votes or []
 
 
-async def _read_one(sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+async def _read_one(sql: str, params: dict[str, Any] | list[Any]) -> tuple[Any, ...] | None:
     """The first row of a statement on the event loop's pool (autocommit: its own transaction).
 
     A connection that died with a restarted database fails the statement; it runs again once

@@ -458,3 +458,75 @@ async def test_two_batches_of_one_conversation_never_share_a_statement(shared_st
     assert shared_statements == []
     await conversation.arefresh_from_db()
     assert conversation.last_seq == 2  # the later batch, as written on its own
+
+
+async def test_a_new_conversation_starts_in_one_statement_as_the_orm_would(
+    make_key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new conversation without a budget is inserted with its question in one statement (no
+    thread, no ORM): the same rows as `_start` writes, a few microseconds apart."""
+    from asgiref.sync import sync_to_async
+
+    from conversations import services
+    from conversations.services import _start_released, conversation_start
+    from gateway.principal import Principal
+
+    key, _ = await sync_to_async(make_key)(["read", "write"])
+    principal = Principal(
+        kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=key.pk, name="k"
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(services, "_start", None)  # not called
+        fast, exchange = await conversation_start(
+            principal=principal, message="Tea or coffee?", num_agents=3, turns=2, strategy="borda"
+        )
+    orm, _ = await sync_to_async(_start_released)(
+        principal=principal,
+        message="Tea or coffee?",
+        conversation_id=None,
+        num_agents=3,
+        turns=2,
+        strategy="borda",
+        synthesis=fast.metadata["synthesis"],
+        create_with_id=False,
+    )
+    assert exchange == 1
+    skip = {"id", "created_at", "updated_at"}
+    stored = [await Conversation.objects.aget(pk=c.pk) for c in (fast, orm)]
+    values = [{f.attname: getattr(c, f.attname) for f in Conversation._meta.concrete_fields} for c in stored]
+    assert {k: v for k, v in values[0].items() if k not in skip} == {
+        k: v for k, v in values[1].items() if k not in skip
+    }
+    assert {f.attname: getattr(fast, f.attname) for f in Conversation._meta.concrete_fields} == values[0]
+    questions = [
+        [(m.exchange, m.role, m.turn, m.content) async for m in Message.objects.filter(conversation_id=c.pk)]
+        for c in stored
+    ]
+    assert questions[0] == questions[1] == [(1, "user", 0, "Tea or coffee?")]
+    assert not fast._state.adding
+
+
+async def test_a_key_with_a_daily_quota_starts_through_the_orm(make_key: Any) -> None:
+    """The one statement writes nothing for a key with a quota to reserve; `_start` reserves it."""
+    from asgiref.sync import sync_to_async
+
+    from conversations.services import conversation_start
+    from gateway.principal import Principal
+
+    key, _ = await sync_to_async(make_key)(["read", "write"], daily_quota=100_000)
+    conversation = Conversation(api_key_id=key.pk, exchanges=1, title="Tea or coffee?")
+    question = {
+        "conversation_id": conversation.pk,
+        "exchange": 1,
+        "role": "user",
+        "content": "Tea or coffee?",
+    }
+    assert not await store.start_conversation(conversation, question)
+    assert not await Conversation.objects.filter(pk=conversation.pk).aexists()
+    principal = Principal(
+        kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=key.pk, name="k"
+    )
+    started, _ = await conversation_start(
+        principal=principal, message="Tea or coffee?", num_agents=3, turns=1
+    )
+    assert started.metadata["quota"]["unit"] == "tokens"  # reserved
