@@ -139,6 +139,11 @@ async def run(
         await asyncio.gather(*(follow(ws_base, issued.raw, Follower(warm), 60) for warm in warm_ids))
         ids = [str(uuid.uuid4()) for _ in range(args.runs)]
         followers = [Follower(cid) for cid in ids for _ in range(args.clients)]
+        # The clients measure: a full collection of this process's heap would add its pause to
+        # the latencies it reads, so the heap is settled as the service's processes settle theirs.
+        from streaming.worker import settle_heap
+
+        settle_heap()
         with py_spy(workers[0].pid, args.py_spy), py_spy(web.pid, args.py_spy_web):
             cpu_before = cpu()
             started = time.monotonic()
