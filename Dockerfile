@@ -27,4 +27,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
 
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "polyagents_site.asgi:application"]
+# A backlog of 2048 (daphne's -b/-p listen with 50: a burst of new connections beyond it waits
+# on SYN retries).
+CMD ["daphne", "-e", "tcp:port=8000:interface=0.0.0.0:backlog=2048", "polyagents_site.asgi:application"]

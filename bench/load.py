@@ -395,6 +395,12 @@ def main() -> None:
                 f"channel layer: {str(settings.CHANNEL_LAYERS['default']['BACKEND']).rsplit('.', 1)[-1]}, "
                 f"fake Gemini: {fake_url}"
             )
+            # The clients measure: a full collection of this process's heap would add its pause
+            # to the latencies it reads, so the heap is settled as the service's processes settle
+            # theirs (before the server starts, so its first request is timed as before).
+            from streaming.worker import settle_heap
+
+            settle_heap()
             port = free_port()
             daphne = subprocess.Popen(
                 server_command(args.server, port),
@@ -427,7 +433,9 @@ def server_command(server: str, port: int | None = None, *, fd: int | None = Non
             *("--loop", "uvloop", "--http", "httptools", "--ws", "websockets"),
             *("--lifespan", "off", "--no-access-log", "--log-level", "warning"),
         ]
-    where = ["--fd", str(fd)] if fd is not None else ["-b", "127.0.0.1", "-p", str(port)]
+    # An endpoint with the backlog the run commands give (-b/-p listen with 50).
+    endpoint = f"tcp:port={port}:interface=127.0.0.1:backlog=2048"
+    where = ["--fd", str(fd)] if fd is not None else ["-e", endpoint]
     return [sys.executable, "-m", "daphne", *where, app]
 
 

@@ -15,4 +15,6 @@ scripts/setup.sh
 HOST=$(.venv/bin/python -c "from polyagents_site.config import load_config; print(load_config().API_HOST)")
 PORT=$(.venv/bin/python -c "from polyagents_site.config import load_config; print(load_config().API_PORT)")
 echo "Serving on http://$HOST:$PORT (dashboard at /, API docs at /docs)"
-exec .venv/bin/daphne -b "$HOST" -p "$PORT" polyagents_site.asgi:application
+# An endpoint string rather than -b/-p, which listen with a backlog of 50: a burst of more new
+# connections than that waits on SYN retries (a second or more). Colons of an IPv6 host escaped.
+exec .venv/bin/daphne -e "tcp:port=$PORT:interface=${HOST//:/\\:}:backlog=2048" polyagents_site.asgi:application

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,33 @@ def test_pre_commit_runs_ruff_and_mypy():
     config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
     hooks = {hook["id"] for repo in config["repos"] for hook in repo["hooks"]}
     assert {"ruff", "mypy"} <= hooks
+
+
+def _daphne_endpoints() -> dict[str, str]:
+    """The endpoint string each way of running the web process gives daphne (`-e`), run.sh's
+    with an IPv6 host to show its escaping."""
+    found = {"Dockerfile": re.search(r'"-e", "([^"]+)"', (ROOT / "Dockerfile").read_text())}
+    for name in COMPOSE_FILES:
+        found[name] = re.search(r"daphne -e (\S+)", _compose(name)["services"]["web"]["command"])
+    line = re.search(r'daphne -e ("[^"]+")', (ROOT / "scripts/run.sh").read_text())
+    assert line is not None
+    echoed = subprocess.run(
+        ["bash", "-c", f"HOST=:: PORT=8000; echo {line.group(1)}"], capture_output=True, text=True, check=True
+    )
+    endpoints = {name: match.group(1) for name, match in found.items() if match is not None}
+    assert len(endpoints) == 3, found
+    return {**endpoints, "scripts/run.sh": echoed.stdout.strip()}
+
+
+def test_daphne_listens_with_a_deep_accept_queue():
+    """daphne's -b/-p listen with a backlog of 50: a burst of more new connections waits on SYN
+    retries, a second or more. Every run command gives an endpoint with a deep queue instead."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    endpoints = _daphne_endpoints()
+    for name, description in endpoints.items():
+        endpoint = serverFromString(reactor, description)
+        assert endpoint._backlog >= 1024, name
+        assert endpoint._port == 8000, name
+    assert serverFromString(reactor, endpoints["scripts/run.sh"])._interface == "::"

@@ -42,6 +42,12 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+class _Server(ThreadingHTTPServer):
+    # A vendor accepts a burst of connections; the socketserver default queue of 5 made the
+    # kernel drop the SYNs of hundreds of simultaneous calls, each retried a second later.
+    request_queue_size = 1024
+
+
 class FakeVendor:
     """Base class: starts a real HTTP server on a free port, records requests."""
 
@@ -101,7 +107,7 @@ class FakeVendor:
             do_GET = _serve
             do_POST = _serve
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._server.block_on_close = False
         self._thread = threading.Thread(
