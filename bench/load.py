@@ -9,7 +9,8 @@ and a dummy GEMINI_API_KEY (so every agent is the real google-genai client), the
 3. N concurrent POST /chat at L (3 agents, 2 turns; the fake gives the agents different
    positions so every conversation runs both turns and a vote: 3 rounds, ideal 3 x L):
    wall / ideal p50 and p99, errors, and the web process's CPU per conversation read from
-   the OS (psutil: user + system time of the daphne process, before and after the burst).
+   the OS (psutil: user + system time of the daphne process, before and after the burst;
+   with `--web-processes N`, of the N processes sharing one listening socket).
 
 Loopback only, bounded in count and time (each burst has a 300 s cap). On PostgreSQL + Redis
 set DATABASE_URL and REDIS_URL; without them the web process runs on the embedded defaults
@@ -273,18 +274,19 @@ async def burst(
 
 
 async def run(
-    args: argparse.Namespace, base: str, daphne: subprocess.Popen[bytes], fake: str, startup: float
+    args: argparse.Namespace, base: str, webs: list[subprocess.Popen[bytes]], fake: str, startup: float
 ) -> None:
     import httpx
     import psutil
 
     from gateway.keys import key_create
 
-    proc = psutil.Process(daphne.pid)
+    procs = [psutil.Process(web.pid) for web in webs]
+    daphne = webs[0]
 
     def cpu_of() -> float:
-        times = proc.cpu_times()
-        return float(times.user + times.system)
+        """User + system CPU seconds of the web processes, from the OS."""
+        return float(sum(t.user + t.system for t in (proc.cpu_times() for proc in procs)))
 
     from asgiref.sync import sync_to_async
 
@@ -293,7 +295,11 @@ async def run(
     )
     key = issued.raw
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    results: dict[str, Any] = {"startup_s": round(startup, 2), "loadavg_before": os.getloadavg()[0]}
+    results: dict[str, Any] = {
+        "web_processes": len(webs),
+        "startup_s": round(startup, 2),
+        "loadavg_before": os.getloadavg()[0],
+    }
     async with (
         httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client,
         httpx.AsyncClient(base_url=fake, timeout=10) as control,
@@ -337,7 +343,8 @@ async def run(
     print(json.dumps(results))
     print()
     print(
-        f"startup (TCP accept) {results['startup_s']:.2f} s; machine load average "
+        f"{len(webs)} web process(es); startup (TCP accept) {results['startup_s']:.2f} s; "
+        "machine load average "
         f"{results['loadavg_before']:.1f} before, {results['loadavg_after']:.1f} after (2 cores, shared)"
     )
     print(
@@ -366,7 +373,12 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=3.0)
     add_server_option(parser)
     parser.add_argument(
-        "--py-spy", metavar="FILE", help="record the web process's stacks while it holds the GIL (raw format)"
+        "--web-processes", type=int, default=1, help="web processes sharing one listening socket"
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="record the (first) web process's stacks while it holds the GIL (raw format)",
     )
     parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -401,20 +413,38 @@ def main() -> None:
             from streaming.worker import settle_heap
 
             settle_heap()
-            port = free_port()
-            daphne = subprocess.Popen(
-                server_command(args.server, port),
-                cwd=ROOT,
-                env=dict(os.environ),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            listener: socket.socket | None = None
+            if args.web_processes > 1:
+                # One socket bound here and inherited by every process: the kernel spreads accepts.
+                # It listens before they start, so the first /chat times their start-up too.
+                listener = socket.socket()
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(2048)
+                port = int(listener.getsockname()[1])
+                command = server_command(args.server, fd=listener.fileno())
+            else:
+                port = free_port()
+                command = server_command(args.server, port)
+            webs = [
+                subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    env=dict(os.environ),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    pass_fds=(listener.fileno(),) if listener is not None else (),
+                )
+                for _ in range(args.web_processes)
+            ]
+            if listener is not None:
+                listener.close()  # the children hold it
             try:
-                startup = wait_for_port(port, daphne)
-                asyncio.run(run(args, f"http://127.0.0.1:{port}", daphne, fake_url, startup))
+                startup = wait_for_port(port, webs[0])
+                asyncio.run(run(args, f"http://127.0.0.1:{port}", webs, fake_url, startup))
             finally:
-                stop(daphne)
+                stop(*webs)
     finally:
         clean_redis()
 
