@@ -117,6 +117,12 @@ _sql_cache: dict[tuple[bool, bool, bool, bool, tuple[str, ...]], str] = {}
 
 def _with_rows(messages: bool, votes: bool, result: bool, events: bool) -> str:
     """The data-modifying CTEs that insert these kinds of rows (each from one JSON parameter)."""
+    parts = _row_ctes(messages, votes, result, events)
+    # Every data-modifying CTE runs whether or not the main statement reads it.
+    return f"WITH {', '.join(parts)} " if parts else ""
+
+
+def _row_ctes(messages: bool, votes: bool, result: bool, events: bool) -> list[str]:
     parts = []
     if messages:
         parts.append(f"m AS ({_insert_json(Message, _MESSAGE_FIELDS, _MESSAGE_CONFLICT)})")
@@ -126,8 +132,7 @@ def _with_rows(messages: bool, votes: bool, result: bool, events: bool) -> str:
         parts.append(f"c AS ({_insert_json(ConsensusResult, _RESULT_FIELDS, _RESULT_CONFLICT)})")
     if events:
         parts.append(f"e AS ({_insert_json(Event, _EVENT_FIELDS, '')})")
-    # Every data-modifying CTE runs whether or not the main statement reads it.
-    return f"WITH {', '.join(parts)} " if parts else ""
+    return parts
 
 
 def _batch_sql(messages: bool, votes: bool, result: bool, events: bool, names: tuple[str, ...]) -> str:
@@ -389,25 +394,36 @@ async def write_batch(
 _Write = tuple[uuid.UUID, list[dict[str, Any]], Rows, datetime, list[str] | None]
 
 
-@functools.cache
-def _many_sql(messages: bool, votes: bool, result: bool) -> str:
-    """The statement of a round: the batches' rows and events, and each conversation's last_seq."""
-    table = Conversation._meta.db_table
-    seq = Conversation._meta.get_field("last_seq").db_type(connections["default"])
+def _update_json(names: tuple[str, ...]) -> str:
+    """UPDATE of many conversations from one JSON array of objects: the id, last_seq and these
+    fields (attnames), keyed by column; each read with its type's name and cast to the model's."""
+    vendor = connections["default"]
+    fields = [Conversation._meta.get_field(name) for name in ("last_seq", *names)]
+    sets = ", ".join(f'"{f.column}" = r."{f.column}"::{f.db_type(vendor)}' for f in fields)
+    record = ", ".join(['"id" uuid', *(f'"{f.column}" {_record_type(f.db_type(vendor))}' for f in fields)])
     return (
-        f'{_with_rows(messages, votes, result, True)}UPDATE "{table}" AS t SET "last_seq" = r."last_seq" '  # noqa: S608
-        f'FROM json_to_recordset(%s::json) AS r("id" uuid, "last_seq" {seq}) WHERE t."id" = r."id"'
+        f'UPDATE "{Conversation._meta.db_table}" AS t SET {sets} '  # noqa: S608
+        f'FROM json_to_recordset(%s::json) AS r({record}) WHERE t."id" = r."id"'
     )
 
 
+@functools.cache
+def _many_sql(messages: bool, votes: bool, result: bool, shapes: tuple[tuple[str, ...], ...]) -> str:
+    """The statement of a round: the batches' rows and events, and each conversation's last_seq
+    and other fields, one UPDATE per set of field names (`shapes`, each from one parameter)."""
+    updates = [_update_json(names) for names in shapes]
+    ctes = _row_ctes(messages, votes, result, True) + [f"u{n} AS ({u})" for n, u in enumerate(updates[:-1])]
+    return f"WITH {', '.join(ctes)} {updates[-1]}"
+
+
 async def _write_many(writes: list[_Write]) -> None:
-    """Batches of several conversations, each with events and no other conversation field, in one
-    statement: stored all together or not at all."""
+    """Batches of several conversations, each with events, in one statement: stored all together
+    or not at all."""
     events: list[str] = []
     messages: list[dict[str, Any]] = []
     votes: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    counters = []
+    updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for conversation_id, batch, rows, now, texts in writes:
         its_events, its_messages, its_votes, its_results = _batch_rows(
             conversation_id, batch, rows, now.isoformat(), texts
@@ -416,11 +432,19 @@ async def _write_many(writes: list[_Write]) -> None:
         messages += its_messages
         votes += its_votes
         results += its_results
-        counters.append({"id": str(conversation_id), "last_seq": batch[-1]["seq"]})
+        names = tuple(sorted(name for name in rows.conversation if name != "last_seq"))
+        updates.setdefault(names, []).append(
+            {
+                "id": str(conversation_id),
+                "last_seq": batch[-1]["seq"],
+                **{_column(Conversation, name): rows.conversation[name] for name in names},
+            }
+        )
     params: list[Any] = [_json(part) for part in (messages, votes, results) if part]
-    params += [f"[{','.join(events)}]", _json(counters)]
+    params += [f"[{','.join(events)}]", *(_json(rows) for rows in updates.values())]
+    sql = _many_sql(bool(messages), bool(votes), bool(results), tuple(updates))
     async with _connection() as conn:
-        await conn.execute(_many_sql(bool(messages), bool(votes), bool(results)), params)
+        await conn.execute(sql, params)
 
 
 async def _write_round(writes: list[_Write]) -> list[BaseException | None]:
@@ -465,9 +489,9 @@ async def write_batches(
     texts: list[str] | None = None,
 ) -> None:
     """`write_batch`, sharing its statement with the batches of other conversations ready at the
-    same time (`conversations.rounds`, `_write_round`). A batch that sets conversation fields
-    beyond its last_seq (a run's start or end), or has no events, is written on its own."""
-    if rows.conversation or not batch:
+    same time (`conversations.rounds`, `_write_round`). A batch without events is written on its
+    own."""
+    if not batch:
         await write_batch(conversation_id, batch, rows, now, texts)
         return
     await _rounds.get().submit((conversation_id, batch, rows, now, texts))

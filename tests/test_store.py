@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -410,26 +411,66 @@ async def test_a_refused_round_is_written_again_batch_by_batch_so_only_the_fault
     assert await Event.objects.filter(conversation=stale).acount() == 1
 
 
-async def test_batches_that_set_conversation_fields_or_have_no_event_are_written_on_their_own(
-    shared_statements: list[int],
-) -> None:
+async def test_a_batch_without_events_is_written_on_its_own(shared_statements: list[int]) -> None:
     first, second, third = await new_conversation(), await new_conversation(), await new_conversation()
     now = timezone.now()
     await asyncio.gather(
-        store.write_batches(
-            first.pk, [event(first, 1)], store.Rows(conversation={"turns_completed": 2}), now
-        ),
+        store.write_batches(first.pk, [event(first, 1)], store.Rows(), now),
         store.write_batches(
             second.pk, [], store.Rows(messages=[{"conversation_id": second.pk, **message(1, "a", "x")}]), now
         ),
         store.write_batches(third.pk, [event(third, 1)], store.Rows(), now),
     )
-    assert shared_statements == []
-    await first.arefresh_from_db()
-    assert (first.last_seq, first.turns_completed) == (1, 2)
+    assert shared_statements == [2]  # first and third
     assert await Message.objects.filter(conversation=second).aexists()
-    await third.arefresh_from_db()
-    assert third.last_seq == 1
+    for c in (first, second, third):
+        await c.arefresh_from_db()
+    assert (first.last_seq, second.last_seq, third.last_seq) == (1, 0, 1)
+
+
+async def test_conversation_fields_of_several_shapes_share_the_round_as_each_batch_would_set_them(
+    shared_statements: list[int],
+) -> None:
+    """A turn's end (its counter and heartbeat), a run's end (its final fields: text, JSON, a
+    float, nulls, times) and a plain batch: one statement, each conversation's row as its own
+    statement would have left it."""
+    turn, final, plain, alone = [await new_conversation() for _ in range(4)]
+    now = timezone.now()
+    beat = now - timedelta(seconds=3)
+    final_fields = {
+        "status": Conversation.Status.COMPLETED,
+        "turns_completed": 2,
+        "consensus_result": 'Blue, "clearly".',
+        "confidence": 0.75,
+        "error": "",
+        "duration": None,
+        "completed_at": now,
+        "metadata": {"strategy": "majority", "tokens": {"prompt": 10}, "note": None},
+        "cost_usd": 0.0125,
+    }
+    await asyncio.gather(
+        store.write_batches(
+            turn.pk,
+            [event(turn, 1)],
+            store.Rows(conversation={"turns_completed": 1, "heartbeat_at": beat}),
+            now,
+        ),
+        store.write_batches(
+            final.pk, [event(final, 1), event(final, 2)], store.Rows(conversation=final_fields), now
+        ),
+        store.write_batches(plain.pk, [event(plain, 1)], store.Rows(), now),
+    )
+    assert shared_statements == [3]
+    await store.write_batch(
+        alone.pk, [event(alone, 1), event(alone, 2)], store.Rows(conversation=final_fields), now
+    )
+    for c in (turn, final, plain, alone):
+        await c.arefresh_from_db()
+    assert (turn.last_seq, turn.turns_completed, turn.heartbeat_at) == (1, 1, beat)
+    assert plain.last_seq == 1
+    fields = ["last_seq", *final_fields]
+    assert {n: getattr(final, n) for n in fields} == {n: getattr(alone, n) for n in fields}
+    assert {n: getattr(final, n) for n in final_fields} == final_fields
 
 
 async def test_a_round_that_meets_a_restarted_database_is_retried_by_each_log(
