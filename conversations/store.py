@@ -398,7 +398,7 @@ def _update_json(names: tuple[str, ...]) -> str:
     """UPDATE of many conversations from one JSON array of objects: the id, last_seq and these
     fields (attnames), keyed by column; each read with its type's name and cast to the model's."""
     vendor = connections["default"]
-    fields = [Conversation._meta.get_field(name) for name in ("last_seq", *names)]
+    fields: list[Any] = [Conversation._meta.get_field(name) for name in ("last_seq", *names)]
     sets = ", ".join(f'"{f.column}" = r."{f.column}"::{f.db_type(vendor)}' for f in fields)
     record = ", ".join(['"id" uuid', *(f'"{f.column}" {_record_type(f.db_type(vendor))}' for f in fields)])
     return (
