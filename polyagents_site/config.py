@@ -48,10 +48,16 @@ DEFAULT_MODEL_PRICES: dict[str, tuple[float, float]] = {
 class ModelPrice(BaseModel):
     """One entry of MODEL_PRICES: USD per million input (prompt) and output (completion) tokens."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "frozen": True}
 
     input: float = Field(ge=0, le=100_000)
     output: float = Field(ge=0, le=100_000)
+
+
+# The built-in prices as ModelPrice entries, built once (every provider call reads the table).
+DEFAULT_PRICE_TABLE: dict[str, ModelPrice] = {
+    name: ModelPrice(input=i, output=o) for name, (i, o) in DEFAULT_MODEL_PRICES.items()
+}
 
 
 class AgentSpec(BaseModel):
@@ -250,9 +256,7 @@ class Config(BaseSettings):
     @property
     def price_table(self) -> dict[str, ModelPrice]:
         """The built-in prices with MODEL_PRICES laid over them (model name -> price)."""
-        table = {name: ModelPrice(input=i, output=o) for name, (i, o) in DEFAULT_MODEL_PRICES.items()}
-        table.update(self.MODEL_PRICES)
-        return table
+        return {**DEFAULT_PRICE_TABLE, **self.MODEL_PRICES}
 
     @property
     def provider_default(self) -> str:
