@@ -15,7 +15,7 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from gateway.keys import load_default_keys_at_start  # noqa: E402
-from polyagents_site.warmup import awarm_up, schedule_on_server_loop, warm_up  # noqa: E402
+from polyagents_site.warmup import awarm_up, run_on_server_loop, warm_up  # noqa: E402
 from streaming.jobs import start_in_process_sweeper  # noqa: E402
 from streaming.routing import websocket_urlpatterns  # noqa: E402
 
@@ -33,7 +33,7 @@ router = ProtocolTypeRouter(
 # Pay for imports, SDK clients, the database pool and the channel layer now, not on the first request.
 if settings.CONFIG.WARM_UP:
     warm_up()
-    schedule_on_server_loop(awarm_up)
+    run_on_server_loop(awarm_up)
 
 
 async def application(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:

@@ -242,11 +242,14 @@ async def awarm_up() -> dict[str, float]:
     return timings
 
 
-def schedule_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
-    """Run `coroutine()` on the server's event loop once it runs; False if there is none to find.
+def run_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
+    """Run `coroutine()` on the server's event loop; False if there is none to find.
 
-    daphne imports the application before it starts Twisted's asyncio reactor; servers that
-    import it from inside their running loop (uvicorn) get a task right away.
+    daphne imports the application before it starts Twisted's asyncio reactor, and listens only
+    after that: the coroutine runs to its end on the reactor's loop right away, so the first
+    request never waits behind it (it did, about 140 ms: the event store's connections and
+    the settled heap). Servers that import the application from inside their running loop
+    (uvicorn) get a task instead.
     """
 
     async def run() -> None:
@@ -260,7 +263,8 @@ def schedule_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
     reactor = sys.modules.get("twisted.internet.reactor")
     loop = getattr(reactor, "_asyncioEventloop", None)
     if reactor is not None and isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
-        reactor.callWhenRunning(start, loop)
+        # What it leaves running on the loop (pools' tasks, connections) resumes with the reactor.
+        loop.run_until_complete(run())
         return True
     try:
         start(asyncio.get_running_loop())

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,7 +160,7 @@ async def test_scheduled_on_the_running_loop() -> None:
 
     reactor = sys.modules.pop("twisted.internet.reactor", None)  # as under uvicorn: no Twisted
     try:
-        assert warmup.schedule_on_server_loop(mark) is True
+        assert warmup.run_on_server_loop(mark) is True
     finally:
         if reactor is not None:
             sys.modules["twisted.internet.reactor"] = reactor
@@ -168,4 +173,41 @@ def test_not_scheduled_without_a_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     async def never() -> None:
         raise AssertionError("must not run")
 
-    assert warmup.schedule_on_server_loop(never) is False
+    assert warmup.run_on_server_loop(never) is False
+
+
+@pytest.mark.slow
+def test_daphne_warms_the_event_loop_before_it_listens(tmp_path: Path) -> None:
+    """The first request never waits behind the event loop's warm-up: daphne listens after it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")
+        },
+        "DEBUG": "true",
+        "WARM_UP": "true",
+        "LOG_LEVEL": "INFO",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/warm.sqlite3",
+    }
+    command = [sys.executable, "-m", "daphne", "-v", "1", "-b", "127.0.0.1", "-p", str(port)]
+    log = tmp_path / "daphne.log"
+    with log.open("wb") as out:
+        daphne = subprocess.Popen(
+            [*command, "polyagents_site.asgi:application"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "Listening on TCP address" not in log.read_text():
+                assert daphne.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        finally:
+            daphne.terminate()
+            daphne.wait(timeout=10)
+    text = log.read_text()
+    assert '"message": "warmed up the event loop"' in text
+    assert text.index('"message": "warmed up the event loop"') < text.index("Listening on TCP address")
