@@ -7,7 +7,6 @@ import contextvars
 import uuid
 from typing import Any
 
-from adrf.views import APIView
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
@@ -24,6 +23,7 @@ from conversations.services import (
     conversation_run,
     conversation_start,
 )
+from gateway.asyncviews import APIView
 from gateway.errors import error_body
 from gateway.openapi import errors, links
 from gateway.permissions import CanWrite

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from adrf.views import APIView
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
@@ -14,6 +13,7 @@ from conversations import schemas
 from conversations.serializers import ChatRequestSerializer, StreamRequestSerializer
 from conversations.services import ConversationError, conversation_start
 from conversations.views import FOLLOW_CONVERSATION, conversation_problem
+from gateway.asyncviews import APIView
 from gateway.openapi import errors, links
 from gateway.permissions import CanWrite
 from gateway.principal import principal_of

@@ -9,18 +9,21 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from adrf.views import APIView as AsyncAPIView
+from asgiref.sync import async_to_sync
 from django.conf import settings as django_settings
-from django.test import AsyncClient
+from django.test import AsyncClient, RequestFactory
 from django.urls import include, path
 from prometheus_client import REGISTRY
+from rest_framework.exceptions import Throttled
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.test import APIClient
+from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
 from gateway import ratelimit
+from gateway.asyncviews import APIView as AsyncAPIView
 from gateway.models import SecurityEvent
 from gateway.ratelimit import Policy, acheck, check
 from tests.conftest import requires_redis
@@ -38,7 +41,7 @@ class OpenProbe(SyncProbe):
 
 
 class AsyncProbe(AsyncAPIView):
-    """An adrf async view with the same defaults."""
+    """An async view (adrf, as the API's are) with the same defaults."""
 
     permission_classes = [AllowAny]
 
@@ -178,6 +181,42 @@ async def test_async_view_is_limited_and_carries_headers(
     assert refused.json()["code"] == "rate_limited"
     assert refused["Retry-After"] == "3600"
     assert refused["RateLimit-Remaining"] == "0"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_async_view_checks_its_throttles_without_a_trip_back_to_the_loop(
+    limits: Callable, monkeypatch: pytest.MonkeyPatch, thread_connections_closed: None
+) -> None:
+    """adrf runs async_to_sync over no async throttles at all; the API's views do not."""
+    import adrf.views
+
+    trips: list[object] = []
+
+    def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
+        trips.append(function)
+        return async_to_sync(function, *args, **kwargs)
+
+    monkeypatch.setattr(adrf.views, "async_to_sync", counted)
+    limits(RATE_LIMIT_BURST=1, RATE_LIMIT_REQUESTS=1, RATE_LIMIT_WINDOW=3600)
+    client = AsyncClient()
+    assert (await client.get("/async-probe")).status_code == 200
+    assert (await client.get("/async-probe")).status_code == 429  # the sync throttle still ran
+    assert trips == []
+
+
+def test_an_async_throttle_still_goes_through_adrf() -> None:
+    class Later(BaseThrottle):
+        async def allow_request(self, request: Any, view: Any) -> bool:  # type: ignore[override]
+            return False
+
+        def wait(self) -> float:
+            return 7.0
+
+    view = AsyncProbe()
+    view.throttle_classes = [Later]
+    with pytest.raises(Throttled) as refused:
+        view.check_throttles(Request(RequestFactory().get("/async-probe")))
+    assert refused.value.wait == 7  # type: ignore[attr-defined]
 
 
 def test_bucket_function_burst_then_refill() -> None:
