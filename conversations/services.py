@@ -93,15 +93,22 @@ def _can_access(principal: Principal, conversation: Conversation) -> bool:
     return principal.is_admin or conversation.owner == principal.owner
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """What a new exchange is asked for: its question and how to run it."""
+
+    message: str
+    num_agents: int
+    turns: int
+    strategy: str
+    synthesis: str
+
+
 def _start(
     *,
     principal: Principal,
-    message: str,
+    asked: _Asked,
     conversation_id: uuid.UUID | None,
-    num_agents: int,
-    turns: int,
-    strategy: str,
-    synthesis: str,
     create_with_id: bool,
     budget: Budget | None = None,
 ) -> tuple[Conversation, int]:
@@ -115,30 +122,23 @@ def _start(
                 # Someone else's conversation is indistinguishable from a missing one.
                 raise ConversationNotFound("conversation not found")
         if conversation is None:
-            conversation = _new_conversation(principal, message, conversation_id)
+            conversation = _new_conversation(principal, asked.message, conversation_id)
         elif conversation.status in (Conversation.Status.PENDING, Conversation.Status.RUNNING):
             raise ConversationBusy("this conversation is already running; wait for it or cancel it")
         try:
             admitted = admission.admit(
                 conversation=conversation,
                 principal=principal,
-                message=message,
-                num_agents=num_agents,
+                message=asked.message,
+                num_agents=asked.num_agents,
                 budget=budget,
             )
         except admission.AdmissionRefused as exc:
             raise ConversationRefused(exc) from None
-        _open_exchange(
-            conversation,
-            num_agents=num_agents,
-            turns=turns,
-            strategy=strategy,
-            synthesis=synthesis,
-            admitted=admitted,
-        )
+        _open_exchange(conversation, asked, admitted)
         try:
             conversation.save()
-            Message.objects.create(**_question(conversation, message))
+            Message.objects.create(**_question(conversation, asked.message))
         except BaseException:
             quota.release(admitted.get("quota"))
             raise
@@ -154,20 +154,12 @@ def _new_conversation(principal: Principal, message: str, conversation_id: uuid.
     )
 
 
-def _open_exchange(
-    conversation: Conversation,
-    *,
-    num_agents: int,
-    turns: int,
-    strategy: str,
-    synthesis: str,
-    admitted: dict[str, Any],
-) -> None:
+def _open_exchange(conversation: Conversation, asked: _Asked, admitted: dict[str, Any]) -> None:
     """Set the fields of a conversation's next exchange, ready to run (not saved)."""
     conversation.exchanges += 1
     conversation.status = Conversation.Status.PENDING
-    conversation.num_agents = num_agents
-    conversation.turns_requested = turns
+    conversation.num_agents = asked.num_agents
+    conversation.turns_requested = asked.turns
     conversation.turns_completed = 0
     conversation.consensus_result = ""
     conversation.confidence = None
@@ -176,7 +168,11 @@ def _open_exchange(
     conversation.started_at = None
     conversation.completed_at = None
     conversation.duration = None
-    conversation.metadata = {**conversation.metadata, "strategy": strategy, "synthesis": synthesis}
+    conversation.metadata = {
+        **conversation.metadata,
+        "strategy": asked.strategy,
+        "synthesis": asked.synthesis,
+    }
     conversation.metadata.update(admitted)
 
 
@@ -191,23 +187,14 @@ def _question(conversation: Conversation, message: str) -> dict[str, Any]:
     }
 
 
-async def _astart_new(
-    *, principal: Principal, message: str, num_agents: int, turns: int, strategy: str, synthesis: str
-) -> Conversation | None:
+async def _astart_new(principal: Principal, asked: _Asked) -> Conversation | None:
     """`_start` of a new conversation without a budget, on PostgreSQL in one statement on the
     event loop's pool (no thread hop, no ORM); None, with nothing written, when its key has a
     daily quota to reserve (`_start` does that)."""
-    conversation = _new_conversation(principal, message, None)
-    _open_exchange(
-        conversation,
-        num_agents=num_agents,
-        turns=turns,
-        strategy=strategy,
-        synthesis=synthesis,
-        admitted=admission.NOTHING_ADMITTED,
-    )
+    conversation = _new_conversation(principal, asked.message, None)
+    _open_exchange(conversation, asked, admission.NOTHING_ADMITTED)
     conversation.updated_at = conversation.created_at
-    if not await store.start_conversation(conversation, _question(conversation, message)):
+    if not await store.start_conversation(conversation, _question(conversation, asked.message)):
         return None
     conversation._state.adding = False
     conversation._state.db = "default"
@@ -253,31 +240,24 @@ async def conversation_start(
     /chat only continues existing ids. `synthesis` None means SYNTHESIS_MODE.
     """
     config = settings.CONFIG
-    num_agents = num_agents or config.NUM_AGENTS
-    turns = turns or config.DEFAULT_TURNS
-    synthesis = synthesis or default_mode()
+    asked = _Asked(
+        message=message,
+        num_agents=num_agents or config.NUM_AGENTS,
+        turns=turns or config.DEFAULT_TURNS,
+        strategy=strategy,
+        synthesis=synthesis or default_mode(),
+    )
     budget = Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None
     if settings.USING_POSTGRES and conversation_id is None and budget is None:
-        conversation = await _astart_new(
-            principal=principal,
-            message=message,
-            num_agents=num_agents,
-            turns=turns,
-            strategy=strategy,
-            synthesis=synthesis,
-        )
+        conversation = await _astart_new(principal, asked)
         if conversation is not None:
             # As _start_released does: the request thread's connection (its auth query) goes back.
             await sync_to_async(_release_connection)()
             return conversation, conversation.exchanges
     return await sync_to_async(_start_released)(
         principal=principal,
-        message=message,
+        asked=asked,
         conversation_id=conversation_id,
-        num_agents=num_agents,
-        turns=turns,
-        strategy=strategy,
-        synthesis=synthesis,
         create_with_id=create_with_id,
         budget=budget,
     )

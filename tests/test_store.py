@@ -509,7 +509,7 @@ async def test_a_new_conversation_starts_in_one_statement_as_the_orm_would(
     from asgiref.sync import sync_to_async
 
     from conversations import services
-    from conversations.services import _start_released, conversation_start
+    from conversations.services import _Asked, _start_released, conversation_start
     from gateway.principal import Principal
 
     key, _ = await sync_to_async(make_key)(["read", "write"])
@@ -521,15 +521,11 @@ async def test_a_new_conversation_starts_in_one_statement_as_the_orm_would(
         fast, exchange = await conversation_start(
             principal=principal, message="Tea or coffee?", num_agents=3, turns=2, strategy="borda"
         )
+    asked = _Asked(
+        "Tea or coffee?", num_agents=3, turns=2, strategy="borda", synthesis=fast.metadata["synthesis"]
+    )
     orm, _ = await sync_to_async(_start_released)(
-        principal=principal,
-        message="Tea or coffee?",
-        conversation_id=None,
-        num_agents=3,
-        turns=2,
-        strategy="borda",
-        synthesis=fast.metadata["synthesis"],
-        create_with_id=False,
+        principal=principal, asked=asked, conversation_id=None, create_with_id=False
     )
     assert exchange == 1
     skip = {"id", "created_at", "updated_at"}
