@@ -413,33 +413,7 @@ def main() -> None:
             from streaming.worker import settle_heap
 
             settle_heap()
-            listener: socket.socket | None = None
-            if args.web_processes > 1:
-                # One socket bound here and inherited by every process: the kernel spreads accepts.
-                # It listens before they start, so the first /chat times their start-up too.
-                listener = socket.socket()
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(("127.0.0.1", 0))
-                listener.listen(2048)
-                port = int(listener.getsockname()[1])
-                command = server_command(args.server, fd=listener.fileno())
-            else:
-                port = free_port()
-                command = server_command(args.server, port)
-            webs = [
-                subprocess.Popen(
-                    command,
-                    cwd=ROOT,
-                    env=dict(os.environ),
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                    pass_fds=(listener.fileno(),) if listener is not None else (),
-                )
-                for _ in range(args.web_processes)
-            ]
-            if listener is not None:
-                listener.close()  # the children hold it
+            webs, port = spawn_web(args.server, args.web_processes)
             try:
                 startup = wait_for_port(port, webs[0])
                 asyncio.run(run(args, f"http://127.0.0.1:{port}", webs, fake_url, startup))
@@ -450,6 +424,38 @@ def main() -> None:
 
 
 SERVERS = ("daphne", "uvicorn")
+
+
+def spawn_web(server: str, processes: int = 1) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """Start the web process on a free port; with processes > 1, that many share one listening
+    socket (`--fd`), bound here and inherited: the kernel spreads the accepts. It listens before
+    they start, so a first request then times their start-up too. Returns them and the port."""
+    listener: socket.socket | None = None
+    if processes > 1:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(2048)
+        port = int(listener.getsockname()[1])
+        command = server_command(server, fd=listener.fileno())
+    else:
+        port = free_port()
+        command = server_command(server, port)
+    started = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(listener.fileno(),) if listener is not None else (),
+        )
+        for _ in range(processes)
+    ]
+    if listener is not None:
+        listener.close()  # the children hold it
+    return started, port
 
 
 def server_command(server: str, port: int | None = None, *, fd: int | None = None) -> list[str]:

@@ -21,7 +21,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,9 +37,8 @@ from bench.load import (  # noqa: E402
     add_server_option,
     clean_redis,
     follow_socket,
-    free_port,
     py_spy,
-    server_command,
+    spawn_web,
     stop,
 )
 
@@ -66,32 +64,7 @@ def start_web(server: str, processes: int = 1) -> tuple[list[subprocess.Popen[by
     """Start the web process; with processes > 1, that many share one listening socket (`--fd`)."""
     import httpx
 
-    listener: socket.socket | None = None
-    if processes > 1:
-        # One socket bound here and inherited by every process: the kernel spreads accepts.
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1024)
-        port = int(listener.getsockname()[1])
-        command = server_command(server, fd=listener.fileno())
-    else:
-        port = free_port()
-        command = server_command(server, port)
-    started = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=dict(os.environ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            pass_fds=(listener.fileno(),) if listener is not None else (),
-        )
-        for _ in range(processes)
-    ]
-    if listener is not None:
-        listener.close()  # the children hold it
+    started, port = spawn_web(server, processes)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
