@@ -260,14 +260,15 @@ def run_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
 
+    try:
+        start(asyncio.get_running_loop())
+        return True
+    except RuntimeError:
+        pass  # no loop runs in this thread
     reactor = sys.modules.get("twisted.internet.reactor")
     loop = getattr(reactor, "_asyncioEventloop", None)
     if reactor is not None and isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
         # What it leaves running on the loop (pools' tasks, connections) resumes with the reactor.
         loop.run_until_complete(run())
         return True
-    try:
-        start(asyncio.get_running_loop())
-    except RuntimeError:
-        return False  # no server loop (manage.py, tests): the first request builds them
-    return True
+    return False  # no server loop (manage.py, tests): the first request builds them

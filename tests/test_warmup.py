@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -165,6 +166,24 @@ async def test_scheduled_on_the_running_loop() -> None:
         if reactor is not None:
             sys.modules["twisted.internet.reactor"] = reactor
     await asyncio.wait_for(ran.wait(), 5)
+
+
+async def test_a_running_loop_wins_over_a_reactor_that_does_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Imported inside a running loop (an in-process ASGI client) while Twisted's reactor is
+    installed but idle: a task on the running loop, not the reactor's loop (which cannot run
+    in a thread whose loop runs)."""
+    ran = asyncio.Event()
+
+    async def mark() -> None:
+        ran.set()
+
+    idle = asyncio.new_event_loop()
+    try:
+        monkeypatch.setitem(sys.modules, "twisted.internet.reactor", SimpleNamespace(_asyncioEventloop=idle))
+        assert warmup.run_on_server_loop(mark) is True
+        await asyncio.wait_for(ran.wait(), 5)
+    finally:
+        idle.close()
 
 
 def test_not_scheduled_without_a_loop(monkeypatch: pytest.MonkeyPatch) -> None:
