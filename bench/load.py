@@ -335,7 +335,12 @@ async def run(
         # Busy samples of the web process during the bursts.
         with py_spy(daphne.pid, args.py_spy):
             for concurrency in args.concurrency:
-                bursts.append(await burst(client, key, concurrency, args.latency, cpu_of, args.turns))
+                # New clients for each burst: httpx's pool, handed 100 requests at once over 100
+                # connections kept from the burst before, answered them about twice as slowly
+                # as over new ones (GET /health: p50 540 against 240 ms, the same web CPU per
+                # request; aiohttp's pool did not), which inflated every later burst's p99.
+                async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as clients:
+                    bursts.append(await burst(clients, key, concurrency, args.latency, cpu_of, args.turns))
                 await asyncio.sleep(args.settle)  # let the last writes drain before the next burst
         results["bursts"] = bursts
     results["loadavg_after"] = os.getloadavg()[0]
