@@ -205,8 +205,11 @@ def index_conversation(conversation_id: uuid.UUID | str) -> bool:
 
 
 async def aindex_conversation(conversation_id: uuid.UUID | str) -> bool:
-    """Async twin of `index_conversation` (runs in a worker thread)."""
+    """Async twin of `index_conversation` (runs in a worker thread, when there is an index)."""
     from asgiref.sync import sync_to_async
+
+    if not is_enabled():
+        return False  # without a thread hop: every finished conversation comes here
 
     return await sync_to_async(index_conversation, thread_sensitive=False)(conversation_id)
 
