@@ -441,7 +441,7 @@ async def _write_many(writes: list[_Write]) -> None:
             }
         )
     params: list[Any] = [_json(part) for part in (messages, votes, results) if part]
-    params += [f"[{','.join(events)}]", *(_json(rows) for rows in updates.values())]
+    params += [f"[{','.join(events)}]", *(_json(group) for group in updates.values())]
     sql = _many_sql(bool(messages), bool(votes), bool(results), tuple(updates))
     async with _connection() as conn:
         await conn.execute(sql, params)
