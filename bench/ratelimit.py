@@ -16,11 +16,16 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
+from pathlib import Path
+
+# Run as a script too (`make bench` does): the project's apps import from its root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @dataclass(frozen=True)
