@@ -28,6 +28,13 @@ from django.middleware import clickjacking, common, csrf, security
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
+async def _call(hook: Any, in_thread: bool, *args: Any) -> Any:
+    """A middleware hook's result: on the event loop, or in the request's thread as Django would."""
+    if in_thread:
+        return await sync_to_async(hook, thread_sensitive=True)(*args)
+    return hook(*args)
+
+
 class OnLoop:
     """Async mode for a `MiddlewareMixin`: its hooks run on the event loop unless
     `request_needs_thread` / `response_needs_thread` say the call may block."""
@@ -44,17 +51,12 @@ class OnLoop:
         response = None
         process_request = getattr(self, "process_request", None)
         if process_request is not None:
-            if self.request_needs_thread(request):
-                response = await sync_to_async(process_request, thread_sensitive=True)(request)
-            else:
-                response = process_request(request)
+            response = await _call(process_request, self.request_needs_thread(request), request)
         response = response or await self.get_response(request)
         process_response = getattr(self, "process_response", None)
         if process_response is not None:
-            if self.response_needs_thread(request, response):
-                response = await sync_to_async(process_response, thread_sensitive=True)(request, response)
-            else:
-                response = process_response(request, response)
+            in_thread = self.response_needs_thread(request, response)
+            response = await _call(process_response, in_thread, request, response)
         return response
 
 
@@ -111,11 +113,10 @@ class CsrfViewMiddleware(OnLoop, csrf.CsrfViewMiddleware):
     async def _aprocess_view(
         self, request: HttpRequest, callback: Any, callback_args: Any, callback_kwargs: Any
     ) -> HttpResponseBase | None:
-        view = super().process_view
-        if settings.CSRF_USE_SESSIONS or (
+        in_thread = bool(settings.CSRF_USE_SESSIONS) or (
             request.method not in SAFE_METHODS and not getattr(callback, "csrf_exempt", False)
-        ):
-            return await sync_to_async(view, thread_sensitive=True)(
-                request, callback, callback_args, callback_kwargs
-            )
-        return view(request, callback, callback_args, callback_kwargs)
+        )
+        result: HttpResponseBase | None = await _call(
+            super().process_view, in_thread, request, callback, callback_args, callback_kwargs
+        )
+        return result
