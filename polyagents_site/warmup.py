@@ -261,10 +261,12 @@ def run_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
         task.add_done_callback(_tasks.discard)
 
     try:
-        start(asyncio.get_running_loop())
-        return True
+        running = asyncio.get_running_loop()
     except RuntimeError:
-        pass  # no loop runs in this thread
+        running = None  # no loop runs in this thread
+    if running is not None:
+        start(running)
+        return True
     reactor = sys.modules.get("twisted.internet.reactor")
     loop = getattr(reactor, "_asyncioEventloop", None)
     if reactor is not None and isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
