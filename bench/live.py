@@ -41,10 +41,9 @@ from bench.load import (  # noqa: E402
     clean_redis,
     fake_gemini,
     follow_socket,
-    free_port,
     percentile,
     py_spy,
-    server_command,
+    spawn_web,
     stop,
     wait_for_port,
 )
@@ -242,15 +241,10 @@ def main() -> None:
 
             call_command("migrate", interactive=False, verbosity=0)
             httpx.post(f"{fake_url}/_bench/latency", params={"seconds": args.latency}).raise_for_status()
-            port = free_port()
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
             try:
-                web = subprocess.Popen(
-                    server_command(args.server, port),
-                    cwd=ROOT,
-                    env=dict(os.environ),
-                    **quiet,  # type: ignore[call-overload]
-                )
+                webs, port = spawn_web(args.server)
+                web = webs[0]
                 children.append(web)
                 workers = [
                     subprocess.Popen(
