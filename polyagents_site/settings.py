@@ -255,5 +255,8 @@ LOGGING = {
         "django.db.backends": {"level": "WARNING"},
         # httpx logs every request at INFO: one line per LLM call (the SDKs' transport).
         "httpx": {"level": "WARNING"},
+        # google-genai logs "AFC is enabled" at INFO on every call made without a config, as
+        # the Gemini provider makes them (agents.providers.gemini, GeminiProvider._sdk).
+        "google_genai.models": {"level": "WARNING"},
     },
 }

@@ -159,11 +159,15 @@ async def test_gemini_builds_a_config_once_per_shape_and_each_ballot_gets_its_la
         None,
     ]
     assert len(gemini._bodies) == 3
-    # A timeout shortened by the conversation's deadline makes a new config, not a new body.
-    configs = len(gemini._configs)
+    # At the provider's timeout a call passes no config: its body is in a client of its shape.
+    clients = gemini._clients.get()
+    assert (len(clients._by_shape), len(gemini._configs)) == (3, 0)
+    # A timeout shortened by the conversation's deadline makes a config, not a new body.
     await gemini.complete(request("gemini-2.5-flash", output=ANSWER_OUTPUT, timeout=1.234))
-    assert (len(gemini._bodies), len(gemini._configs)) == (3, configs + 1)
-    assert gfake.generate_calls[-1][1].body == gfake.generate_calls[-2][1].body
+    assert (len(gemini._bodies), len(clients._by_shape), len(gemini._configs)) == (3, 3, 1)
+    (_, at_timeout), (_, shortened) = gfake.generate_calls[-2:]
+    assert shortened.body == at_timeout.body
+    assert (shortened.headers["x-server-timeout"], at_timeout.headers["x-server-timeout"]) == ("2", "5")
 
 
 async def test_gemini_stream_sends_readable_answer_text_not_json(
@@ -343,3 +347,21 @@ async def test_the_simulator_answers_structured_requests_in_the_same_shape() -> 
     text = await provider.complete(request("sim", output=ANSWER_OUTPUT, metadata=meta))
     assert text.data is None
     assert f"FINAL POSITION: {generation.data['position']}" in text.text
+
+
+async def test_gemini_a_shape_whose_body_was_evicted_gets_a_client_for_its_new_body(
+    gfake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    """A shape's client is kept with the body it sends: once the body is built again (its cache
+    was cleared; a schema's id may then name another schema), the client is built again too."""
+    call = request("gemini-2.5-flash", output=ANSWER_OUTPUT)
+    await gemini.complete(call)
+    clients = gemini._clients.get()
+    ((shape, (body, client)),) = clients._by_shape.items()
+    gemini._bodies.clear()
+    await gemini.complete(call)
+    new_body, new_client = clients._by_shape[shape]
+    assert new_body is not body
+    assert new_body == body
+    assert new_client is not client
+    assert gfake.generate_calls[-1][1].body == gfake.generate_calls[-2][1].body
