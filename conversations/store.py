@@ -616,20 +616,41 @@ async def begin_run(
     return conversation, messages or [], questions or [], answers or [], int(last_seq)
 
 
+def _blocked_sql() -> str:
+    """Whether %(ip)s is blocked now: `gateway.blocking.is_blocked`'s query, as an expression."""
+    from gateway.models import BlockedIP
+
+    return (
+        f'EXISTS (SELECT 1 FROM "{BlockedIP._meta.db_table}" b WHERE b."ip" = %(ip)s::inet'  # noqa: S608
+        ' AND (b."expires_at" IS NULL OR b."expires_at" > now()))'
+    )
+
+
 @functools.cache
 def _admission_statement() -> tuple[str, list[str]]:
     """The handshake's statement, and the attnames of the ApiKey columns it reads, in order."""
-    from gateway.models import ApiKey, BlockedIP
+    from gateway.models import ApiKey
 
     fields = ApiKey._meta.concrete_fields
     columns = ", ".join(f'k."{f.column}"' for f in fields)
     sql = (
-        f'SELECT EXISTS (SELECT 1 FROM "{BlockedIP._meta.db_table}" b WHERE b."ip" = %(ip)s::inet'  # noqa: S608
-        ' AND (b."expires_at" IS NULL OR b."expires_at" > now())), '
+        f"SELECT {_blocked_sql()}, "  # noqa: S608
         f'(SELECT c."owner" FROM "{Conversation._meta.db_table}" c WHERE c."id" = %(c)s), {columns} '
         f'FROM (SELECT 1) AS one LEFT JOIN "{ApiKey._meta.db_table}" k ON k."key_hash" = %(h)s'
     )
     return sql, [f.attname for f in fields]
+
+
+async def ip_blocked(ip: str) -> bool:
+    """Whether `ip` (a normalised address) is blocked now, in one statement on the event loop's
+    pool: `gateway.blocking.ais_blocked` without the ORM and its thread hop."""
+    row = await _read_one(_ip_blocked_statement(), {"ip": ip})
+    return bool(row and row[0])
+
+
+@functools.cache
+def _ip_blocked_statement() -> str:
+    return f"SELECT {_blocked_sql()}"
 
 
 async def admission_row(

@@ -66,12 +66,16 @@ class BlockedIPMiddleware(_Middleware):
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         ip = client_ip(request)
-        if ip and await ais_blocked(ip):
+        if ip and await self.ablocked(ip):
             if await ashould_log_blocked_request(ip):
                 await alog_security_event("blocked_request", ip=ip, path=request.path, method=request.method)
             return _blocked_response()
         response: HttpResponseBase = await self.get_response(request)
         return response
+
+    async def ablocked(self, ip: str) -> bool:
+        """Whether `ip` is blocked now (async mode)."""
+        return await ais_blocked(ip)
 
 
 def _request_id(request: HttpRequest) -> str:

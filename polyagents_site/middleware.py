@@ -11,6 +11,9 @@ WSGI server) is Django's own path, unchanged.
 
 They subclass Django's classes, so `isinstance` checks (the admin's system checks among them) and
 every setting those classes read still apply.
+
+`BlockedIPMiddleware` is the gateway's, its block check run on PostgreSQL as one statement on the
+event loop's pool (the gateway sits below `conversations`, which holds that pool).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from django.contrib.messages import middleware as messages
 from django.contrib.sessions import middleware as sessions
 from django.http import HttpRequest, HttpResponseBase
 from django.middleware import clickjacking, common, csrf, security
+
+from gateway import middleware as gateway_middleware
+from gateway.net import normalize_ip
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -120,3 +126,25 @@ class CsrfViewMiddleware(OnLoop, csrf.CsrfViewMiddleware):
             super().process_view, in_thread, request, callback, callback_args, callback_kwargs
         )
         return result
+
+
+class BlockedIPMiddleware(gateway_middleware.BlockedIPMiddleware):
+    """The gateway's IP block check, on PostgreSQL as one statement on the event loop's pool
+    (`conversations.store.ip_blocked`) rather than the ORM in a thread hop: the same query,
+    so deleting a block still lifts it at once. SQLite, sync mode and a statement that fails
+    keep the gateway's check (which fails open when the database cannot answer)."""
+
+    async def ablocked(self, ip: str) -> bool:
+        import psycopg
+
+        from conversations import store
+
+        address = normalize_ip(ip)
+        if address is None:
+            return False
+        if settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED:
+            try:
+                return await store.ip_blocked(address)
+            except psycopg.Error:
+                pass
+        return await super().ablocked(ip)

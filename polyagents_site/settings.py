@@ -54,7 +54,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "monitoring.middleware.MetricsMiddleware",
     "corsheaders.middleware.CorsMiddleware",
-    "gateway.middleware.BlockedIPMiddleware",
+    "polyagents_site.middleware.BlockedIPMiddleware",  # the gateway's, its check on the event loop
     "gateway.middleware.RequestIdMiddleware",
     "gateway.middleware.RateLimitHeadersMiddleware",
     # Django's own, run on the event loop where they do no I/O (polyagents_site/middleware.py).

@@ -14,6 +14,7 @@ from django.test import AsyncClient, Client
 from django.utils import deprecation
 
 from polyagents_site import middleware
+from tests.conftest import requires_postgres
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -94,3 +95,52 @@ async def test_messages_are_stored_and_shown(thread_connections_closed: None) ->
     assert len(set(FULL_KEY.findall(shown.content.decode()))) == 1  # the message with the new key
     again = await client.get(added["Location"])
     assert FULL_KEY.findall(again.content.decode()) == []  # shown once: the read was stored too
+
+
+# --- the gateway's IP block check ----------------------------------------------------------
+
+BLOCKED = "198.51.100.77"
+
+
+@pytest.fixture
+def from_blocked_ip(settings: Any) -> dict[str, str]:
+    """Headers of a request from a blocked address (the ASGI test client connects from
+    127.0.0.1, so the address comes through a trusted proxy's X-Forwarded-For)."""
+    from gateway.blocking import block_ip
+
+    settings.CONFIG = settings.CONFIG.model_copy(update={"TRUST_X_FORWARDED_FOR": True})
+    block_ip(BLOCKED, seconds=600, reason="test")
+    return {"X-Forwarded-For": BLOCKED}
+
+
+@requires_postgres
+async def test_the_block_check_is_one_statement_on_the_loop(
+    from_blocked_ip: dict[str, str], monkeypatch: pytest.MonkeyPatch, thread_connections_closed: None
+) -> None:
+    from gateway import blocking
+    from gateway.models import BlockedIP
+
+    def no_orm(ip: str) -> Any:
+        raise AssertionError("the ORM's block check ran")
+
+    monkeypatch.setattr(blocking, "_active_blocks", no_orm)
+    refused = await AsyncClient().get("/health", headers=from_blocked_ip)
+    assert (refused.status_code, refused.json()["code"]) == (403, "ip_blocked")
+    assert (await AsyncClient().get("/health")).status_code == 200  # other addresses
+    await BlockedIP.objects.filter(ip=BLOCKED).adelete()
+    assert (await AsyncClient().get("/health", headers=from_blocked_ip)).status_code == 200  # at once
+
+
+@requires_postgres
+async def test_a_failed_statement_leaves_the_block_check_to_the_orm(
+    from_blocked_ip: dict[str, str], monkeypatch: pytest.MonkeyPatch, thread_connections_closed: None
+) -> None:
+    import psycopg
+
+    from conversations import store
+
+    async def failing(ip: str) -> bool:
+        raise psycopg.OperationalError("the server closed the connection")
+
+    monkeypatch.setattr(store, "ip_blocked", failing)
+    assert (await AsyncClient().get("/health", headers=from_blocked_ip)).status_code == 403
