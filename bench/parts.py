@@ -14,6 +14,11 @@
    unbuffered events): the batches ready together share a statement and a Redis pipeline.
 4. A WebSocket handshake's checks (block list, key, owner), C at once: `admit` through the ORM
    in a pool thread, and the one statement a known key takes (`admit_in_one_statement`).
+5. A Gemini call through `GeminiProvider` (google-genai over aiohttp) against the wire-format
+   fake Gemini in a thread of this process: the event loop thread's CPU per `generate` and per
+   `stream` call (thread time, so the fake's own CPU is left out), best of 5 x 300 calls.
+6. One request through the site's whole middleware stack (`GET /health`, Django's ASGI test
+   client, the IP block check included): this process's CPU per request, best of 5 x 300.
 
 Needs DATABASE_URL (PostgreSQL) and REDIS_URL; writes to its own rows and keys, then deletes them.
 
@@ -142,6 +147,68 @@ async def measure_handshakes(concurrency: int) -> list[dict[str, Any]]:
     return results
 
 
+def best_of(
+    rounds: int, calls: int, clock: Callable[[], float]
+) -> Callable[[Callable[[], Awaitable[Any]]], Any]:
+    """Run a call `rounds` x `calls` times after 50 warm-up calls: the least CPU ms per call."""
+
+    async def run(call: Callable[[], Awaitable[Any]]) -> float:
+        for _ in range(50):
+            await call()
+        best = float("inf")
+        for _ in range(rounds):
+            started = clock()
+            for _ in range(calls):
+                await call()
+            best = min(best, (clock() - started) * 1000 / calls)
+        return round(best, 3)
+
+    return run
+
+
+async def measure_calls() -> list[tuple[str, float]]:
+    """Loop-thread CPU per Gemini call (5.), and process CPU per GET /health (6.)."""
+    from django.test import AsyncClient
+
+    from agents.providers.base import GenerationRequest, ResponseSchema
+    from agents.providers.gemini import GeminiProvider
+    from tests.fakes.gemini_server import FakeGemini
+
+    schema = ResponseSchema(
+        "answer",
+        {
+            "type": "object",
+            "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}},
+            "required": ["answer", "confidence"],
+        },
+    )
+    request = GenerationRequest(
+        model="gemini-2.5-flash",
+        prompt="Is water wet? " * 30,
+        system_instruction="Be terse.",
+        response_schema=schema,
+    )
+
+    async def no_delta(text: str) -> None:
+        return None
+
+    with FakeGemini() as fake:
+        provider = GeminiProvider(api_key="bench", base_url=fake.base_url, timeout=60)
+        try:
+            calls = best_of(5, 300, time.thread_time)
+            generate = await calls(lambda: provider.generate(request))
+            stream = await calls(lambda: provider.stream(request, no_delta))
+        finally:
+            await provider.aclose()
+    client = AsyncClient()
+    health = await best_of(5, 300, time.process_time)(lambda: client.get("/health"))
+    return [
+        ("Gemini generate (loop thread CPU)", generate),
+        ("Gemini stream (loop thread CPU)", stream),
+        ("GET /health, whole middleware stack", health),
+    ]
+
+
 async def main(args: argparse.Namespace) -> None:
     from django.conf import settings
     from django.utils import timezone
@@ -223,6 +290,9 @@ async def main(args: argparse.Namespace) -> None:
     print(f"\n{'WebSocket handshake checks':<44} {'conc':>5} {'checks/s':>9} {'CPU ms/check':>12}")
     for r in handshakes:
         print(f"{r['part']:<44} {r['concurrency']:>5} {r['checks_per_s']:>9} {r['cpu_ms_per_check']:>12}")
+    print(f"\n{'one call at a time':<44} {'CPU ms/call':>11}")
+    for part, ms in await measure_calls():
+        print(f"{part:<44} {ms:>11}")
 
 
 if __name__ == "__main__":
