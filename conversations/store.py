@@ -627,15 +627,18 @@ def _blocked_sql() -> str:
 
 
 @functools.cache
-def _admission_statement() -> tuple[str, list[str]]:
-    """The handshake's statement, and the attnames of the ApiKey columns it reads, in order."""
+def _admission_statement(owner: bool = True) -> tuple[str, list[str]]:
+    """The statement of a handshake (with the conversation's `owner`) or of an HTTP request's
+    checks (without), and the attnames of the ApiKey columns it reads, in order."""
     from gateway.models import ApiKey
 
     fields = ApiKey._meta.concrete_fields
     columns = ", ".join(f'k."{f.column}"' for f in fields)
+    owner_sql = (
+        f'(SELECT c."owner" FROM "{Conversation._meta.db_table}" c WHERE c."id" = %(c)s), ' if owner else ""  # noqa: S608
+    )
     sql = (
-        f"SELECT {_blocked_sql()}, "  # noqa: S608
-        f'(SELECT c."owner" FROM "{Conversation._meta.db_table}" c WHERE c."id" = %(c)s), {columns} '
+        f"SELECT {_blocked_sql()}, {owner_sql}{columns} "  # noqa: S608
         f'FROM (SELECT 1) AS one LEFT JOIN "{ApiKey._meta.db_table}" k ON k."key_hash" = %(h)s'
     )
     return sql, [f.attname for f in fields]
@@ -653,6 +656,23 @@ def _ip_blocked_statement() -> str:
     return f"SELECT {_blocked_sql()}"
 
 
+def _key_of(attnames: list[str], values: list[Any]) -> Any:
+    from gateway.models import ApiKey
+
+    return ApiKey.from_db("default", attnames, values) if values[0] is not None else None
+
+
+async def blocked_and_key(ip: str, key_hash: str) -> tuple[bool, Any]:
+    """Whether `ip` is blocked now, and the API key with this hash (an `ApiKey`, or None), in one
+    statement on the event loop's pool: an HTTP request's block check and its key's lookup
+    (`gateway.keys.key_authenticate` is handed the key; `polyagents_site.middleware`)."""
+    sql, attnames = _admission_statement(owner=False)
+    row = await _read_one(sql, {"ip": ip, "h": key_hash})
+    assert row is not None  # one row always: the LEFT JOIN keeps it without a key
+    blocked_now, *key_values = row
+    return bool(blocked_now), _key_of(attnames, key_values)
+
+
 async def admission_row(
     ip: str | None, key_hash: str, conversation_id: uuid.UUID
 ) -> tuple[bool, str | None, Any]:
@@ -663,11 +683,8 @@ async def admission_row(
     The same reads as `gateway.blocking.is_blocked`, `gateway.keys.key_authenticate`'s lookup and
     the owner check, without the ORM and its thread hop (`streaming.consumers.aadmit`).
     """
-    from gateway.models import ApiKey
-
     sql, attnames = _admission_statement()
     row = await _read_one(sql, {"ip": ip, "c": conversation_id, "h": key_hash})
     assert row is not None  # one row always: the LEFT JOIN keeps it without a key
     blocked_now, owner, *key_values = row
-    key = ApiKey.from_db("default", attnames, key_values) if key_values[0] is not None else None
-    return bool(blocked_now), owner, key
+    return bool(blocked_now), owner, _key_of(attnames, key_values)

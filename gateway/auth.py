@@ -7,7 +7,7 @@ import re
 
 from asgiref.sync import sync_to_async
 
-from gateway.keys import KeyRejected, key_authenticate, principal_for_key
+from gateway.keys import KeyRead, KeyRejected, key_authenticate, principal_for_key
 from gateway.models import ApiKey
 from gateway.principal import Principal
 from gateway.tokens import TokenRejected, access_authenticate
@@ -72,7 +72,7 @@ def parse_authorization(header: str | None) -> str | None:
     return token
 
 
-def _authenticate(raw_token: str) -> tuple[Principal, ApiKey | None]:
+def _authenticate(raw_token: str, read: KeyRead | None = None) -> tuple[Principal, ApiKey | None]:
     if not raw_token or len(raw_token) > MAX_TOKEN_LENGTH or any(c.isspace() for c in raw_token):
         raise AuthError("invalid_token", "Malformed bearer token.")
     if JWT_SHAPE.match(raw_token):
@@ -81,16 +81,20 @@ def _authenticate(raw_token: str) -> tuple[Principal, ApiKey | None]:
         except TokenRejected as exc:
             raise _KeyedAuthError(exc.code, exc.detail, exc.key) from None
     try:
-        key = key_authenticate(raw_token)
+        key = key_authenticate(raw_token, read=read)
     except KeyRejected as exc:
         raise _KeyedAuthError(exc.code, exc.detail, exc.key) from None
     return principal_for_key(key), key
 
 
-def authenticate_bearer(raw_token: str, *, ip: str | None = None, path: str = "") -> Principal:
-    """The Principal of an API key or JWT access token; raises AuthError (and records it)."""
+def authenticate_bearer(
+    raw_token: str, *, ip: str | None = None, path: str = "", read: KeyRead | None = None
+) -> Principal:
+    """The Principal of an API key or JWT access token; raises AuthError (and records it).
+
+    `read`: an API key row read already for this request (`gateway.keys.KEY_READ_ATTR`)."""
     try:
-        principal, _ = _authenticate(raw_token)
+        principal, _ = _authenticate(raw_token, read)
     except AuthError as exc:
         report_auth_failure(exc.code, exc.detail, ip=ip, path=path, api_key=getattr(exc, "key", None))
         raise AuthError(exc.code, exc.detail) from None

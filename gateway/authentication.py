@@ -15,6 +15,7 @@ from gateway.auth import (
     parse_authorization,
     report_auth_failure,
 )
+from gateway.keys import KEY_READ_ATTR
 from gateway.net import client_ip
 from gateway.principal import Principal
 
@@ -44,7 +45,8 @@ class BearerAuthentication(BaseAuthentication):
                 return ANONYMOUS, None
             return None  # the permission check answers 401 (views open to all still work)
         try:
-            principal = authenticate_bearer(token, ip=ip, path=request.path)
+            read = getattr(request._request, KEY_READ_ATTR, None)
+            principal = authenticate_bearer(token, ip=ip, path=request.path, read=read)
         except AuthError as exc:
             request._bearer_error = exc.www_authenticate  # type: ignore[attr-defined]
             raise BearerFailed(exc) from None

@@ -233,9 +233,20 @@ def check_usable(key: ApiKey, now: datetime | None = None) -> None:
         raise KeyRejected("key_expired", "This API key has expired.", key)
 
 
-def key_authenticate(raw: str) -> ApiKey:
-    """The usable key matching a raw secret, its last-used time refreshed at most once a minute."""
-    key = ApiKey.objects.filter(key_hash=hash_key(raw)).first()
+# On an HttpRequest: the API key row already read for the hash of its bearer token, as
+# (hash, ApiKey or None) (`polyagents_site.middleware.BlockedIPMiddleware` reads it with the
+# block check, in one statement on the event loop).
+KEY_READ_ATTR = "api_key_read"
+KeyRead = tuple[str, ApiKey | None]
+
+
+def key_authenticate(raw: str, *, read: KeyRead | None = None) -> ApiKey:
+    """The usable key matching a raw secret, its last-used time refreshed at most once a minute.
+
+    `read`: the row of a hash read already during this request; used when it is this secret's.
+    """
+    key_hash = hash_key(raw)
+    key = read[1] if read is not None and read[0] == key_hash else _key_by_hash(key_hash)
     if key is None:
         raise KeyRejected("invalid_token", "Unknown API key.")
     now = timezone.now()
@@ -247,3 +258,7 @@ def key_authenticate(raw: str) -> ApiKey:
         ).update(last_used_at=now)
         key.last_used_at = now
     return key
+
+
+def _key_by_hash(key_hash: str) -> ApiKey | None:
+    return ApiKey.objects.filter(key_hash=key_hash).first()

@@ -66,15 +66,15 @@ class BlockedIPMiddleware(_Middleware):
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         ip = client_ip(request)
-        if ip and await self.ablocked(ip):
+        if ip and await self.ablocked(request, ip):
             if await ashould_log_blocked_request(ip):
                 await alog_security_event("blocked_request", ip=ip, path=request.path, method=request.method)
             return _blocked_response()
         response: HttpResponseBase = await self.get_response(request)
         return response
 
-    async def ablocked(self, ip: str) -> bool:
-        """Whether `ip` is blocked now (async mode)."""
+    async def ablocked(self, request: HttpRequest, ip: str) -> bool:
+        """Whether `ip`, the address of `request`, is blocked now (async mode)."""
         return await ais_blocked(ip)
 
 

@@ -12,8 +12,9 @@ WSGI server) is Django's own path, unchanged.
 They subclass Django's classes, so `isinstance` checks (the admin's system checks among them) and
 every setting those classes read still apply.
 
-`BlockedIPMiddleware` is the gateway's, its block check run on PostgreSQL as one statement on the
-event loop's pool (the gateway sits below `conversations`, which holds that pool).
+`BlockedIPMiddleware` is the gateway's, its block check (and an API key's lookup) run on
+PostgreSQL as one statement on the event loop's pool (the gateway sits below `conversations`,
+which holds that pool).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from django.http import HttpRequest, HttpResponseBase
 from django.middleware import clickjacking, common, csrf, security
 
 from gateway import middleware as gateway_middleware
+from gateway.auth import JWT_SHAPE, MAX_TOKEN_LENGTH, AuthError, parse_authorization
+from gateway.keys import KEY_READ_ATTR
+from gateway.models import hash_key
 from gateway.net import normalize_ip
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -128,13 +132,31 @@ class CsrfViewMiddleware(OnLoop, csrf.CsrfViewMiddleware):
         return result
 
 
+def _api_key_token(request: HttpRequest) -> str | None:
+    """The request's bearer token if it has the shape of an API key (not a JWT), else None."""
+    try:
+        token = parse_authorization(request.META.get("HTTP_AUTHORIZATION"))
+    except AuthError:
+        return None  # the authentication reports it
+    if (
+        not token
+        or len(token) > MAX_TOKEN_LENGTH
+        or JWT_SHAPE.match(token)
+        or any(c.isspace() for c in token)
+    ):
+        return None
+    return token
+
+
 class BlockedIPMiddleware(gateway_middleware.BlockedIPMiddleware):
     """The gateway's IP block check, on PostgreSQL as one statement on the event loop's pool
-    (`conversations.store.ip_blocked`) rather than the ORM in a thread hop: the same query,
-    so deleting a block still lifts it at once. SQLite, sync mode and a statement that fails
+    rather than the ORM in a thread hop: the same query, so deleting a block still lifts it at
+    once. A request with an API key reads the key's row in that statement too
+    (`store.blocked_and_key`) and hands it to the authentication (`gateway.keys.KEY_READ_ATTR`),
+    which then makes no query of its own for it. SQLite, sync mode and a statement that fails
     keep the gateway's check (which fails open when the database cannot answer)."""
 
-    async def ablocked(self, ip: str) -> bool:
+    async def ablocked(self, request: HttpRequest, ip: str) -> bool:
         import psycopg
 
         from conversations import store
@@ -143,8 +165,15 @@ class BlockedIPMiddleware(gateway_middleware.BlockedIPMiddleware):
         if address is None:
             return False
         if settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED:
+            token = _api_key_token(request)
             try:
-                return await store.ip_blocked(address)
+                if token is None:
+                    return await store.ip_blocked(address)
+                key_hash = hash_key(token)
+                blocked, key = await store.blocked_and_key(address, key_hash)
             except psycopg.Error:
                 pass
-        return await super().ablocked(ip)
+            else:
+                setattr(request, KEY_READ_ATTR, (key_hash, key))
+                return blocked
+        return await super().ablocked(request, ip)

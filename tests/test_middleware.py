@@ -144,3 +144,69 @@ async def test_a_failed_statement_leaves_the_block_check_to_the_orm(
 
     monkeypatch.setattr(store, "ip_blocked", failing)
     assert (await AsyncClient().get("/health", headers=from_blocked_ip)).status_code == 403
+
+
+# --- an API key read with the block check ---------------------------------------------------
+
+
+@pytest.fixture
+def recent_key() -> tuple[Any, str]:
+    """A read key used a moment ago (so authenticating it writes nothing), and its secret."""
+    from django.utils import timezone
+
+    from gateway.keys import key_create
+    from gateway.models import ApiKey
+
+    issued = key_create(name="reader", permissions=["read"])
+    ApiKey.objects.filter(pk=issued.key.pk).update(last_used_at=timezone.now())
+    return issued.key, issued.raw
+
+
+@requires_postgres
+async def test_an_api_key_is_read_in_the_block_checks_statement(
+    recent_key: tuple[Any, str], monkeypatch: pytest.MonkeyPatch, thread_connections_closed: None
+) -> None:
+    from gateway import keys
+
+    key, raw = recent_key
+
+    def no_lookup(key_hash: str) -> Any:
+        raise AssertionError("the key was looked up again")
+
+    monkeypatch.setattr(keys, "_key_by_hash", no_lookup)
+    client = AsyncClient()
+    known = await client.get("/auth/whoami", headers={"Authorization": f"Bearer {raw}"})
+    assert (known.status_code, known.json()["name"], known.json()["kind"]) == (200, "reader", "api_key")
+    unknown = await client.get("/auth/whoami", headers={"Authorization": "Bearer pk_" + "x" * 43})
+    assert (unknown.status_code, unknown.json()["code"]) == (401, "invalid_token")
+    await sync_to_async(type(key).objects.filter(pk=key.pk).update)(revoked_at=key.created_at)
+    revoked = await client.get("/auth/whoami", headers={"Authorization": f"Bearer {raw}"})
+    assert (revoked.status_code, revoked.json()["code"]) == (401, "key_revoked")  # at once
+
+
+def test_a_key_read_for_another_secret_is_not_used(recent_key: tuple[Any, str]) -> None:
+    from gateway.keys import key_authenticate
+    from gateway.models import hash_key
+
+    key, raw = recent_key
+    assert key_authenticate(raw, read=(hash_key("pk_" + "y" * 43), None)).pk == key.pk
+    assert key_authenticate(raw, read=(hash_key(raw), key)) is key
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        (None, None),
+        ("Basic dXNlcjpwYXNz", None),
+        ("Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", None),  # a JWT: not a key
+        ("Bearer " + "k" * 5000, None),
+        ("Bearer pk_abc", "pk_abc"),
+    ],
+)
+def test_only_a_bearer_token_shaped_like_an_api_key_is_read_ahead(
+    header: str | None, token: str | None
+) -> None:
+    from django.test import RequestFactory
+
+    request = RequestFactory().get("/", **({"HTTP_AUTHORIZATION": header} if header else {}))
+    assert middleware._api_key_token(request) == token
