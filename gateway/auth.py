@@ -72,6 +72,19 @@ def parse_authorization(header: str | None) -> str | None:
     return token
 
 
+def as_api_key(token: str | None) -> str | None:
+    """The bearer token if `_authenticate` would look it up as an API key (well formed, not a
+    JWT), else None."""
+    if (
+        not token
+        or len(token) > MAX_TOKEN_LENGTH
+        or any(c.isspace() for c in token)
+        or JWT_SHAPE.match(token)
+    ):
+        return None
+    return token
+
+
 def _authenticate(raw_token: str, read: KeyRead | None = None) -> tuple[Principal, ApiKey | None]:
     if not raw_token or len(raw_token) > MAX_TOKEN_LENGTH or any(c.isspace() for c in raw_token):
         raise AuthError("invalid_token", "Malformed bearer token.")

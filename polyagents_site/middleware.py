@@ -30,7 +30,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django.middleware import clickjacking, common, csrf, security
 
 from gateway import middleware as gateway_middleware
-from gateway.auth import JWT_SHAPE, MAX_TOKEN_LENGTH, AuthError, parse_authorization
+from gateway.auth import AuthError, as_api_key, parse_authorization
 from gateway.keys import KEY_READ_ATTR
 from gateway.models import hash_key
 from gateway.net import normalize_ip
@@ -138,14 +138,7 @@ def _api_key_token(request: HttpRequest) -> str | None:
         token = parse_authorization(request.META.get("HTTP_AUTHORIZATION"))
     except AuthError:
         return None  # the authentication reports it
-    if (
-        not token
-        or len(token) > MAX_TOKEN_LENGTH
-        or JWT_SHAPE.match(token)
-        or any(c.isspace() for c in token)
-    ):
-        return None
-    return token
+    return as_api_key(token)
 
 
 class BlockedIPMiddleware(gateway_middleware.BlockedIPMiddleware):

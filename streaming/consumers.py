@@ -181,13 +181,13 @@ async def admit_in_one_statement(scope: dict[str, Any]) -> Admission | None:
     """`admit`'s decision from one statement (`store.admission_row`), or None where `admit`
     must decide (it records failures and refreshes the key's last-used time)."""
     from conversations import store
-    from gateway.auth import JWT_SHAPE, MAX_TOKEN_LENGTH
+    from gateway.auth import as_api_key
     from gateway.keys import LAST_USED_RESOLUTION, KeyRejected, check_usable, principal_for_key
     from gateway.models import hash_key
     from gateway.net import client_ip
 
-    token = token_from_scope(scope)[0]
-    if not token or len(token) > MAX_TOKEN_LENGTH or JWT_SHAPE.match(token) or not origin_allowed(scope):
+    token = as_api_key(token_from_scope(scope)[0])
+    if token is None or not origin_allowed(scope):
         return None
     try:
         conversation_id = uuid.UUID(str(scope["url_route"]["kwargs"]["conversation_id"]))
