@@ -324,19 +324,18 @@ class GeminiProvider(Provider):
         `HttpOptions.extra_body`. At the provider's timeout (nearly every call) that body and
         the timeout sit in the HttpOptions of a client kept for the shape, and the call passes
         no config: the SDK then neither converts a config (it looks up each of its ~40 fields
-        by iterating the pydantic model) nor patches its options per call: `generate` against
-        the wire-format fake cost 1.35-1.49 ms of the loop's CPU per call, 1.61-1.82 ms with a
-        config (docs/scaling.md, phase H). The call without a config goes through
-        the SDK's automatic function calling loop, which with no tools ends after the one call.
+        by iterating the pydantic model) nor patches its options per call (`bench/parts.py`;
+        docs/scaling.md, phase H). The call without a config goes through the SDK's automatic
+        function calling loop, which with no tools ends after the one call.
         A timeout shortened by the conversation's deadline keeps the loop's base client and a
         config of its own (AFC disabled, that timeout, the same body).
         """
         timeout_ms = max(1, int((request.timeout or self.timeout) * 1000))
         body, shape = await self._body(request)
-        key = (shape, timeout_ms)
         clients = self._clients.get()
         if timeout_ms == self.timeout_ms:
             return clients.for_body(shape, body).aio.models, None
+        key = (shape, timeout_ms)
         config = self._configs.get(key)
         if config is None or config.http_options.extra_body is not body:  # type: ignore[union-attr]
             if len(self._configs) >= CONFIG_SHAPES:
