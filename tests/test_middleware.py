@@ -208,5 +208,5 @@ def test_only_a_bearer_token_shaped_like_an_api_key_is_read_ahead(
 ) -> None:
     from django.test import RequestFactory
 
-    request = RequestFactory().get("/", **({"HTTP_AUTHORIZATION": header} if header else {}))
+    request = RequestFactory().get("/", headers={"Authorization": header} if header else None)
     assert middleware._api_key_token(request) == token
