@@ -365,3 +365,14 @@ async def test_gemini_a_shape_whose_body_was_evicted_gets_a_client_for_its_new_b
     assert new_body == body
     assert new_client is not client
     assert gfake.generate_calls[-1][1].body == gfake.generate_calls[-2][1].body
+
+
+async def test_gemini_a_shortened_timeout_is_hinted_after_the_models_were_listed(
+    gfake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    """Listing the models (the health check) leaves the loop's base client's headers as they
+    were: a later call with a timeout shortened by the deadline still sends its own
+    X-Server-Timeout, not the provider's."""
+    await gemini.list_models()
+    await gemini.complete(request("gemini-2.5-flash", output=ANSWER_OUTPUT, timeout=1.234))
+    assert gfake.generate_calls[-1][1].headers["x-server-timeout"] == "2"

@@ -454,7 +454,12 @@ class GeminiProvider(Provider):
         """Model names the key can use (without the "models/" prefix), for the health check."""
         names: list[str] = []
         try:
-            pager = await self._clients.get().base.aio.models.list(config={"page_size": 100})
+            # Options of its own: the SDK then patches a copy of the client's, instead of
+            # writing this call's X-Server-Timeout into the headers later calls start from.
+            config = types.ListModelsConfig(
+                page_size=100, http_options=types.HttpOptions(timeout=self.timeout_ms)
+            )
+            pager = await self._clients.get().base.aio.models.list(config=config)
             async for model in pager:
                 if model.name:
                     names.append(model.name.removeprefix("models/"))
