@@ -402,7 +402,7 @@ class EventLog:
         self._pending: list[dict[str, Any]] = []
         # On PostgreSQL the rows an event stands beside are staged here and written in the same
         # pipelined transaction as the event (conversations.store); SQLite keeps the ORM path.
-        self.pipelined = bool(settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED)
+        self.pipelined = store.pipelined()
         self._rows = store.Rows()
         self._writer: asyncio.Task[None] | None = None
         # Set when a batch could not be stored: later events are refused, so the stored log

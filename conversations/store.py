@@ -59,6 +59,14 @@ class Rows:
         return bool(self.messages or self.votes or self.result or self.conversation)
 
 
+def pipelined() -> bool:
+    """Whether the event log and the request checks use this module's statements on the event
+    loop's pool: on PostgreSQL, unless EVENT_STORE_PIPELINED is off (SQLite keeps the ORM)."""
+    from django.conf import settings
+
+    return bool(settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED)
+
+
 def _column(model: type[Any], name: str) -> str:
     return str(model._meta.get_field(name).column)
 

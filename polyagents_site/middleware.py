@@ -157,7 +157,7 @@ class BlockedIPMiddleware(gateway_middleware.BlockedIPMiddleware):
         address = normalize_ip(ip)
         if address is None:
             return False
-        if settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED:
+        if store.pipelined():
             token = _api_key_token(request)
             try:
                 if token is None:

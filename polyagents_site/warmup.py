@@ -220,7 +220,7 @@ async def awarm_up() -> dict[str, float]:
     async def event_store() -> None:
         from conversations import store
 
-        if settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED:
+        if store.pipelined():
             await store.pool()  # the event log's connections of this loop, all opened now
             from conversations.services import rehearse_run
 

@@ -22,6 +22,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
+from conversations import store
 from conversations.events import group_name, in_pool_thread, read_events
 from conversations.models import Conversation
 from gateway.principal import Principal
@@ -170,7 +171,7 @@ async def aadmit(scope: dict[str, Any]) -> Admission:
     clients connecting at once are checked in parallel, not queued behind the one thread that
     Django's async ORM uses outside a request; SQLite keeps that one thread (a single writer).
     """
-    if settings.USING_POSTGRES and settings.CONFIG.EVENT_STORE_PIPELINED:
+    if store.pipelined():
         admission = await admit_in_one_statement(scope)
         if admission is not None:
             return admission
@@ -180,7 +181,6 @@ async def aadmit(scope: dict[str, Any]) -> Admission:
 async def admit_in_one_statement(scope: dict[str, Any]) -> Admission | None:
     """`admit`'s decision from one statement (`store.admission_row`), or None where `admit`
     must decide (it records failures and refreshes the key's last-used time)."""
-    from conversations import store
     from gateway.auth import as_api_key
     from gateway.keys import LAST_USED_RESOLUTION, KeyRejected, check_usable, principal_for_key
     from gateway.models import hash_key
