@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from django.conf import settings
 from django.db.models import QuerySet
 
 from conversations import store
@@ -310,9 +309,10 @@ async def achat_result(conversation: Conversation, exchange: int) -> dict[str, A
     """The /chat response body: the brief's fields plus confidence, votes and usage.
 
     On PostgreSQL the exchange's rows come in one statement on the event loop's own pool
-    (no thread hop, no model instances); SQLite reads them through the ORM in its thread.
+    (no thread hop, no model instances); SQLite reads them through the ORM in its thread, as
+    PostgreSQL does with EVENT_STORE_PIPELINED off.
     """
-    if settings.USING_POSTGRES:
+    if store.pipelined():
         rows = await store.exchange_rows(
             conversation.pk, exchange, CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS
         )

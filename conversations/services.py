@@ -248,7 +248,7 @@ async def conversation_start(
         synthesis=synthesis or default_mode(),
     )
     budget = Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None
-    if settings.USING_POSTGRES and conversation_id is None and budget is None:
+    if store.pipelined() and conversation_id is None and budget is None:
         conversation = await _astart_new(principal, asked)
         if conversation is not None:
             # As _start_released does: the request thread's connection (its auth query) goes back.
@@ -527,7 +527,7 @@ async def _abegin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
     """`_begin`, on PostgreSQL in one statement on the event loop's pool (no thread hop, no
     ORM); a missing or finished conversation, or a stale exchange, takes the ORM path, which
     tells those apart."""
-    if settings.USING_POSTGRES:
+    if store.pipelined():
         read = await store.begin_run(conversation_id, exchange, timezone.now(), BEGIN_MESSAGE_FIELDS)
         if read is not None:
             conversation, messages, questions, answers, last_seq = read

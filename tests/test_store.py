@@ -567,3 +567,28 @@ async def test_a_key_with_a_daily_quota_starts_through_the_orm(make_key: Any) ->
         principal=principal, message="Tea or coffee?", num_agents=3, turns=1
     )
     assert started.metadata["quota"]["unit"] == "tokens"  # reserved
+
+
+def test_with_the_pipelined_store_off_a_chat_never_uses_the_loop_s_pool(
+    client_with: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EVENT_STORE_PIPELINED=false means the ORM for everything the event store's statements
+    do: the block and key check, the start, the run's begin and batches, the /chat body's read."""
+    monkeypatch.setattr(settings.CONFIG, "EVENT_STORE_PIPELINED", False)
+    opened: list[str] = []
+
+    async def no_pool() -> None:
+        opened.append("pool")
+        raise AssertionError("the event loop's pool was used")
+
+    monkeypatch.setattr(store, "pool", no_pool)
+    response = client_with("read", "write").post(
+        "/chat", {"message": "Tea or coffee?", "num_agents": 3, "turns": 1}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["metadata"]["status"] in ("completed", "no_consensus")
+    assert len(body["agent_responses"]) == 3
+    assert opened == []
+    conversation = Conversation.objects.get(pk=body["conversation_id"])
+    assert conversation.last_seq == Event.objects.filter(conversation=conversation).count() > 0
