@@ -198,7 +198,7 @@ async def call_with_resilience(
         try:
             return await _call_model(
                 provider,
-                replace(request, model=model),
+                request if model == request.model else replace(request, model=model),
                 deadline=deadline,
                 on_delta=forward if on_delta is not None else None,
                 emitted=lambda: emitted,
@@ -223,8 +223,22 @@ async def _call_model(
     on_delta: DeltaCallback | None,
     emitted: Callable[[], bool],
 ) -> Generation:
-    """Retry one model with tenacity until success, a final error, the attempt limit or the deadline."""
+    """Retry one model with tenacity until success, a final error, the attempt limit or the deadline.
+
+    The first attempt runs before tenacity is set up (most calls need no second): a failure
+    it may retry becomes tenacity's first attempt, so waits, stops and logs are tenacity's.
+    """
     config = settings.CONFIG
+
+    def should_retry(exc: BaseException) -> bool:
+        return isinstance(exc, ProviderError) and exc.retryable and not emitted()
+
+    try:
+        return await _attempt(provider, request, deadline=deadline, on_delta=on_delta)
+    except ProviderError as exc:
+        if config.RETRY_MAX_ATTEMPTS <= 1 or not should_retry(exc):
+            raise
+        first_failure: ProviderError | None = exc
     jitter = wait_random_exponential(multiplier=config.RETRY_BASE_DELAY, max=config.RETRY_MAX_DELAY)
 
     def wait(state: RetryCallState) -> float:
@@ -232,9 +246,6 @@ async def _call_model(
         if isinstance(exc, ProviderError) and exc.retry_after is not None:
             return min(exc.retry_after, config.RETRY_MAX_DELAY)
         return float(jitter(state))
-
-    def should_retry(exc: BaseException) -> bool:
-        return isinstance(exc, ProviderError) and exc.retryable and not emitted()
 
     retrying = AsyncRetrying(
         stop=stop_any(stop_after_attempt(config.RETRY_MAX_ATTEMPTS), stop_before_deadline(deadline)),
@@ -246,6 +257,9 @@ async def _call_model(
     )
     async for attempt in retrying:
         with attempt:
+            if first_failure is not None:  # attempt 1, already made
+                failure, first_failure = first_failure, None
+                raise failure
             return await _attempt(provider, request, deadline=deadline, on_delta=on_delta)
     raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
 
@@ -311,13 +325,31 @@ async def _attempt(
         breaker.release()  # cancelled, or a bug outside the provider: no verdict on the service
         raise
     breaker.record_success()
-    LLM_CALLS.labels(*labels, "ok").inc()
-    LLM_LATENCY.labels(*labels).observe(time.monotonic() - started)
-    LLM_TOKENS.labels(*labels, "prompt").inc(generation.usage.prompt_tokens)
-    LLM_TOKENS.labels(*labels, "completion").inc(generation.usage.completion_tokens)
+    metrics = _success_metrics.get(labels) or _success_metrics.setdefault(labels, _SuccessMetrics(*labels))
+    metrics.calls.inc()
+    metrics.latency.observe(time.monotonic() - started)
+    metrics.prompt_tokens.inc(generation.usage.prompt_tokens)
+    metrics.completion_tokens.inc(generation.usage.completion_tokens)
     cost = call_cost(request.model, generation.usage, provider=provider.name, simulated=generation.simulated)
-    LLM_COST.labels(*labels).inc(cost.usd)
+    metrics.cost.inc(cost.usd)
     return generation
+
+
+class _SuccessMetrics:
+    """The metric series a successful call of one (provider, model) adds to, looked up once
+    (`labels()` takes a lock and builds its key on every call)."""
+
+    __slots__ = ("calls", "completion_tokens", "cost", "latency", "prompt_tokens")
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.calls = LLM_CALLS.labels(provider, model, "ok")
+        self.latency = LLM_LATENCY.labels(provider, model)
+        self.prompt_tokens = LLM_TOKENS.labels(provider, model, "prompt")
+        self.completion_tokens = LLM_TOKENS.labels(provider, model, "completion")
+        self.cost = LLM_COST.labels(provider, model)
+
+
+_success_metrics: dict[tuple[str, str], _SuccessMetrics] = {}
 
 
 def _record_failure(

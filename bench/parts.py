@@ -16,7 +16,8 @@
    in a pool thread, and the one statement a known key takes (`admit_in_one_statement`).
 5. A Gemini call through `GeminiProvider` (google-genai over aiohttp) against the wire-format
    fake Gemini in a thread of this process: the event loop thread's CPU per `generate` and per
-   `stream` call (thread time, so the fake's own CPU is left out), best of 5 x 300 calls.
+   `stream` call (thread time, so the fake's own CPU is left out), best of 5 x 300 calls; and
+   the resilience layer's own CPU around one call (`call_with_resilience`, best of 5 x 3000).
 6. One request through the site's whole middleware stack (`GET /health`, Django's ASGI test
    client, the IP block check included), and one authenticated by an API key
    (`GET /auth/whoami`): this process's CPU per request, best of 5 x 300.
@@ -201,6 +202,7 @@ async def measure_calls() -> list[tuple[str, float]]:
             stream = await calls(lambda: provider.stream(request, no_delta))
         finally:
             await provider.aclose()
+    layer = await measure_resilience_layer(request)
     from asgiref.sync import sync_to_async
 
     from gateway.keys import key_create
@@ -221,9 +223,31 @@ async def measure_calls() -> list[tuple[str, float]]:
     return [
         ("Gemini generate (loop thread CPU)", generate),
         ("Gemini stream (loop thread CPU)", stream),
+        ("resilience layer around one call (same)", layer),
         ("GET /health, whole middleware stack", health),
         ("GET /auth/whoami with an API key, same", whoami),
     ]
+
+
+async def measure_resilience_layer(request: Any) -> float:
+    """`call_with_resilience`'s own CPU per call (breaker, timeout, retries, metrics): around
+    a provider that answers at once, less that provider's call alone, best of 5 x 3000."""
+    from agents.providers.base import Generation, Usage
+    from agents.resilience import call_with_resilience
+
+    answer = Generation(text="Yes", model=request.model, provider="gemini", usage=Usage(10, 5))
+
+    class AtOnce:
+        name = "gemini"
+
+        async def complete(self, request: Any, on_delta: Any = None) -> Generation:
+            return answer
+
+    provider: Any = AtOnce()
+    calls = best_of(5, 3000, time.thread_time)
+    bare = await calls(lambda: provider.complete(request))
+    wrapped = await calls(lambda: call_with_resilience(provider, request, deadline=time.monotonic() + 600))
+    return round(wrapped - bare, 4)
 
 
 async def main(args: argparse.Namespace) -> None:
