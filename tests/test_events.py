@@ -267,3 +267,37 @@ async def test_a_failed_round_is_reported_for_each_of_its_conversations(
         if "Redis Stream" in record.getMessage()
     }
     assert warned == {str(log.conversation_id) for log in logs}
+
+
+@requires_redis
+async def test_a_batch_sent_again_is_reported_and_its_new_events_still_go_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stream refuses ids it already holds (a batch sent a second time); the batch's other
+    events are still appended, every one is published, and the refusal is logged, not raised."""
+    from conversations import events
+
+    log = await new_log()
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(group_name(log.conversation_id), channel)
+    client = events.redis_client()
+    assert client is not None
+    key = stream_key(log.conversation_id)
+    await client.xadd(key, {"e": json.dumps({"seq": 2, "held": True})}, id="2-0")
+    cid = str(log.conversation_id)
+    batch = [{"type": "agent_delta", "conversation_id": cid, "seq": seq} for seq in (1, 2, 3)]
+    with caplog.at_level(logging.WARNING, "polyagents.events"):
+        await events._send(batch, [json.dumps(e) for e in batch])
+    stored = await client.xrange(key) or []
+    assert [(entry_id, json.loads(fields[b"e"])) for entry_id, fields in stored] == [
+        (b"2-0", {"seq": 2, "held": True}),
+        (b"3-0", batch[2]),
+    ]
+    assert 0 < await client.ttl(key) <= settings.CONFIG.STREAM_TTL
+    received = [await asyncio.wait_for(layer.receive(channel), timeout=5) for _ in batch]
+    assert [m["event"]["seq"] for m in received] == [1, 2, 3]
+    assert [json.loads(m["text"]) for m in received] == batch
+    warnings = [r for r in caplog.records if "Redis Stream" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "ResponseError" in warnings[0].error  # type: ignore[attr-defined]
