@@ -290,7 +290,7 @@ async def test_a_batch_sent_again_is_reported_and_its_new_events_still_go_out(
     with caplog.at_level(logging.WARNING, "polyagents.events"):
         await events._send(batch, [json.dumps(e) for e in batch])
     stored = await client.xrange(key) or []
-    assert [(entry_id, json.loads(fields[b"e"])) for entry_id, fields in stored] == [
+    assert [(entry_id, json.loads((fields or {})[b"e"])) for entry_id, fields in stored] == [
         (b"2-0", {"seq": 2, "held": True}),
         (b"3-0", batch[2]),
     ]
