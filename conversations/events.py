@@ -156,18 +156,28 @@ return refused
 
 
 async def _send_round(sends: list[_Send]) -> list[list[Any] | BaseException]:
-    """Every batch of the round appended to its stream and published, one command each in one
-    pipeline; for each batch, its errors."""
+    """Every batch of the round appended to its stream and published, one command each (in one
+    pipeline when the round has several); for each batch, its errors."""
     client = sends[0][0]  # one client per round: the rounds are kept per client
     config = settings.CONFIG  # read once per round: settings is a lazy proxy
+    commands = []
+    for _, layer, channel, batch, texts in sends:
+        args: list[Any] = [config.STREAM_MAXLEN, config.STREAM_TTL, channel]
+        for event, text in zip(batch, texts, strict=True):
+            args += (f"{event['seq']}-0", text, layer.serialize(_live_message(event, text)))
+        commands.append(("EVAL", _SEND, 1, stream_key(batch[0]["conversation_id"]), *args))
+    results: list[Any]
     try:
-        async with client.pipeline(transaction=False) as pipe:
-            for _, layer, channel, batch, texts in sends:
-                args: list[Any] = [config.STREAM_MAXLEN, config.STREAM_TTL, channel]
-                for event, text in zip(batch, texts, strict=True):
-                    args += (f"{event['seq']}-0", text, layer.serialize(_live_message(event, text)))
-                pipe.execute_command("EVAL", _SEND, 1, stream_key(batch[0]["conversation_id"]), *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+        if len(commands) == 1:  # a batch alone (an idle process): no pipeline to set up
+            try:
+                results = [await client.execute_command(*commands[0])]
+            except ResponseError as exc:
+                results = [exc]
+        else:
+            async with client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                results = await pipe.execute(raise_on_error=False)
     except (RedisError, OSError) as exc:  # each batch reports it (a warning), none raises it
         return [[exc] for _ in sends]
     return [

@@ -25,21 +25,29 @@ async def new_log() -> EventLog:
     return await EventLog.open(conversation.pk)
 
 
-def count_pipelines(monkeypatch: pytest.MonkeyPatch) -> tuple[aioredis.Redis, list[int]]:
-    """The event log's Redis client of this loop, and a list that grows by one per pipeline it opens."""
+def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> tuple[aioredis.Redis, list[str]]:
+    """The event log's Redis client of this loop, and a list that grows by one per round trip of
+    the event log's: a pipeline opened, or a batch's command sent alone."""
     from conversations import events
 
     client = events.redis_client()
     assert client is not None
-    opened: list[int] = []
+    trips: list[str] = []
     make_pipeline = client.pipeline
+    execute_command = client.execute_command
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        opened.append(1)
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        trips.append("pipeline")
         return make_pipeline(*args, **kwargs)
 
-    monkeypatch.setattr(client, "pipeline", counted)
-    return client, opened
+    async def command(*args: Any, **options: Any) -> Any:
+        if args[0] == "EVAL":
+            trips.append("EVAL")
+        return await execute_command(*args, **options)
+
+    monkeypatch.setattr(client, "pipeline", pipeline)
+    monkeypatch.setattr(client, "execute_command", command)
+    return client, trips
 
 
 async def test_events_are_stored_before_they_are_published() -> None:
@@ -174,7 +182,7 @@ async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
         separately.append(event)
 
     monkeypatch.setattr(events, "_publish", publish)
-    client, pipelines = count_pipelines(monkeypatch)
+    client, trips = count_round_trips(monkeypatch)
     emitted = await log.emit("turn_started", turn=1)
     message = await asyncio.wait_for(layer.receive(channel), timeout=5)
     # The layer's own message, as a group_send would have published it; and in the stream.
@@ -182,7 +190,7 @@ async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
     assert json.loads(message["text"]) == emitted
     stored = await client.xrange(stream_key(log.conversation_id))
     assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1]
-    assert len(pipelines) == 1
+    assert trips == ["EVAL"]  # a batch alone: its one command, no pipeline
     assert separately == []
 
 
@@ -225,7 +233,7 @@ async def test_batches_of_several_conversations_ready_together_share_one_round_t
     channels = [await layer.new_channel() for _ in logs]
     for log, channel in zip(logs, channels, strict=True):
         await layer.group_add(group_name(log.conversation_id), channel)
-    client, pipelines = count_pipelines(monkeypatch)
+    client, trips = count_round_trips(monkeypatch)
     batches = [
         [{"type": "agent_delta", "conversation_id": str(log.conversation_id), "seq": seq} for seq in (1, 2)]
         for log in logs
@@ -234,7 +242,7 @@ async def test_batches_of_several_conversations_ready_together_share_one_round_t
     await asyncio.sleep(0)  # every batch is waiting for the round now
     sends[1].cancel()  # a run cancelled while its batch waits: the round still sends it, and the others
     await asyncio.gather(*sends, return_exceptions=True)
-    assert len(pipelines) == 1
+    assert trips == ["pipeline"]
     for log, channel in zip(logs, channels, strict=True):
         # Each conversation's events, in order, in its own stream and to its own followers only.
         stored = await client.xrange(stream_key(log.conversation_id))
