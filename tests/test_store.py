@@ -592,3 +592,25 @@ def test_with_the_pipelined_store_off_a_chat_never_uses_the_loop_s_pool(
     assert opened == []
     conversation = Conversation.objects.get(pk=body["conversation_id"])
     assert conversation.last_seq == Event.objects.filter(conversation=conversation).count() > 0
+
+
+def test_an_event_row_written_out_holds_every_column_of_the_model() -> None:
+    """`_event_json` writes the row without an encoder: every Event column but the key, each as
+    the encoder would have written it (a type with a quote included)."""
+    import json
+    import uuid
+
+    conversation_id = uuid.uuid4()
+    event = {"seq": 7, "type": 'odd "type"', "conversation_id": str(conversation_id)}
+    row = json.loads(
+        store._event_json(conversation_id, event, store.event_text(event), "2026-01-01T00:00:00+00:00")
+    )
+    columns = {f.column for f in Event._meta.concrete_fields if not f.primary_key}
+    assert set(row) == columns
+    assert row == {
+        "conversation_id": str(conversation_id),
+        "seq": 7,
+        "type": 'odd "type"',
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "data": event,
+    }
