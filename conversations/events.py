@@ -139,8 +139,9 @@ _Send = tuple[aioredis.Redis, Any, str, list[dict[str, Any]], list[str]]
 # its text and its layer message. Each command runs under pcall, so a refused XADD (an id the
 # stream already holds: a batch sent again) stops neither the others nor the publication, as
 # in a pipeline; the script returns the refusals' messages. One command instead of 2n + 1
-# halves the client's CPU per batch (`bench/parts.py`); the script's text is sent with each
-# call (EVAL), so a restarted Redis needs no reloading.
+# cuts the client's CPU per batch by about a third (`bench/parts.py`, docs/scaling.md) for
+# about 13 us more of Redis's; the script's text is sent with each call (EVAL), so a restarted
+# Redis needs no reloading.
 _SEND = """
 local refused = {}
 for i = 4, #ARGV, 3 do
