@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TypeGuard
 
 from asgiref.sync import sync_to_async
 
@@ -72,21 +73,21 @@ def parse_authorization(header: str | None) -> str | None:
     return token
 
 
+def _well_formed(token: str | None) -> TypeGuard[str]:
+    """Whether a bearer token can be a key or a JWT at all: not empty, not too long, no spaces."""
+    if not token:
+        return False
+    return len(token) <= MAX_TOKEN_LENGTH and not any(c.isspace() for c in token)
+
+
 def as_api_key(token: str | None) -> str | None:
     """The bearer token if `_authenticate` would look it up as an API key (well formed, not a
     JWT), else None."""
-    if (
-        not token
-        or len(token) > MAX_TOKEN_LENGTH
-        or any(c.isspace() for c in token)
-        or JWT_SHAPE.match(token)
-    ):
-        return None
-    return token
+    return token if _well_formed(token) and not JWT_SHAPE.match(token) else None
 
 
 def _authenticate(raw_token: str, read: KeyRead | None = None) -> tuple[Principal, ApiKey | None]:
-    if not raw_token or len(raw_token) > MAX_TOKEN_LENGTH or any(c.isspace() for c in raw_token):
+    if not _well_formed(raw_token):
         raise AuthError("invalid_token", "Malformed bearer token.")
     if JWT_SHAPE.match(raw_token):
         try:
