@@ -170,10 +170,7 @@ async def _send_round(sends: list[_Send]) -> list[list[Any] | BaseException]:
     results: list[Any]
     try:
         if len(commands) == 1:  # a batch alone (an idle process): no pipeline to set up
-            try:
-                results = [await client.execute_command(*commands[0])]
-            except ResponseError as exc:
-                results = [exc]
+            results = [await client.execute_command(*commands[0])]
         else:
             async with client.pipeline(transaction=False) as pipe:
                 for command in commands:
