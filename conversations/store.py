@@ -27,7 +27,7 @@ import functools
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -185,7 +185,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=_json_default, separators=(",", ":"))
 
 
-def _event_json(conversation_id: uuid.UUID, event: dict[str, Any], text: str, created: str) -> str:
+def _event_json(conversation_id: uuid.UUID | str, event: dict[str, Any], text: str, created: str) -> str:
     """One Event row as a JSON object: its columns, then the event's own serialised text as data.
 
     Written out rather than encoded (twice per event otherwise): the columns are fixed, and
@@ -237,6 +237,10 @@ def _forget_closed_loops() -> None:
                 conn.pgconn.finish()
 
 
+def _opened(opening: asyncio.Task[None]) -> bool:
+    return opening.done() and not opening.cancelled() and opening.exception() is None
+
+
 async def pool() -> Any:
     """The open connection pool of the running event loop (created on first use)."""
     from psycopg_pool import AsyncConnectionPool
@@ -244,6 +248,8 @@ async def pool() -> Any:
     loop = asyncio.get_running_loop()
     conninfo = _conninfo()
     cached = _pools.get(loop)
+    if cached is not None and cached[0] == conninfo and _opened(cached[2]):
+        return cached[1]  # every statement comes here: no shield of a finished task
     if cached is not None and cached[2].done() and cached[2].exception() is not None:
         await discard_pool()  # it never opened (the database was away): start afresh
         cached = None
@@ -280,16 +286,26 @@ _closing: set[asyncio.Task[None]] = set()
 _pinned: contextvars.ContextVar[Any] = contextvars.ContextVar("polyagents_store_pinned", default=None)
 
 
-@contextlib.asynccontextmanager
-async def _connection() -> AsyncIterator[Any]:
-    """The pinned connection, else one of the running loop's pool."""
-    pinned = _pinned.get()
-    if pinned is not None:
-        yield pinned
-        return
+async def _execute(sql: str, params: Any, *, fetch: bool = False) -> tuple[Any, ...] | None:
+    """Run one statement on the pinned connection, else on one of the running loop's pool; its
+    first row when `fetch`.
+
+    The connection is taken with `getconn` and given back with `putconn`: the pool's
+    `connection()` context adds a context manager and a transaction block that autocommit does
+    not need: 145 against 103 us of client CPU per `SELECT 1` (docs/scaling.md, phase J).
+    `putconn` still checks the connection and replaces a broken one.
+    """
+    conn = _pinned.get()
+    if conn is not None:
+        cursor = await conn.execute(sql, params)
+        return await cursor.fetchone() if fetch else None
     events_pool = await pool()
-    async with events_pool.connection(timeout=GETCONN_TIMEOUT) as conn:
-        yield conn
+    conn = await events_pool.getconn(timeout=GETCONN_TIMEOUT)
+    try:
+        cursor = await conn.execute(sql, params)
+        return await cursor.fetchone() if fetch else None
+    finally:
+        await events_pool.putconn(conn)
 
 
 async def on_every_connection(rehearsal: Callable[[], Awaitable[None]]) -> None:
@@ -371,7 +387,8 @@ def _batch_rows(
     """A batch's events (JSON texts), messages, ballots and result as the statement's rows."""
     if texts is None:
         texts = [event_text(e) for e in batch]
-    events = [_event_json(conversation_id, e, text, created) for e, text in zip(batch, texts, strict=True)]
+    its_id = str(conversation_id)  # once per batch, not once per event
+    events = [_event_json(its_id, e, text, created) for e, text in zip(batch, texts, strict=True)]
     messages = [_record(_MESSAGE_FIELDS, {"created_at": created, **m}) for m in rows.messages]
     # One statement may not upsert a row twice: the last ballot of a voter wins, as in sequence.
     latest = {tuple(v[k] for k in _VOTE_KEY): v for v in rows.votes}
@@ -400,8 +417,7 @@ async def write_batch(
     if names:
         params += [*(_param(updates[n]) for n in names), conversation_id]
     sql = _batch_sql(bool(messages), bool(votes), bool(results), bool(events), names)
-    async with _connection() as conn:
-        await conn.execute(sql, params)
+    await _execute(sql, params)
 
 
 # Batch writes of many conversations (write_batches): one statement per round.
@@ -457,8 +473,7 @@ async def _write_many(writes: list[_Write]) -> None:
     params: list[Any] = [_json(part) for part in (messages, votes, results) if part]
     params += [f"[{','.join(events)}]", *(_json(group) for group in updates.values())]
     sql = _many_sql(bool(messages), bool(votes), bool(results), tuple(updates))
-    async with _connection() as conn:
-        await conn.execute(sql, params)
+    await _execute(sql, params)
 
 
 async def _write_round(writes: list[_Write]) -> list[BaseException | None]:
@@ -568,10 +583,7 @@ async def _read_one(sql: str, params: dict[str, Any] | list[Any]) -> tuple[Any, 
 
     for attempt in (1, 2):
         try:
-            async with _connection() as conn:
-                cursor = await conn.execute(sql, params)
-                row: tuple[Any, ...] | None = await cursor.fetchone()
-                return row
+            return await _execute(sql, params, fetch=True)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if attempt == 2:
                 raise
