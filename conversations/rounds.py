@@ -41,8 +41,9 @@ class Rounds(Generic[T, R]):
             # Its own context: a round never runs in the context (a pinned connection, say) of
             # whichever caller happened to start it.
             self._task = loop.create_task(self._run(), context=contextvars.Context())
-        # Shielded: a caller cancelled while it waits leaves the round, and the others in it, alone.
-        return await asyncio.shield(done)
+        # A caller cancelled while it waits cancels only its own future: the round, and the
+        # others in it, go on (the round skips a future already done).
+        return await done
 
     async def _run(self) -> None:
         while self._waiting:
