@@ -426,6 +426,7 @@ class EventLog:
 
     def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0, *, buffered: bool = False) -> None:
         self.conversation_id = conversation_id
+        self._id_text = str(conversation_id)  # in every event
         self.last_seq = last_seq
         self.buffered = buffered
         self._pending: list[dict[str, Any]] = []
@@ -475,7 +476,7 @@ class EventLog:
         now = timezone.now()
         event = {
             "type": type,
-            "conversation_id": str(self.conversation_id),
+            "conversation_id": self._id_text,
             "seq": self.last_seq,
             "timestamp": now.isoformat().replace("+00:00", "Z"),
             **data,
