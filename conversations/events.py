@@ -11,7 +11,6 @@ truth: if it is down the event is still stored and replay serves it from the dat
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -20,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 import psycopg_pool
 import redis.asyncio as aioredis
@@ -541,7 +541,7 @@ async def _read_stream(conversation_id: uuid.UUID | str, after: int) -> list[dic
     except (RedisError, OSError) as exc:
         logger.warning("Redis Stream unreadable; replaying from the database", extra={"error": str(exc)})
         return None
-    events = [json.loads(fields[b"e"]) for _id, fields in entries or [] if fields]
+    events = [orjson.loads(fields[b"e"]) for _id, fields in entries or [] if fields]
     # Complete only if it starts right after `after` with no gap (trimmed, expired or missed writes).
     expected = after + 1
     for event in events:
