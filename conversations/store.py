@@ -242,6 +242,13 @@ def _forget_closed_loops() -> None:
                 conn.pgconn.finish()
 
 
+async def _configure(conn: Any) -> None:
+    """A new connection of the pool reads JSON columns (a run's begin, a /chat body) with orjson."""
+    from psycopg.types.json import set_json_loads
+
+    set_json_loads(orjson.loads, conn)
+
+
 def _opened(opening: asyncio.Task[None]) -> bool:
     return opening.done() and not opening.cancelled() and opening.exception() is None
 
@@ -271,6 +278,7 @@ async def pool() -> Any:
             open=False,
             timeout=10,
             name="polyagents-events",
+            configure=_configure,
             # The name is visible in pg_stat_activity; autocommit makes each batch's one
             # statement its own transaction.
             # (UTC: datetimes read back are the ORM's.)
