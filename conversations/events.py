@@ -394,26 +394,32 @@ class EventLog:
     """Assigns `seq`, stores, appends to the stream and publishes, strictly in `seq` order.
 
     By default `emit` returns once its event is stored and sent. A `buffered` log (the one a
-    conversation run writes through) does not wait for deltas, for a run's and a turn's
-    markers (`conversation_started`, `turn_started`, `consensus_update`, `turn_completed`),
-    for ballots (`vote`) nor for `consensus_reached`: a single writer task stores and sends
-    them in batches, at once when it is idle, so streaming agents never wait on I/O per
-    chunk, a run's first calls start without waiting for a write, a panel's ballots go in one
-    batch instead of one round trip each, and a decision goes in the batch of its terminal
-    event. Every other event waits for its batch, because it stands beside a stored row (an
-    agent's message) that a resumed run reuses without emitting again. If the process dies,
-    only events of the buffered kinds written in its last milliseconds can be lost, and none
-    of them is needed to resume: each delta is superseded by its `agent_response`, a resumed
+    conversation run writes through) does not wait for the events of a run's progress: deltas,
+    agents' responses (each with its staged message row), a run's and a turn's markers
+    (`conversation_started`, `turn_started`, `consensus_update`, `turn_completed`), ballots
+    (`vote`) and `consensus_reached`. A single writer task stores and sends them in batches; it
+    starts at once when idle, after the tasks already ready have run, so what they emit
+    together shares its batch. Agents never wait on I/O, a turn starts without waiting for the
+    last one's write, and a conversation takes few batches (3 agents, 2 turns and a vote at a
+    fixed latency: 6 instead of 8; at zero latency 3 instead of 6). Every other event (an
+    agent's error, a synthesis, the terminal event) waits for its batch, and the terminal
+    event for every earlier one.
+
+    Batches are stored in `seq` order, each whole (events and rows in one statement) or not at
+    all, and sent only once stored. If the process dies, only the events of its last
+    milliseconds that were not stored yet are lost, with their rows, and a resumed run needs
+    none of them: an agent whose answer was not stored (its message and its `agent_response`
+    go together) is asked again, each delta is superseded by its `agent_response`, a resumed
     run announces itself and its turn again, `consensus_update` is an interim figure, a
     turn's `turn_completed` (and the counter staged with it) is superseded by the next one
     and by the terminal event, and a resumed run votes and decides again (ballots and the
-    result are upserted, never reused), before its terminal event, which waits for every
-    earlier one.
+    result are upserted, never reused).
     """
 
     BUFFERED_TYPES = frozenset(
         {
             "agent_delta",
+            "agent_response",
             "synthesis_delta",
             "conversation_started",
             "turn_started",
@@ -487,7 +493,7 @@ class EventLog:
         if not self.buffered or type not in self.BUFFERED_TYPES:
             await self.flush()
         elif self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            self._writer = asyncio.get_running_loop().create_task(self._drain(gather=True))
         return event
 
     async def flush(self) -> None:
@@ -504,7 +510,12 @@ class EventLog:
         if self._broken is not None:
             raise EventLogBroken(f"events of {self.conversation_id} not stored: {self._broken!r}")
 
-    async def _drain(self) -> None:
+    async def _drain(self, gather: bool = False) -> None:
+        if gather:
+            # Started by a buffered event: let the tasks already ready run first, so what they
+            # emit at once goes in this batch (a run's `conversation_started` and its first
+            # `turn_started`, emitted by the orchestrator's first step, are one batch, not two).
+            await asyncio.sleep(0)
         async with self._lock:
             while (self._pending or self._rows) and self._broken is None:
                 batch, self._pending = self._pending, []
