@@ -394,32 +394,30 @@ class EventLog:
     """Assigns `seq`, stores, appends to the stream and publishes, strictly in `seq` order.
 
     By default `emit` returns once its event is stored and sent. A `buffered` log (the one a
-    conversation run writes through) does not wait for the events of a run's progress: deltas,
-    agents' responses (each with its staged message row), a run's and a turn's markers
-    (`conversation_started`, `turn_started`, `consensus_update`, `turn_completed`), ballots
-    (`vote`) and `consensus_reached`. A single writer task stores and sends them in batches; it
-    starts at once when idle, after the tasks already ready have run, so what they emit
-    together shares its batch. Agents never wait on I/O, a turn starts without waiting for the
-    last one's write, and a conversation takes few batches (3 agents, 2 turns and a vote at a
-    fixed latency: 6 instead of 8; at zero latency 3 instead of 6). Every other event (an
-    agent's error, a synthesis, the terminal event) waits for its batch, and the terminal
-    event for every earlier one.
-
-    Batches are stored in `seq` order, each whole (events and rows in one statement) or not at
-    all, and sent only once stored. If the process dies, only the events of its last
-    milliseconds that were not stored yet are lost, with their rows, and a resumed run needs
-    none of them: an agent whose answer was not stored (its message and its `agent_response`
-    go together) is asked again, each delta is superseded by its `agent_response`, a resumed
+    conversation run writes through) does not wait for deltas, for a run's and a turn's
+    markers (`conversation_started`, `turn_started`, `consensus_update`, `turn_completed`),
+    for ballots (`vote`) nor for `consensus_reached`: a single writer task stores and sends
+    them in batches, at once when it is idle (after the tasks already ready have run, so what
+    they emit together shares the batch), so streaming agents never wait on I/O per
+    chunk, a run's first calls start without waiting for a write, a panel's ballots go in one
+    batch instead of one round trip each, and a decision goes in the batch of its terminal
+    event. Every other event waits for its batch, because it stands beside a stored row (an
+    agent's message) that a resumed run reuses without emitting again. (Not waiting for an
+    agent's response halves a conversation's batches at zero latency, but the next turn's calls
+    then take the CPU before the responses are published: `bench/live.py`'s p99 rose two- to
+    threefold, docs/scaling.md phase J.) If the process dies,
+    only events of the buffered kinds written in its last milliseconds can be lost, and none
+    of them is needed to resume: each delta is superseded by its `agent_response`, a resumed
     run announces itself and its turn again, `consensus_update` is an interim figure, a
     turn's `turn_completed` (and the counter staged with it) is superseded by the next one
     and by the terminal event, and a resumed run votes and decides again (ballots and the
-    result are upserted, never reused).
+    result are upserted, never reused), before its terminal event, which waits for every
+    earlier one.
     """
 
     BUFFERED_TYPES = frozenset(
         {
             "agent_delta",
-            "agent_response",
             "synthesis_delta",
             "conversation_started",
             "turn_started",
@@ -514,7 +512,7 @@ class EventLog:
         if gather:
             # Started by a buffered event: let the tasks already ready run first, so what they
             # emit at once goes in this batch (a run's `conversation_started` and its first
-            # `turn_started`, emitted by the orchestrator's first step, are one batch, not two).
+            # `turn_started`; a panel's ballots and the decision after them).
             await asyncio.sleep(0)
         async with self._lock:
             while (self._pending or self._rows) and self._broken is None:

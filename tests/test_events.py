@@ -150,26 +150,20 @@ async def test_redis_down_the_event_is_still_stored_and_replayed(caplog: pytest.
     assert any("Redis Stream" in record.getMessage() for record in caplog.records)
 
 
-async def test_a_buffered_log_stores_a_run_s_progress_before_its_end_returns() -> None:
+async def test_a_buffered_log_stores_every_event_but_deltas_before_emit_returns() -> None:
     conversation = await Conversation.objects.acreate(owner="key:1")
     log = EventLog(conversation.pk, buffered=True)
     await log.emit("agent_delta", agent_id="agent_0", turn=1, delta="Hel")
     await log.emit("agent_delta", agent_id="agent_0", turn=1, delta="lo")
+    # The response stands beside a stored message, so it (and the deltas before it) are stored now.
     await log.emit("agent_response", agent_id="agent_0", turn=1, content="Hello")
-    # The terminal event waits for its batch, and so for every event before it.
-    await log.emit("conversation_completed", status="completed")
     rows = [(e.seq, e.type) async for e in Event.objects.filter(conversation=conversation).order_by("seq")]
-    assert rows == [
-        (1, "agent_delta"),
-        (2, "agent_delta"),
-        (3, "agent_response"),
-        (4, "conversation_completed"),
-    ]
+    assert rows == [(1, "agent_delta"), (2, "agent_delta"), (3, "agent_response")]
     await log.emit("agent_delta", agent_id="agent_0", turn=2, delta="Bye")
     await log.flush()
-    assert await Event.objects.filter(conversation=conversation).acount() == 5
+    assert await Event.objects.filter(conversation=conversation).acount() == 4
     refreshed = await Conversation.objects.aget(pk=conversation.pk)
-    assert refreshed.last_seq == 5
+    assert refreshed.last_seq == 4
 
 
 @requires_redis
@@ -203,9 +197,8 @@ async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
 async def test_a_buffered_log_does_not_wait_for_the_markers_of_a_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`turn_started`, `consensus_update` and an agent's response are written by the writer
-    task: a turn's agents, and the next turn, start without waiting for that write; the next
-    awaited event (an agent's error) still follows them in order."""
+    """`turn_started` and `consensus_update` are written by the writer task: a turn's agents
+    start without waiting for that write; the next awaited event still follows them in order."""
     from conversations import events
 
     conversation = await Conversation.objects.acreate(owner="key:1")
@@ -221,13 +214,12 @@ async def test_a_buffered_log_does_not_wait_for_the_markers_of_a_turn(
     monkeypatch.setattr(events, "_store_pipelined", slow_store)
     await asyncio.wait_for(log.emit("turn_started", turn=1), timeout=1)
     await asyncio.wait_for(log.emit("consensus_update", turn=1, consensus="Yes"), timeout=1)
-    await asyncio.wait_for(log.emit("agent_response", agent_id="agent_0", turn=2, content="Hi"), timeout=1)
-    error = asyncio.ensure_future(log.emit("agent_error", agent_id="agent_1", turn=2, error="timeout"))
+    response = asyncio.ensure_future(log.emit("agent_response", agent_id="agent_0", turn=2, content="Hi"))
     await asyncio.sleep(0.05)
-    assert not error.done()  # not a buffered kind: it waits for the store
+    assert not response.done()  # it stands beside a row: it waits for the store
     gate.set()
-    await asyncio.wait_for(error, timeout=5)
-    assert stored == [1, 2, 3, 4]
+    await asyncio.wait_for(response, timeout=5)
+    assert stored == [1, 2, 3]
 
 
 @requires_redis
