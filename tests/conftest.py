@@ -129,3 +129,26 @@ def on_two_loops(provider: Any, call: Callable[[], Awaitable[T]]) -> tuple[T, T]
         for loop in loops:
             loop.close()
     return results[0], results[1]
+
+
+@pytest.fixture
+async def _event_store_pool_closed() -> AsyncIterator[None]:
+    """Close the test's event loop's event-store pool before the loop closes.
+
+    A psycopg_pool worker cancelled in the middle of a maintenance task (giving back or adding
+    a connection) swallows the cancellation and waits for its next task, so the loop's
+    teardown, which cancels every task and waits for them, never ended: a test that failed
+    while a batch was being written hung the whole run instead of reporting the failure.
+    Closing the pool stops its workers.
+    """
+    yield
+    from conversations import store
+
+    await store.close_pool()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every coroutine test (only those: a sync test has no loop of its own to close it on).
+    for item in items:
+        if asyncio.iscoroutinefunction(getattr(item, "function", None)):
+            item.fixturenames.append("_event_store_pool_closed")  # type: ignore[attr-defined]
