@@ -614,3 +614,15 @@ def test_an_event_row_written_out_holds_every_column_of_the_model() -> None:
         "created_at": "2026-01-01T00:00:00+00:00",
         "data": event,
     }
+
+
+def test_an_event_s_text_is_the_json_the_standard_library_would_read_back() -> None:
+    """`event_text` (orjson) gives the JSON value `json.dumps` gave: integer keys as strings,
+    non-ASCII text kept (as UTF-8, not escaped), floats and nesting as they were."""
+    import json
+
+    event = {"type": "consensus_reached", "seq": 3, "tallies": {1: 2, "Rot": 1}, "answer": "Grün ✓"}
+    text = store.event_text(event)
+    assert json.loads(text) == json.loads(json.dumps(event))
+    assert "Grün ✓" in text  # not escaped
+    assert " " not in text.replace("Grün ✓", "")  # compact
