@@ -319,14 +319,17 @@ async def run(
         results["first_chat_status"] = first.status_code
         warm: list[float] = []
         warm_cpu = cpu_of()
-        for i in range(args.warm):
-            started = time.perf_counter()
-            response = await client.post(
-                "/chat", json={**payload, "message": f"{QUESTIONS[i % 5]} ({i})"}, headers=headers
-            )
-            warm.append((time.perf_counter() - started) * 1000)
-            if response.status_code != 200:
-                results.setdefault("warm_errors", []).append(response.status_code)
+        with py_spy(daphne.pid, args.py_spy_warm):
+            for i in range(args.warm):
+                started = time.perf_counter()
+                response = await client.post(
+                    "/chat",
+                    json={**payload, "message": f"{QUESTIONS[i % 5]} ({i})"},
+                    headers=headers,
+                )
+                warm.append((time.perf_counter() - started) * 1000)
+                if response.status_code != 200:
+                    results.setdefault("warm_errors", []).append(response.status_code)
         results["warm_chat_ms_p50"] = round(statistics.median(warm), 1)
         results["warm_chat_ms_min"] = round(min(warm), 1)
         results["warm_chat_cpu_ms"] = round((cpu_of() - warm_cpu) * 1000 / args.warm, 1)
@@ -384,6 +387,11 @@ def main() -> None:
         "--py-spy",
         metavar="FILE",
         help="record the (first) web process's stacks while it holds the GIL (raw format)",
+    )
+    parser.add_argument(
+        "--py-spy-warm",
+        metavar="FILE",
+        help="the same, during the sequential warm /chat requests",
     )
     parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
