@@ -405,7 +405,11 @@ class EventLog:
     agent's message) that a resumed run reuses without emitting again. (Not waiting for an
     agent's response halves a conversation's batches at zero latency, but the next turn's calls
     then take the CPU before the responses are published: `bench/live.py`'s p99 rose two- to
-    threefold, docs/scaling.md phase J.) If the process dies,
+    threefold, docs/scaling.md phase J.) Unless nobody watches: a run that knows no one follows
+    it live (`watched` false: a /chat round without a WebSocket subscriber) does not wait for
+    its responses either, as publishing them sooner serves no one; each goes with its message
+    row in the writer's next batch, and a resumed run asks again an agent whose answer was not
+    stored (docs/scaling.md, phase K). If the process dies,
     only events of the buffered kinds written in its last milliseconds can be lost, and none
     of them is needed to resume: each delta is superseded by its `agent_response`, a resumed
     run announces itself and its turn again, `consensus_update` is an interim figure, a
@@ -428,11 +432,16 @@ class EventLog:
         }
     )
 
+    # Buffered too while nobody watches the run live.
+    UNWATCHED_BUFFERED_TYPES = frozenset({"agent_response"})
+
     def __init__(self, conversation_id: uuid.UUID, last_seq: int = 0, *, buffered: bool = False) -> None:
         self.conversation_id = conversation_id
         self._id_text = str(conversation_id)  # in every event
         self.last_seq = last_seq
         self.buffered = buffered
+        # False while the run knows that no one follows it live (set by the run before a round).
+        self.watched = True
         self._pending: list[dict[str, Any]] = []
         # On PostgreSQL the rows an event stands beside are staged here and written in the same
         # pipelined transaction as the event (conversations.store); SQLite keeps the ORM path.
@@ -488,11 +497,17 @@ class EventLog:
         # Epoch seconds at emit time: lets clients (and bench/stream.py) measure delivery latency.
         event.setdefault("emitted_at", time.time())
         self._pending.append(event)
-        if not self.buffered or type not in self.BUFFERED_TYPES:
+        if not self._buffers(type):
             await self.flush()
         elif self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._drain(gather=True))
         return event
+
+    def _buffers(self, type: str) -> bool:
+        """Whether `emit` returns before an event of this type is stored and sent."""
+        if not self.buffered:
+            return False
+        return type in self.BUFFERED_TYPES or (not self.watched and type in self.UNWATCHED_BUFFERED_TYPES)
 
     async def flush(self) -> None:
         """Wait until every event emitted so far is stored, appended and published."""

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -558,6 +559,17 @@ async def rehearse_run() -> None:
     await store.exchange_rows(conversation_id, 1, CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS)
 
 
+def _watched_by(log: EventLog) -> Callable[[], Awaitable[bool]]:
+    """Asked before each round of a /chat run: whether a WebSocket follows the conversation.
+    The log learns it too: while no one watches, agents' responses need not wait for their batch."""
+
+    async def watched() -> bool:
+        log.watched = await has_watchers(log.conversation_id)
+        return log.watched
+
+    return watched
+
+
 async def conversation_run(
     *, conversation_id: uuid.UUID, exchange: int, stream_when_watched: bool = False
 ) -> Conversation:
@@ -602,7 +614,7 @@ async def conversation_run(
         synthesis=conversation.metadata.get("synthesis") or default_mode(),
         budget=admission.run_budget(conversation.metadata),
         vote_weights=await apanel_weights(panel),
-        watched=(lambda: has_watchers(conversation_id)) if stream_when_watched else None,
+        watched=_watched_by(log) if stream_when_watched else None,
     )
     run = asyncio.ensure_future(orchestrator.run())
     pulse = liveness.pulse()  # this process's one heartbeat for all its runs, and cancel pushes

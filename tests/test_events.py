@@ -222,6 +222,39 @@ async def test_a_buffered_log_does_not_wait_for_the_markers_of_a_turn(
     assert stored == [1, 2, 3]
 
 
+async def test_while_nobody_watches_a_buffered_log_does_not_wait_for_a_response(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that knows no one follows it live goes on while its answers wait for their batch;
+    they are stored in order all the same, and a flush waits for them."""
+    from conversations import events
+
+    conversation = await Conversation.objects.acreate(owner="key:1")
+    log = EventLog(conversation.pk, buffered=True)
+    log.watched = False
+    gate = asyncio.Event()
+    stored: list[int] = []
+
+    async def slow_store(conversation_id: object, batch: list[dict[str, Any]], *rest: object) -> None:
+        await gate.wait()
+        stored.extend(e["seq"] for e in batch)
+
+    monkeypatch.setattr(events, "_store", slow_store)
+    monkeypatch.setattr(events, "_store_pipelined", slow_store)
+    await asyncio.wait_for(log.emit("agent_response", agent_id="agent_0", turn=1, content="Hi"), timeout=1)
+    await asyncio.wait_for(log.emit("turn_completed", turn=1), timeout=1)
+    assert stored == []
+    flushed = asyncio.ensure_future(log.flush())
+    await asyncio.sleep(0.05)
+    assert not flushed.done()
+    gate.set()
+    await asyncio.wait_for(flushed, timeout=5)
+    assert stored == [1, 2]
+    log.watched = True  # someone follows it now: an answer waits for its batch again
+    await asyncio.wait_for(log.emit("agent_response", agent_id="agent_0", turn=2, content="Yo"), timeout=5)
+    assert stored == [1, 2, 3]
+
+
 @requires_redis
 async def test_batches_of_several_conversations_ready_together_share_one_round_trip(
     monkeypatch: pytest.MonkeyPatch,

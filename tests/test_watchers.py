@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
+from unittest import mock
 
 import pytest
 from channels.layers import get_channel_layer
 
-from conversations.events import group_name, has_watchers
+from conversations import events
+from conversations.events import EventLog, group_name, has_watchers
 from conversations.models import Event
 from conversations.services import conversation_run, conversation_start
 from gateway.principal import Principal
@@ -37,7 +40,11 @@ async def test_has_watchers_follows_the_group_membership() -> None:
     assert await watched_eventually(conversation_id, False) is False
 
 
-async def run(*, watcher: bool, stream_when_watched: bool) -> list[str]:
+async def run(
+    *, watcher: bool, stream_when_watched: bool, batches: list[list[str]] | None = None
+) -> list[str]:
+    """A panel's run (2 agents, 1 turn); the types of its stored events in order. `batches`
+    gets the types of each batch the event log sent."""
     principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
     conversation, exchange = await conversation_start(
         principal=principal, message="Red or blue for the logo?", num_agents=2, turns=1
@@ -47,10 +54,18 @@ async def run(*, watcher: bool, stream_when_watched: bool) -> list[str]:
     if watcher:
         await layer.group_add(group_name(conversation.pk), channel)
         assert await watched_eventually(conversation.pk, True) is True
+    send = events._send
+
+    async def sent(batch: list[dict[str, Any]], texts: list[str]) -> None:
+        if batches is not None:
+            batches.append([event["type"] for event in batch])
+        await send(batch, texts)
+
     try:
-        done = await conversation_run(
-            conversation_id=conversation.pk, exchange=exchange, stream_when_watched=stream_when_watched
-        )
+        with mock.patch.object(events, "_send", sent):
+            done = await conversation_run(
+                conversation_id=conversation.pk, exchange=exchange, stream_when_watched=stream_when_watched
+            )
     finally:
         if watcher:
             await layer.group_discard(group_name(conversation.pk), channel)
@@ -73,3 +88,26 @@ async def test_a_watched_chat_run_streams() -> None:
 async def test_a_stream_run_streams_with_nobody_watching() -> None:
     types = await run(watcher=False, stream_when_watched=False)
     assert "agent_delta" in types
+
+
+async def test_an_unwatched_chat_run_does_not_wait_for_its_responses_to_be_stored() -> None:
+    """Nobody follows it live, so the run goes on while an answer waits for the writer's next
+    batch; a watched run waits until each answer is stored and published."""
+    buffers = EventLog._buffers
+    asked: list[tuple[bool, bool]] = []  # (watched, buffered) of each agent_response emitted
+
+    def recorded(log: EventLog, type: str) -> bool:
+        buffered = buffers(log, type)
+        if type == "agent_response":
+            asked.append((log.watched, buffered))
+        return buffered
+
+    with mock.patch.object(EventLog, "_buffers", recorded):
+        unwatched: list[list[str]] = []
+        types = await run(watcher=False, stream_when_watched=True, batches=unwatched)
+        assert asked == [(False, True), (False, True)]
+        assert types.count("agent_response") == 2  # every answer stored all the same
+        assert sum(map(len, unwatched)) == len(types)  # and sent, each once
+        asked.clear()
+        await run(watcher=True, stream_when_watched=True)
+        assert asked == [(True, False), (True, False)]
