@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -188,13 +189,15 @@ def _question(conversation: Conversation, message: str) -> dict[str, Any]:
     }
 
 
-async def _astart_new(principal: Principal, asked: _Asked) -> Conversation | None:
+async def _astart_new(principal: Principal, asked: _Asked, *, running: bool) -> Conversation | None:
     """`_start` of a new conversation without a budget, on PostgreSQL in one statement on the
     event loop's pool (no thread hop, no ORM); None, with nothing written, when its key has a
-    daily quota to reserve (`_start` does that)."""
+    daily quota to reserve (`_start` does that). `running`: stored already running."""
     conversation = _new_conversation(principal, asked.message, None)
     _open_exchange(conversation, asked, admission.NOTHING_ADMITTED)
     conversation.updated_at = conversation.created_at
+    if running:
+        _mark_running(conversation, conversation.created_at)
     if not await store.start_conversation(conversation, _question(conversation, asked.message)):
         return None
     conversation._state.adding = False
@@ -234,11 +237,15 @@ async def conversation_start(
     create_with_id: bool = False,
     max_cost: float | None = None,
     max_tokens: int | None = None,
+    running: bool = False,
 ) -> tuple[Conversation, int]:
     """Create a conversation (or a new exchange of an existing one) ready to run.
 
     `create_with_id` lets POST /stream/{id} create a conversation under a client-chosen id;
     /chat only continues existing ids. `synthesis` None means SYNTHESIS_MODE.
+    `running`: the caller runs the exchange at once, in this process (/chat, the chat
+    command). A new conversation without a budget is then stored already running, on
+    PostgreSQL, and `conversation_run(..., fresh=...)` begins from it without a statement.
     """
     config = settings.CONFIG
     asked = _Asked(
@@ -250,7 +257,7 @@ async def conversation_start(
     )
     budget = Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None
     if store.pipelined() and conversation_id is None and budget is None:
-        conversation = await _astart_new(principal, asked)
+        conversation = await _astart_new(principal, asked, running=running)
         if conversation is not None:
             # As _start_released does: the request thread's connection (its auth query) goes back.
             await sync_to_async(_release_connection)()
@@ -502,6 +509,13 @@ class _Begun:
     last_seq: int = 0
 
 
+def _mark_running(conversation: Conversation, now: datetime) -> None:
+    """The fields a run's begin sets (not saved)."""
+    conversation.status = Conversation.Status.RUNNING
+    conversation.started_at = conversation.started_at or now
+    conversation.heartbeat_at = now
+
+
 def _begin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
     """What a run starts from, read and marked running in one trip off the event loop (one
     pooled connection instead of four thread hops): the conversation, the stored turns of the
@@ -515,9 +529,7 @@ def _begin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
     last_seq = EventLog.last_stored_seq(conversation.pk)
     now = timezone.now()
     # Set here as in the row: the run keeps this instance and stores its final fields from it.
-    conversation.status = Conversation.Status.RUNNING
-    conversation.started_at = conversation.started_at or now
-    conversation.heartbeat_at = now
+    _mark_running(conversation, now)
     Conversation.objects.filter(pk=conversation.pk).update(
         status=conversation.status, started_at=conversation.started_at, heartbeat_at=now
     )
@@ -571,15 +583,26 @@ def _watched_by(log: EventLog) -> Callable[[], Awaitable[bool]]:
 
 
 async def conversation_run(
-    *, conversation_id: uuid.UUID, exchange: int, stream_when_watched: bool = False
+    *,
+    conversation_id: uuid.UUID,
+    exchange: int,
+    stream_when_watched: bool = False,
+    fresh: Conversation | None = None,
+    question: str = "",
 ) -> Conversation:
     """Run (or resume) the panel for one exchange to a terminal state; idempotent when done.
 
     A /stream run streams every reply (agent_delta events). `stream_when_watched` (a /chat
     run) streams a round only if a WebSocket follows the conversation when it starts, and
     otherwise makes the cheaper non-streaming provider call.
+    `fresh` and `question`: the conversation as `conversation_start(running=True)` returned
+    it, and the question asked. If it was stored already running (a new conversation, nothing
+    answered yet), the run begins from them instead of marking and reading it back.
     """
-    begun = await _abegin(conversation_id, exchange)
+    if fresh is not None and fresh.status == Conversation.Status.RUNNING:
+        begun = _Begun(fresh, question)
+    else:
+        begun = await _abegin(conversation_id, exchange)
     conversation = begun.conversation
     if conversation.is_terminal:
         return conversation

@@ -87,13 +87,20 @@ class ChatView(APIView):
                 synthesis=data.get("synthesis"),
                 max_cost=data.get("max_cost"),
                 max_tokens=data.get("max_tokens"),
+                running=True,
             )
         except ConversationError as exc:
             return conversation_problem(exc)
         # conversation_start handed this request thread's connection back to the pool; the run
         # goes in a fresh context, so its own database work never holds a connection per client.
         task = asyncio.get_running_loop().create_task(
-            conversation_run(conversation_id=conversation.pk, exchange=exchange, stream_when_watched=True),
+            conversation_run(
+                conversation_id=conversation.pk,
+                exchange=exchange,
+                stream_when_watched=True,
+                fresh=conversation,
+                question=data["message"],
+            ),
             context=contextvars.Context(),
         )
         _RUNNING.add(task)

@@ -626,3 +626,34 @@ def test_an_event_s_text_is_the_json_the_standard_library_would_read_back() -> N
     assert json.loads(text) == json.loads(json.dumps(event))
     assert "Grün ✓" in text  # not escaped
     assert " " not in text.replace("Grün ✓", "")  # compact
+
+
+def test_a_chat_stores_its_new_conversation_running_and_begins_without_a_statement(
+    client_with: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/chat runs its exchange at once: the new conversation is inserted already running (its
+    start and heartbeat set), and the run begins from it instead of a begin statement."""
+    begins: list[object] = []
+    begin_run = store.begin_run
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        begins.append(args[0])
+        return await begin_run(*args, **kwargs)
+
+    monkeypatch.setattr(store, "begin_run", counted)
+    chat = client_with("read", "write")
+    response = chat.post("/chat", {"message": "Tea or coffee?", "num_agents": 3, "turns": 1}, format="json")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert len(body["agent_responses"]) == 3
+    assert begins == []
+    conversation = Conversation.objects.get(pk=body["conversation_id"])
+    assert conversation.status in ("completed", "no_consensus")
+    assert conversation.started_at == conversation.created_at
+    assert conversation.last_seq == Event.objects.filter(conversation=conversation).count() > 0
+    assert Message.objects.get(conversation=conversation, role=Message.Role.USER).content == "Tea or coffee?"
+    # A next exchange of it reads what came before: its run begins with the statement.
+    follow_up = {"message": "And with milk?", "conversation_id": str(conversation.pk), "turns": 1}
+    again = chat.post("/chat", follow_up, format="json")
+    assert again.status_code == 200, again.content
+    assert begins == [conversation.pk]

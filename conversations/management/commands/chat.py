@@ -72,9 +72,12 @@ class Command(BaseCommand):
             turns=options["turns"],
             strategy=options["strategy"],
             synthesis=options["synthesis"],
+            running=True,
         )
         try:
-            conversation = await conversation_run(conversation_id=conversation.pk, exchange=exchange)
+            conversation = await conversation_run(
+                conversation_id=conversation.pk, exchange=exchange, fresh=conversation, question=question
+            )
         finally:
             await aclose_providers()  # before asyncio.run closes the loop their sessions belong to
         return await achat_result(conversation, exchange)
