@@ -216,12 +216,13 @@ def _start_released(**kwargs: Any) -> tuple[Conversation, int]:
     try:
         return _start(**kwargs)
     finally:
-        _release_connection()
+        release_connection()
 
 
-def _release_connection() -> None:
-    """(PostgreSQL) The calling thread's pooled connection goes back to the pool."""
-    if settings.USING_POSTGRES:
+def release_connection() -> None:
+    """(PostgreSQL) The calling thread's pooled connection goes back to the pool, unless a
+    transaction is open on it (closing it would end that transaction under its owner)."""
+    if settings.USING_POSTGRES and not connection.in_atomic_block:
         connection.close()
 
 
@@ -259,8 +260,6 @@ async def conversation_start(
     if store.pipelined() and conversation_id is None and budget is None:
         conversation = await _astart_new(principal, asked, running=running)
         if conversation is not None:
-            # As _start_released does: the request thread's connection (its auth query) goes back.
-            await sync_to_async(_release_connection)()
             return conversation, conversation.exchanges
     return await sync_to_async(_start_released)(
         principal=principal,

@@ -22,6 +22,7 @@ from conversations.services import (
     ConversationError,
     conversation_run,
     conversation_start,
+    release_connection,
 )
 from gateway.asyncviews import APIView
 from gateway.errors import error_body
@@ -52,6 +53,14 @@ FOLLOW_CONVERSATION = ("conversations_detail", {"conversation_id": "$response.bo
 
 class ChatView(APIView):
     permission_classes = [CanWrite]
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        """The request's checks, in its thread; then that thread's database connection (if a
+        check used one) goes back to the pool, in the same trip. A /chat request lasts a whole
+        conversation, whose own database work does not use that thread: 200 waiting clients
+        must not hold 200 connections."""
+        super().initial(request, *args, **kwargs)
+        release_connection()
 
     @extend_schema(
         request=ChatRequestSerializer,
@@ -91,8 +100,8 @@ class ChatView(APIView):
             )
         except ConversationError as exc:
             return conversation_problem(exc)
-        # conversation_start handed this request thread's connection back to the pool; the run
-        # goes in a fresh context, so its own database work never holds a connection per client.
+        # The request thread's connection went back to the pool (`initial`); the run goes in a
+        # fresh context, so its own database work never holds a connection per client.
         task = asyncio.get_running_loop().create_task(
             conversation_run(
                 conversation_id=conversation.pk,

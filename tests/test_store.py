@@ -290,25 +290,27 @@ async def test_a_run_begins_in_one_statement_as_through_the_orm() -> None:
     assert (done.conversation.status, done.prior) == ("completed", {})
 
 
-async def test_starting_a_run_hands_the_request_thread_s_connection_back() -> None:
-    """A /chat request waits a whole conversation: the thread that started it must not keep a
-    pooled connection meanwhile (200 waiting clients would drain the pool)."""
-    from asgiref.sync import sync_to_async
+def test_a_chat_request_hands_its_thread_s_connection_back_before_its_run(
+    client_with: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A /chat request waits a whole conversation: once its checks are done (a new key's first
+    use writes its last-use time), its thread must not keep a pooled connection meanwhile (200
+    waiting clients would drain the pool)."""
+    from conversations.views import ChatView
 
-    from conversations.services import conversation_start
-    from gateway.principal import Principal
+    held: list[bool] = []
+    initial = ChatView.initial
 
-    def holds_a_connection() -> bool:
-        connections["default"].ensure_connection()  # as a request's auth query would
-        return connections["default"].connection is not None
+    def observed(view: ChatView, request: Any, *args: Any, **kwargs: Any) -> None:
+        initial(view, request, *args, **kwargs)
+        held.append(connections["default"].connection is not None)
 
-    def still_holds() -> bool:
-        return connections["default"].connection is not None
-
-    assert await sync_to_async(holds_a_connection)()
-    principal = Principal(kind="api_key", permissions=frozenset({"read", "write"}), api_key_id=None)
-    await conversation_start(principal=principal, message="Cats or dogs?", num_agents=3, turns=1)
-    assert not await sync_to_async(still_holds)()
+    monkeypatch.setattr(ChatView, "initial", observed)
+    response = client_with("read", "write").post(
+        "/chat", {"message": "Cats or dogs?", "num_agents": 3, "turns": 1}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    assert held == [False]
 
 
 async def test_the_warm_up_rehearses_a_run_on_every_connection_and_leaves_nothing() -> None:
