@@ -60,10 +60,14 @@ POSITIONS = ("Yes", "No", "It depends")
 def serve_fake() -> None:
     """Run the fake Gemini server until stdin closes; print its base URL first.
 
-    `POST /_bench/latency?seconds=L` sets the delay of every later answer. Discussion calls
-    get a position that rotates per call (Yes / No / It depends), so a panel never agrees
-    at once; a ballot votes for the first option. A request for structured output (a JSON
-    schema) gets JSON that fits it, as Gemini answers; others get the text format.
+    `POST /_bench/latency?seconds=L` sets the delay of every later answer. Each agent (told
+    apart by its system instruction) keeps a position of its own (Yes / No / It depends), so
+    a panel of three never agrees and every conversation runs its turns and a vote: 3 rounds
+    for 2 turns. (A position rotating per call, as before, let the calls of concurrent
+    conversations interleave into unanimous panels now and then, whose one-round ideal made
+    the p99 / ideal of a burst swing with chance.) A ballot votes for the first option. A
+    request for structured output (a JSON schema) gets JSON that fits it, as Gemini answers;
+    others get the text format.
     """
     import itertools
 
@@ -73,6 +77,7 @@ def serve_fake() -> None:
     class BenchGemini(FakeGemini):
         latency = 0.0
         counter = itertools.count()
+        positions: dict[str, str] = {}  # an agent's system instruction -> its position
 
         def handle(self, request: RecordedRequest) -> Response:
             if request.path == "/_bench/latency":
@@ -84,7 +89,12 @@ def serve_fake() -> None:
             config = body.get("generationConfig") or {}
             schema = config.get("responseSchema") or config.get("responseJsonSchema")
             prompt = json.dumps(body)
-            position = POSITIONS[next(self.counter) % len(POSITIONS)]
+            instruction = json.dumps(body.get("systemInstruction"))
+            with self._lock:
+                position = self.positions.get(instruction)
+                if position is None:
+                    position = POSITIONS[next(self.counter) % len(POSITIONS)]
+                    self.positions[instruction] = position
             if schema is not None:
                 # Structured output, as Gemini answers it: a ballot names the first option.
                 text = structured_default(
