@@ -194,15 +194,11 @@ async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
     assert separately == []
 
 
-async def test_a_buffered_log_does_not_wait_for_the_markers_of_a_turn(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`turn_started` and `consensus_update` are written by the writer task: a turn's agents
-    start without waiting for that write; the next awaited event still follows them in order."""
+async def gated_log(monkeypatch: pytest.MonkeyPatch) -> tuple[EventLog, asyncio.Event, list[int]]:
+    """A buffered log whose batches are stored only once the gate is set; the seqs stored."""
     from conversations import events
 
     conversation = await Conversation.objects.acreate(owner="key:1")
-    log = EventLog(conversation.pk, buffered=True)
     gate = asyncio.Event()
     stored: list[int] = []
 
@@ -212,6 +208,15 @@ async def test_a_buffered_log_does_not_wait_for_the_markers_of_a_turn(
 
     monkeypatch.setattr(events, "_store", slow_store)
     monkeypatch.setattr(events, "_store_pipelined", slow_store)
+    return EventLog(conversation.pk, buffered=True), gate, stored
+
+
+async def test_a_buffered_log_does_not_wait_for_the_markers_of_a_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`turn_started` and `consensus_update` are written by the writer task: a turn's agents
+    start without waiting for that write; the next awaited event still follows them in order."""
+    log, gate, stored = await gated_log(monkeypatch)
     await asyncio.wait_for(log.emit("turn_started", turn=1), timeout=1)
     await asyncio.wait_for(log.emit("consensus_update", turn=1, consensus="Yes"), timeout=1)
     response = asyncio.ensure_future(log.emit("agent_response", agent_id="agent_0", turn=2, content="Hi"))
@@ -227,20 +232,8 @@ async def test_while_nobody_watches_a_buffered_log_does_not_wait_for_a_response(
 ) -> None:
     """A run that knows no one follows it live goes on while its answers wait for their batch;
     they are stored in order all the same, and a flush waits for them."""
-    from conversations import events
-
-    conversation = await Conversation.objects.acreate(owner="key:1")
-    log = EventLog(conversation.pk, buffered=True)
+    log, gate, stored = await gated_log(monkeypatch)
     log.watched = False
-    gate = asyncio.Event()
-    stored: list[int] = []
-
-    async def slow_store(conversation_id: object, batch: list[dict[str, Any]], *rest: object) -> None:
-        await gate.wait()
-        stored.extend(e["seq"] for e in batch)
-
-    monkeypatch.setattr(events, "_store", slow_store)
-    monkeypatch.setattr(events, "_store_pipelined", slow_store)
     await asyncio.wait_for(log.emit("agent_response", agent_id="agent_0", turn=1, content="Hi"), timeout=1)
     await asyncio.wait_for(log.emit("turn_completed", turn=1), timeout=1)
     assert stored == []
