@@ -308,17 +308,20 @@ async def _execute(sql: str, params: Any, *, fetch: bool = False) -> tuple[Any, 
     not need: 145 against 103 us of client CPU per `SELECT 1` (docs/scaling.md, phase J).
     `putconn` still checks the connection and replaces a broken one.
     """
-    conn = _pinned.get()
-    if conn is not None:
-        cursor = await conn.execute(sql, params)
-        return await cursor.fetchone() if fetch else None
+    pinned = _pinned.get()
+    if pinned is not None:
+        return await _execute_on(pinned, sql, params, fetch)
     events_pool = await pool()
     conn = await events_pool.getconn(timeout=GETCONN_TIMEOUT)
     try:
-        cursor = await conn.execute(sql, params)
-        return await cursor.fetchone() if fetch else None
+        return await _execute_on(conn, sql, params, fetch)
     finally:
         await events_pool.putconn(conn)
+
+
+async def _execute_on(conn: Any, sql: str, params: Any, fetch: bool) -> tuple[Any, ...] | None:
+    cursor = await conn.execute(sql, params)
+    return await cursor.fetchone() if fetch else None
 
 
 async def on_every_connection(rehearsal: Callable[[], Awaitable[None]]) -> None:
