@@ -2,8 +2,9 @@
 
 1. PostgreSQL: C concurrent conversations, each storing K events one batch (one event) at a
    time, as the event log does for every event that is not an agent delta:
-   a) the current path, `conversations.events._store` (ORM bulk_create + UPDATE last_seq in one
-      transaction, through sync_to_async and a pooled connection per thread);
+   a) the ORM's bulk operations (the embedded backend's `write_batch` code: bulk_create + UPDATE
+      last_seq in one transaction, through sync_to_async and a pooled connection per thread),
+      against the PostgreSQL backend's one statement (`PostgresEventStore.write_batch`);
    b) the phase-B candidate: psycopg's async connection in pipeline mode, the INSERT and the
       UPDATE sent together and committed in one round trip (no thread hop, no ORM);
    c) the same with 10 events per batch (a turn's rows together).
@@ -13,7 +14,7 @@
    event stored, appended and published before the next (one batch per event, a run's
    unbuffered events): the batches ready together share a statement and a Redis pipeline.
 4. A WebSocket handshake's checks (block list, key, owner), C at once: `admit` through the ORM
-   in a pool thread, and the one statement a known key takes (`admit_in_one_statement`).
+   in a pool thread, and the one read a known key takes (`admit_in_one_read`).
 5. A Gemini call through `GeminiProvider` (google-genai over aiohttp) against the wire-format
    fake Gemini in a thread of this process: the event loop thread's CPU per `generate` and per
    `stream` call (thread time, so the fake's own CPU is left out), best of 5 x 300 calls; and
@@ -105,7 +106,7 @@ async def measure_handshakes(concurrency: int) -> list[dict[str, Any]]:
     from conversations.events import in_pool_thread
     from conversations.models import Conversation
     from gateway.models import ApiKey, generate_key, hash_key
-    from streaming.consumers import admit, admit_in_one_statement
+    from streaming.consumers import admit, admit_in_one_read
 
     raw = generate_key()
     key = await ApiKey.objects.acreate(
@@ -127,7 +128,7 @@ async def measure_handshakes(concurrency: int) -> list[dict[str, Any]]:
     }
     paths: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
         ("admit (ORM, pool thread)", lambda: in_pool_thread(admit, scope)),
-        ("one statement (admit_in_one_statement)", lambda: admit_in_one_statement(scope)),
+        ("one read (admit_in_one_read)", lambda: admit_in_one_read(scope)),
     ]
     results = []
     for name, check in paths:
@@ -256,7 +257,10 @@ async def main(args: argparse.Namespace) -> None:
     from psycopg.types.json import Jsonb
     from psycopg_pool import AsyncConnectionPool
 
-    from conversations.events import EventLog, _store, redis_client, stream_key
+    from conversations.events import EventLog, in_pool_thread, redis_client, stream_key
+    from conversations.store import Rows
+    from conversations.store.postgres import PostgresEventStore
+    from conversations.store.sqlite import _write as orm_write
 
     results = []
     logs: dict[uuid.UUID, EventLog] = {}
@@ -267,10 +271,18 @@ async def main(args: argparse.Namespace) -> None:
             await log.emit("agent_response", agent_id="agent_0", turn=1, content=event["content"])
 
     async def orm(cid: uuid.UUID, batch: list[dict[str, Any]]) -> None:
-        await _store(cid, batch, timezone.now())
+        await in_pool_thread(orm_write, cid, batch, Rows(), timezone.now())
+
+    statement = PostgresEventStore()
+
+    async def one_statement(cid: uuid.UUID, batch: list[dict[str, Any]]) -> None:
+        await statement.write_batch(cid, batch, Rows(), timezone.now())
 
     results.append(
-        await measure("postgres: current _store (ORM, thread hop)", args.concurrency, args.events, 1, orm)
+        await measure("postgres: ORM bulk_create (thread hop)", args.concurrency, args.events, 1, orm)
+    )
+    results.append(
+        await measure("postgres: event store statement", args.concurrency, args.events, 1, one_statement)
     )
 
     pool = AsyncConnectionPool(

@@ -14,47 +14,51 @@ import asyncio
 import logging
 import time
 import uuid
-import weakref
-from collections.abc import Awaitable, Callable
-from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-import psycopg
-import psycopg_pool
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
-from django.db import (
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-    close_old_connections,
-    connection,
-    transaction,
-)
 from django.db.models import Max
 from django.utils import timezone
 from redis.exceptions import RedisError, ResponseError
 from redis.utils import str_if_bytes
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
-from conversations import store
-from conversations.models import Conversation, Event
+from conversations.models import Event
 from conversations.rounds import Rounds
+from conversations.store import Rows, event_store, event_text
+from conversations.threads import in_pool_thread
+from loopstate import PerLoop
 
 logger = logging.getLogger("polyagents.events")
-
-T = TypeVar("T")
 
 # How long a batch of events is retried while the database is away (a restart takes seconds).
 STORE_RETRY_SECONDS = 10.0
 
-# One asyncio Redis client per event loop (a client is bound to the loop that made it).
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, aioredis.Redis]] = (
-    weakref.WeakKeyDictionary()
-)
+__all__ = ["EventLog", "EventLogBroken", "has_watchers", "in_pool_thread", "read_events", "redis_client"]
+
+
+class _LoopRedis:
+    """The running loop's Redis client (a client is bound to the loop that made it), the URL it
+    was made for, and the rounds of batches sent through it."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.client: aioredis.Redis | None = None
+        self.rounds: Rounds[_Send, list[Any]] = Rounds(_send_round)
+
+
+_redis: PerLoop[_LoopRedis] = PerLoop(_LoopRedis)
 
 
 def group_name(conversation_id: uuid.UUID | str) -> str:
@@ -70,15 +74,13 @@ def redis_client() -> aioredis.Redis | None:
     """The Redis client of the running event loop, or None without REDIS_URL."""
     if not settings.REDIS_URL:
         return None
-    loop = asyncio.get_running_loop()
-    cached = _clients.get(loop)
-    if cached is not None and cached[0] == settings.REDIS_URL:
-        return cached[1]
-    client = aioredis.Redis.from_url(
-        settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
-    )
-    _clients[loop] = (settings.REDIS_URL, client)
-    return client
+    slot = _redis.get()
+    if slot.client is None or slot.url != settings.REDIS_URL:
+        slot.url = settings.REDIS_URL
+        slot.client = aioredis.Redis.from_url(
+            settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+        )
+    return slot.client
 
 
 def _live_message(event: dict[str, Any], text: str) -> dict[str, Any]:
@@ -119,10 +121,7 @@ async def _send(batch: list[dict[str, Any]], texts: list[str]) -> None:
         for event, text in zip(batch, texts, strict=True):
             await _publish(event, text)
         return
-    rounds = _rounds.get(client)
-    if rounds is None:
-        rounds = _rounds[client] = Rounds(_send_round)
-    failed = await rounds.submit((client, layer, channel, batch, texts))
+    failed = await _redis.get().rounds.submit((client, layer, channel, batch, texts))
     if failed:
         logger.warning(
             "events not all appended to the Redis Stream or published; replay serves them from the database",
@@ -182,10 +181,6 @@ async def _send_round(sends: list[_Send]) -> list[list[Any] | BaseException]:
         [result] if isinstance(result, Exception) else [ResponseError(str_if_bytes(r)) for r in result]
         for result in results
     ]
-
-
-# Per Redis client (so per event loop); weakly, so a client's rounds go with it.
-_rounds: weakref.WeakKeyDictionary[aioredis.Redis, Rounds[_Send, list[Any]]] = weakref.WeakKeyDictionary()
 
 
 def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]], texts: list[str]) -> None:
@@ -250,140 +245,42 @@ async def has_watchers(conversation_id: uuid.UUID | str) -> bool:
     return any(int(n) > 0 for _channel, n in counts)
 
 
-async def in_pool_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Blocking ORM work off the event loop.
-
-    On PostgreSQL any pool thread takes it, each with its own pooled connection, handed back
-    when the work is done (pool threads never hold one), so many conversations or handshakes
-    of one process are served in parallel instead of queueing behind Django's one
-    thread-sensitive executor. SQLite keeps that one thread (a single writer).
-    """
-
-    def call() -> T:
-        try:
-            return fn(*args)
-        finally:
-            if settings.USING_POSTGRES:
-                connection.close()
-
-    return await sync_to_async(call, thread_sensitive=not settings.USING_POSTGRES)()
-
-
-def _store_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:
-    with transaction.atomic():
-        Event.objects.bulk_create(
-            Event(
-                conversation_id=conversation_id,
-                seq=event["seq"],
-                type=event["type"],
-                data=event,
-                created_at=now,
-            )
-            for event in batch
-        )
-        Conversation.objects.filter(pk=conversation_id).update(last_seq=batch[-1]["seq"])
-
-
-def _stored_sync(conversation_id: uuid.UUID, batch: list[dict[str, Any]]) -> bool:
-    """Whether every event of the batch is stored (an earlier try committed, its answer was lost)."""
-    seqs = [event["seq"] for event in batch]
-    return Event.objects.filter(conversation_id=conversation_id, seq__in=seqs).count() == len(seqs)
-
-
-async def _store(conversation_id: uuid.UUID, batch: list[dict[str, Any]], now: datetime) -> None:
-    """Write the Event rows of a batch and the conversation's last_seq, in one transaction.
-
-    It runs `in_pool_thread`: on PostgreSQL many conversations of one process store their
-    events in parallel.
+async def _write(
+    conversation_id: uuid.UUID, batch: list[dict[str, Any]], rows: Rows, texts: list[str]
+) -> None:
+    """Store a batch and its rows (`EventStore.write_batch`).
 
     A lost connection (a database restart) is retried with back-off until STORE_RETRY_SECONDS
-    have passed (a try may itself wait for the pool's timeout): the pool hands out a checked
-    connection each time. After that the caller's run stops and is resumed by its retry.
+    have passed; the store drops its connections before each retry. A retry that finds the
+    batch already stored (the commit went through, its answer was lost) is a success. After
+    that the caller's run stops and is resumed later.
     """
+    store = event_store()
 
-    async def write() -> None:
-        await in_pool_thread(_store_sync, conversation_id, batch, now)
+    async def before_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        seq = batch[0]["seq"] if batch else None
+        logger.warning(
+            "events not stored yet; retrying",
+            extra={"conversation_id": str(conversation_id), "seq": seq, "error": repr(error)},
+        )
+        await store.reset()
 
-    async def reset() -> None:
-        if not settings.USING_POSTGRES:  # pool threads hand their connection back after each try
-            await sync_to_async(close_old_connections)()
-
-    await _retrying(
-        write,
-        conversation_id,
-        batch,
-        reset=reset,
-        lost=(OperationalError, InterfaceError),
-        duplicate=IntegrityError,
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(store.lost),
+        stop=stop_after_delay(STORE_RETRY_SECONDS),
+        wait=wait_exponential(multiplier=0.25, max=2.0),
+        before_sleep=before_retry,
+        reraise=True,
     )
-
-
-async def _store_pipelined(
-    conversation_id: uuid.UUID,
-    batch: list[dict[str, Any]],
-    rows: store.Rows,
-    now: datetime,
-    texts: list[str],
-) -> None:
-    """PostgreSQL: the batch's events and staged rows in one pipelined transaction, retried like `_store`."""
-
-    async def write() -> None:
-        await store.write_batches(conversation_id, batch, rows, now, texts)
-
-    async def reset() -> None:
-        await store.discard_pool()  # the next try opens a fresh pool
-
-    await _retrying(
-        write,
-        conversation_id,
-        batch,
-        reset=reset,
-        lost=(psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout),
-        duplicate=psycopg.IntegrityError,
-    )
-
-
-async def _retrying(
-    write: Callable[[], Awaitable[None]],
-    conversation_id: uuid.UUID,
-    batch: list[dict[str, Any]],
-    *,
-    reset: Callable[[], Awaitable[None]],
-    lost: tuple[type[BaseException], ...],
-    duplicate: type[BaseException],
-) -> None:
-    """Run a batch write; a lost connection (a database restart) is retried with back-off until
-    STORE_RETRY_SECONDS have passed. A retry that finds the batch already stored (the commit
-    went through, its answer was lost) is a success."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + STORE_RETRY_SECONDS
-    delay = 0.25
-    retried = False
-    while True:
-        try:
-            await write()
-            return
-        except duplicate:
-            if retried and batch:
-                stored: bool = await in_pool_thread(_stored_sync, conversation_id, batch)
-                if stored:
-                    return
+    try:
+        async for attempt in retrying:
+            with attempt:
+                await store.write_batch(conversation_id, batch, rows, timezone.now(), texts)
+    except store.duplicate:
+        retried = retrying.statistics.get("attempt_number", 1) > 1
+        if not (retried and batch and await store.batch_stored(conversation_id, batch)):
             raise
-        except lost as exc:
-            if loop.time() >= give_up:
-                raise
-            logger.warning(
-                "events not stored yet; retrying",
-                extra={
-                    "conversation_id": str(conversation_id),
-                    "seq": batch[0]["seq"] if batch else None,
-                    "error": repr(exc),
-                },
-            )
-            await reset()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            retried = True
 
 
 class EventLogBroken(Exception):
@@ -443,10 +340,8 @@ class EventLog:
         # False while the run knows that no one follows it live (set by the run before a round).
         self.watched = True
         self._pending: list[dict[str, Any]] = []
-        # On PostgreSQL the rows an event stands beside are staged here and written in the same
-        # pipelined transaction as the event (conversations.store); SQLite keeps the ORM path.
-        self.pipelined = store.pipelined()
-        self._rows = store.Rows()
+        # The rows the next batch's events stand beside, written in the same transaction.
+        self._rows = Rows()
         self._writer: asyncio.Task[None] | None = None
         # Set when a batch could not be stored: later events are refused, so the stored log
         # never has a gap (a resumed run continues after the last stored seq).
@@ -467,19 +362,19 @@ class EventLog:
         return int(result["m"] or 0)
 
     def stage_message(self, fields: dict[str, Any]) -> None:
-        """Write this Message row (fields by attname) with the next batch (pipelined logs only)."""
+        """Write this Message row (fields by attname) with the next batch."""
         self._rows.messages.append({"conversation_id": self.conversation_id, **fields})
 
     def stage_vote(self, fields: dict[str, Any]) -> None:
-        """Insert or replace this ballot with the next batch (pipelined logs only)."""
+        """Insert or replace this ballot with the next batch."""
         self._rows.votes.append({"conversation_id": self.conversation_id, **fields})
 
     def stage_result(self, fields: dict[str, Any]) -> None:
-        """Insert or replace an exchange's consensus result with the next batch (pipelined logs only)."""
+        """Insert or replace an exchange's consensus result with the next batch."""
         self._rows.result = {"conversation_id": self.conversation_id, **fields}
 
     def stage_conversation(self, **fields: Any) -> None:
-        """Set these Conversation fields with the next batch (pipelined logs only)."""
+        """Set these Conversation fields with the next batch."""
         self._rows.conversation.update(fields)
 
     async def emit(self, type: str, **data: Any) -> dict[str, Any]:
@@ -532,17 +427,14 @@ class EventLog:
         async with self._lock:
             while (self._pending or self._rows) and self._broken is None:
                 batch, self._pending = self._pending, []
-                rows, self._rows = self._rows, store.Rows()
-                texts = [store.event_text(event) for event in batch]  # once: stored, streamed, sent
+                rows, self._rows = self._rows, Rows()
+                texts = [event_text(event) for event in batch]  # once: stored, streamed, sent
                 try:
-                    if self.pipelined:
-                        await _store_pipelined(self.conversation_id, batch, rows, timezone.now(), texts)
-                    elif batch:
-                        await _store(self.conversation_id, batch, timezone.now())
+                    await _write(self.conversation_id, batch, rows, texts)
                 except Exception as exc:
                     # Never publish what is not stored, nor store anything after it (no gap).
                     self._broken = exc
-                    self._pending, self._rows = [], store.Rows()
+                    self._pending, self._rows = [], Rows()
                     logger.exception(
                         "events not stored; the event log stops",
                         extra={

@@ -7,9 +7,11 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from conversations import store
-from conversations.events import in_pool_thread
 from conversations.models import ConsensusResult, Conversation, Message, Vote
+from conversations.store import CHAT_MESSAGE_FIELDS as CHAT_MESSAGE_FIELDS  # the /chat body's fields
+from conversations.store import CHAT_RESULT_FIELDS as CHAT_RESULT_FIELDS
+from conversations.store import CHAT_VOTE_FIELDS as CHAT_VOTE_FIELDS
+from conversations.store import event_store
 from gateway.principal import Principal
 
 
@@ -124,53 +126,6 @@ def conversation_detail(principal: Principal, conversation_id: uuid.UUID) -> dic
     }
 
 
-# What the /chat body reads of an exchange's rows (by attname; PostgreSQL reads them as JSON in
-# one statement, conversations.store.exchange_rows, SQLite through the ORM's values()).
-CHAT_MESSAGE_FIELDS = (
-    "agent_id", "turn", "status", "content", "raw_content", "model", "temperature", "provider",
-    "personality", "position", "confidence", "position_source", "repair_calls", "latency_ms",
-    "prompt_tokens", "completion_tokens", "simulated", "cost_usd", "cost_estimated", "error",
-)  # fmt: skip
-CHAT_RESULT_FIELDS = (
-    "reached",
-    "method",
-    "winner",
-    "confidence",
-    "tallies",
-    "tie_break",
-    "dissent",
-    "details",
-)
-CHAT_VOTE_FIELDS = ("voter", "choice", "confidence", "reason")
-
-
-def exchange_rows(
-    conversation_id: uuid.UUID, exchange: int
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]:
-    """An exchange's agent messages (by turn, agent), its consensus result and its ballots (by voter)."""
-    messages = list(
-        Message.objects.filter(conversation_id=conversation_id, exchange=exchange, role=Message.Role.AGENT)
-        .order_by("turn", "agent_id")
-        .values(*CHAT_MESSAGE_FIELDS)
-    )
-    result = (
-        ConsensusResult.objects.filter(conversation_id=conversation_id, exchange=exchange)
-        .values(*CHAT_RESULT_FIELDS)
-        .first()
-    )
-    votes = list(
-        Vote.objects.filter(conversation_id=conversation_id, exchange=exchange)
-        .order_by("voter")
-        .values(*CHAT_VOTE_FIELDS)
-    )
-    return messages, result, votes
-
-
-def chat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
-    """The /chat response body, read through the ORM (blocking)."""
-    return chat_body(conversation, exchange, *exchange_rows(conversation.pk, exchange))
-
-
 def chat_body(
     conversation: Conversation,
     exchange: int,
@@ -178,7 +133,7 @@ def chat_body(
     result: dict[str, Any] | None,
     votes: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """The /chat response body from the exchange's rows (`exchange_rows`) and its conversation."""
+    """The /chat response body from the exchange's rows (`EventStore.exchange_rows`) and its conversation."""
     final: dict[str, dict[str, Any]] = {}
     for message in messages:
         if message["status"] != Message.Status.FAILED:
@@ -306,15 +261,6 @@ def exchange_cost(conversation: Conversation, messages: list[dict[str, Any]]) ->
 
 
 async def achat_result(conversation: Conversation, exchange: int) -> dict[str, Any]:
-    """The /chat response body: the brief's fields plus confidence, votes and usage.
-
-    On PostgreSQL the exchange's rows come in one statement on the event loop's own pool
-    (no thread hop, no model instances); SQLite reads them through the ORM in its thread, as
-    PostgreSQL does with EVENT_STORE_PIPELINED off.
-    """
-    if store.pipelined():
-        rows = await store.exchange_rows(
-            conversation.pk, exchange, CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS
-        )
-        return chat_body(conversation, exchange, *rows)
-    return await in_pool_thread(chat_result, conversation, exchange)
+    """The /chat response body: the brief's fields plus confidence, votes and usage."""
+    rows = await event_store().exchange_rows(conversation.pk, exchange)
+    return chat_body(conversation, exchange, *rows)

@@ -18,35 +18,22 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import (
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-    connection,
-    transaction,
-)
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from agents.budget import Budget
-from agents.orchestrator import (
-    AgentResult,
-    Orchestrator,
-    RunOutcome,
-    extra_calls,
-    response_payload,
-    usage_dict,
-)
+from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, extra_calls, usage_dict
 from agents.profiles import build_panel
 from agents.providers.base import Usage
 from agents.synthesis import default_mode
 from consensus import Proposal, parse_reply
 from conversations import budget as admission
-from conversations import liveness, store
+from conversations import liveness
 from conversations.assessment import aassess, apanel_weights
 from conversations.events import EventLog, EventLogBroken, has_watchers, in_pool_thread
-from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
-from conversations.selectors import CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS
+from conversations.models import Conversation, Message
 from conversations.signals import conversation_completed
+from conversations.store import Rows, event_store
 from gateway import quota
 from gateway.principal import Principal
 from telemetry.errors import arecord_error
@@ -190,15 +177,15 @@ def _question(conversation: Conversation, message: str) -> dict[str, Any]:
 
 
 async def _astart_new(principal: Principal, asked: _Asked, *, running: bool) -> Conversation | None:
-    """`_start` of a new conversation without a budget, on PostgreSQL in one statement on the
-    event loop's pool (no thread hop, no ORM); None, with nothing written, when its key has a
-    daily quota to reserve (`_start` does that). `running`: stored already running."""
+    """`_start` of a new conversation without a budget, in one call of the event store; None,
+    with nothing written, when its key has a daily quota to reserve (`_start` does that).
+    `running`: stored already running."""
     conversation = _new_conversation(principal, asked.message, None)
     _open_exchange(conversation, asked, admission.NOTHING_ADMITTED)
     conversation.updated_at = conversation.created_at
     if running:
         _mark_running(conversation, conversation.created_at)
-    if not await store.start_conversation(conversation, _question(conversation, asked.message)):
+    if not await event_store().start_conversation(conversation, _question(conversation, asked.message)):
         return None
     conversation._state.adding = False
     conversation._state.db = "default"
@@ -245,8 +232,8 @@ async def conversation_start(
     `create_with_id` lets POST /stream/{id} create a conversation under a client-chosen id;
     /chat only continues existing ids. `synthesis` None means SYNTHESIS_MODE.
     `running`: the caller runs the exchange at once, in this process (/chat, the chat
-    command). A new conversation without a budget is then stored already running, on
-    PostgreSQL, and `conversation_run(..., fresh=...)` begins from it without a statement.
+    command). A new conversation without a budget is then stored already running, and
+    `conversation_run(..., fresh=...)` begins from it without reading it back.
     """
     config = settings.CONFIG
     asked = _Asked(
@@ -257,7 +244,7 @@ async def conversation_start(
         synthesis=synthesis or default_mode(),
     )
     budget = Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None
-    if store.pipelined() and conversation_id is None and budget is None:
+    if conversation_id is None and budget is None:
         conversation = await _astart_new(principal, asked, running=running)
         if conversation is not None:
             return conversation, conversation.exchanges
@@ -278,47 +265,6 @@ async def conversation_cancel(*, conversation_id: uuid.UUID) -> None:
     ).aupdate(cancel_requested=True)
     if asked:
         await liveness.push_cancel(conversation_id)
-
-
-async def _announce_unsent(
-    log: EventLog,
-    conversation_id: uuid.UUID,
-    exchange: int,
-    prior: dict[int, dict[str, AgentResult]],
-    personality: dict[str, str],
-) -> None:
-    """Emit the agent events of stored answers whose event a dead run never wrote.
-
-    A run killed between an answer's row and its event (the embedded path writes them apart)
-    leaves the answer stored but unsent; the resumed run reuses the answer, so without this the
-    log would lack it. Emitted straight to the log: the row exists already.
-    """
-    sent = {
-        (data.get("turn"), data.get("agent_id"))
-        async for data in Event.objects.filter(
-            conversation_id=conversation_id, type__in=["agent_response", "agent_error"]
-        ).values_list("data", flat=True)
-        if isinstance(data, dict) and data.get("exchange") == exchange
-    }
-    for turn, results in sorted(prior.items()):
-        for agent_id, result in sorted(results.items()):
-            if (turn, agent_id) in sent:
-                continue
-            if result.ok:
-                payload = response_payload(result, personality.get(agent_id, ""))
-                await log.emit("agent_response", exchange=exchange, recovered=True, **payload)
-            else:
-                await log.emit(
-                    "agent_error",
-                    exchange=exchange,
-                    recovered=True,
-                    agent_id=agent_id,
-                    turn=turn,
-                    error=result.error,
-                    kind=result.error_kind,
-                    model=result.model,
-                    provider=result.provider,
-                )
 
 
 class RunRecorder:
@@ -382,59 +328,22 @@ class RunRecorder:
         )
 
     async def _store_message(self, **fields: Any) -> None:
-        if self.log.pipelined:
-            # Written with the event that announces it, in one transaction (ON CONFLICT DO NOTHING).
-            self.log.stage_message({"exchange": self.exchange, "role": Message.Role.AGENT, **fields})
-            return
-        try:
-            await Message.objects.acreate(
-                conversation_id=self.conversation.pk,
-                exchange=self.exchange,
-                role=Message.Role.AGENT,
-                **fields,
-            )
-        except IntegrityError:
-            # Already stored by an earlier attempt of this run: the unique constraint keeps one.
-            logger.info("message already stored", extra={"conversation": str(self.conversation.pk), **fields})
+        # Written with the event that announces it, in one transaction (a stored one is kept).
+        self.log.stage_message({"exchange": self.exchange, "role": Message.Role.AGENT, **fields})
 
     async def _on_turn_completed(self, data: dict[str, Any]) -> None:
-        if self.log.pipelined:
-            self.log.stage_conversation(turns_completed=data["turn"], heartbeat_at=timezone.now())
-            return
-        await Conversation.objects.filter(pk=self.conversation.pk).aupdate(
-            turns_completed=data["turn"], heartbeat_at=timezone.now()
-        )
+        self.log.stage_conversation(turns_completed=data["turn"], heartbeat_at=timezone.now())
 
     async def _on_vote(self, data: dict[str, Any]) -> None:
-        if self.log.pipelined:
-            self.log.stage_vote(
-                {
-                    "exchange": self.exchange,
-                    "voter": data["voter"],
-                    "choice": data.get("choice") or "",
-                    "confidence": data.get("confidence"),
-                    "reason": (data.get("reason") or "")[:2000],
-                }
-            )
-            return
-        await Vote.objects.aupdate_or_create(
-            conversation_id=self.conversation.pk,
-            exchange=self.exchange,
-            voter=data["voter"],
-            defaults={
+        self.log.stage_vote(
+            {
+                "exchange": self.exchange,
+                "voter": data["voter"],
                 "choice": data.get("choice") or "",
                 "confidence": data.get("confidence"),
                 "reason": (data.get("reason") or "")[:2000],
-            },
+            }
         )
-
-
-# What a run reads of its exchange's stored messages (by attname), in `turn`, `id` order.
-BEGIN_MESSAGE_FIELDS = (
-    "id", "role", "turn", "agent_id", "status", "content", "raw_content", "position", "confidence",
-    "position_source", "repair_calls", "repair_prompt_tokens", "repair_completion_tokens", "model",
-    "provider", "temperature", "latency_ms", "prompt_tokens", "completion_tokens", "simulated", "error",
-)  # fmt: skip
 
 
 def _prior(messages: list[dict[str, Any]]) -> tuple[str, dict[int, dict[str, AgentResult]]]:
@@ -479,26 +388,6 @@ def _history(questions: dict[int, str], answers: dict[int, str]) -> list[tuple[s
     return [(questions[n], answers.get(n, "")) for n in sorted(questions)]
 
 
-def _load_prior(
-    conversation: Conversation, exchange: int
-) -> tuple[str, dict[int, dict[str, AgentResult]], list[tuple[str, str]]]:
-    messages = Message.objects.filter(conversation=conversation, exchange=exchange).order_by("turn", "id")
-    question, prior = _prior(list(messages.values(*BEGIN_MESSAGE_FIELDS)))
-    if exchange == 1:
-        return question, prior, []  # a first exchange has no history: two queries saved
-    questions = dict(
-        Message.objects.filter(
-            conversation=conversation, role=Message.Role.USER, exchange__lt=exchange
-        ).values_list("exchange", "content")
-    )
-    answers = dict(
-        ConsensusResult.objects.filter(conversation=conversation, exchange__lt=exchange).values_list(
-            "exchange", "answer"
-        )
-    )
-    return question, prior, _history(questions, answers)
-
-
 @dataclass
 class _Begun:
     conversation: Conversation
@@ -515,51 +404,33 @@ def _mark_running(conversation: Conversation, now: datetime) -> None:
     conversation.heartbeat_at = now
 
 
-def _begin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
-    """What a run starts from, read and marked running in one trip off the event loop (one
-    pooled connection instead of four thread hops): the conversation, the stored turns of the
-    exchange, the earlier exchanges, the last stored event."""
-    conversation = Conversation.objects.get(pk=conversation_id)
-    if exchange != conversation.exchanges:
-        raise ConversationError(f"exchange {exchange} is not the current one ({conversation.exchanges})")
-    if conversation.is_terminal:
-        return _Begun(conversation)
-    question, prior, history = _load_prior(conversation, exchange)
-    last_seq = EventLog.last_stored_seq(conversation.pk)
-    now = timezone.now()
-    # Set here as in the row: the run keeps this instance and stores its final fields from it.
-    _mark_running(conversation, now)
-    Conversation.objects.filter(pk=conversation.pk).update(
-        status=conversation.status, started_at=conversation.started_at, heartbeat_at=now
-    )
-    return _Begun(conversation, question, prior, history, last_seq)
-
-
 async def _abegin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
-    """`_begin`, on PostgreSQL in one statement on the event loop's pool (no thread hop, no
-    ORM); a missing or finished conversation, or a stale exchange, takes the ORM path, which
-    tells those apart."""
-    if store.pipelined():
-        read = await store.begin_run(conversation_id, exchange, timezone.now(), BEGIN_MESSAGE_FIELDS)
-        if read is not None:
-            conversation, messages, questions, answers, last_seq = read
-            question, prior = _prior(messages)
-            asked = {q["exchange"]: q["content"] for q in questions}
-            history = _history(asked, {a["exchange"]: a["answer"] for a in answers})
-            return _Begun(conversation, question, prior, history, last_seq)
-    return await in_pool_thread(_begin, conversation_id, exchange)
+    """Mark the run running and read what it starts from (`EventStore.begin_run`). A missing
+    conversation raises DoesNotExist, a stale exchange ConversationError; a finished one is
+    returned as it is."""
+    read = await event_store().begin_run(conversation_id, exchange, timezone.now())
+    if read is not None:
+        question, prior = _prior(read.messages)
+        asked = {q["exchange"]: q["content"] for q in read.questions}
+        history = _history(asked, {a["exchange"]: a["answer"] for a in read.answers})
+        return _Begun(read.conversation, question, prior, history, read.last_seq)
+    conversation = await Conversation.objects.aget(pk=conversation_id)
+    if exchange != conversation.exchanges or not conversation.is_terminal:
+        raise ConversationError(f"exchange {exchange} is not the current one ({conversation.exchanges})")
+    return _Begun(conversation)
 
 
 async def rehearse_run() -> None:
-    """A run's statements on the event store, once, for a throwaway conversation: its start,
-    a batch with a message, a ballot, a result and an event, and the /chat body's read. For
-    `store.on_every_connection`, which rolls all of it back (the warm-up of a process)."""
+    """A run's calls on the event store, once, for a throwaway conversation: its start, its
+    begin, a batch with a message, a ballot, a result and an event, and the /chat body's read
+    (the warm-up of a process runs it and rolls it back: `EventStore.warm_up`)."""
     conversation_id, now = uuid.uuid4(), timezone.now()
     one = {"conversation_id": conversation_id, "exchange": 1}
     conversation = Conversation(id=conversation_id, exchanges=1, created_at=now, updated_at=now)
+    store = event_store()
     await store.start_conversation(conversation, {**one, "role": Message.Role.USER, "content": "warm-up"})
-    await store.begin_run(conversation_id, 1, now, BEGIN_MESSAGE_FIELDS)
-    rows = store.Rows(
+    await store.begin_run(conversation_id, 1, now)
+    rows = Rows(
         messages=[{**one, "role": Message.Role.AGENT, "agent_id": "a", "turn": 1}],
         votes=[{**one, "voter": "a", "choice": "A"}],
         result={**one, "method": "majority"},
@@ -567,7 +438,7 @@ async def rehearse_run() -> None:
     )
     event = {"type": "warm_up", "conversation_id": str(conversation_id), "seq": 1}
     await store.write_batch(conversation_id, [event], rows, now)
-    await store.exchange_rows(conversation_id, 1, CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS)
+    await store.exchange_rows(conversation_id, 1)
 
 
 def _watched_by(log: EventLog) -> Callable[[], Awaitable[bool]]:
@@ -621,8 +492,6 @@ async def conversation_run(
         agents=[p.describe() for p in panel],
         resumed=resumed,
     )
-    if resumed:
-        await _announce_unsent(log, conversation.pk, exchange, prior, recorder.personality)
     orchestrator = Orchestrator(
         panel=panel,
         question=question,
@@ -683,16 +552,6 @@ async def _finish_cancelled(
     return await Conversation.objects.aget(pk=conversation_id)
 
 
-def _store_result(conversation_id: uuid.UUID, exchange: int, result: dict[str, Any]) -> None:
-    """The exchange's consensus result, one upsert (a resumed run that decides again replaces it)."""
-    ConsensusResult.objects.bulk_create(
-        [ConsensusResult(conversation_id=conversation_id, exchange=exchange, **result)],
-        update_conflicts=True,
-        unique_fields=["conversation", "exchange"],
-        update_fields=list(result),
-    )
-
-
 # What a finished run sets on its conversation (the event log keeps `last_seq` current meanwhile).
 FINAL_FIELDS = (
     "status", "turns_completed", "consensus_result", "confidence", "error", "duration",
@@ -738,11 +597,8 @@ async def _finish(
             },
         }
     if result is not None:
-        if recorder.log.pipelined:
-            # Written with the consensus_reached event below, in that batch's one statement.
-            recorder.log.stage_result({"exchange": exchange, **result})
-        else:
-            await in_pool_thread(_store_result, conversation_id, exchange, result)
+        # Written with the consensus_reached event below, in that batch's transaction.
+        recorder.log.stage_result({"exchange": exchange, **result})
     # The instance the run began with (_begin): only this run writes its final fields.
     conversation = recorder.conversation
     if decision is not None and assessment is not None:
@@ -793,9 +649,9 @@ async def _finish(
         "stop_estimate": outcome.stop_estimate,
         "quota": reservation,
     }
-    if recorder.log.pipelined and not admission.holds_reservation(conversation):
+    if not admission.holds_reservation(conversation):
         # No quota to charge in the database: the finished conversation is written with its
-        # terminal event, in that batch's one statement (no thread hop, no separate save).
+        # terminal event, in that batch's transaction (no separate save).
         admission.settle(conversation, tokens=outcome.usage.total_tokens, usd=usd)  # counters only
         conversation.updated_at = timezone.now()
         recorder.log.stage_conversation(**{name: getattr(conversation, name) for name in FINAL_FIELDS})

@@ -190,9 +190,6 @@ class Config(BaseSettings):
     CONVERSATION_STALE_SECONDS: int = Field(default=15, ge=10)
     # Warm a web process up when the ASGI application loads (polyagents_site/warmup.py).
     WARM_UP: bool = True
-    # PostgreSQL: write a batch's events and rows in one SQL statement (conversations.store; about
-    # 45% less CPU per conversation). False: one ORM transaction per batch, through a thread.
-    EVENT_STORE_PIPELINED: bool = True
 
     _split = field_validator("ALLOWED_HOSTS", "CORS_ALLOWED_ORIGINS", mode="before")(
         classmethod(lambda cls, v: _split_list(v))

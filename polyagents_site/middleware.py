@@ -12,9 +12,8 @@ WSGI server) is Django's own path, unchanged.
 They subclass Django's classes, so `isinstance` checks (the admin's system checks among them) and
 every setting those classes read still apply.
 
-`BlockedIPMiddleware` is the gateway's, its block check (and an API key's lookup) run on
-PostgreSQL as one statement on the event loop's pool (the gateway sits below `conversations`,
-which holds that pool).
+`BlockedIPMiddleware` is the gateway's, its block check and an API key's lookup read in one
+call (`gateway.admission`).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django.middleware import clickjacking, common, csrf, security
 
 from gateway import middleware as gateway_middleware
+from gateway.admission import admission_read
 from gateway.auth import AuthError, as_api_key, parse_authorization
 from gateway.keys import KEY_READ_ATTR
 from gateway.models import hash_key
@@ -142,31 +142,21 @@ def _api_key_token(request: HttpRequest) -> str | None:
 
 
 class BlockedIPMiddleware(gateway_middleware.BlockedIPMiddleware):
-    """The gateway's IP block check, on PostgreSQL as one statement on the event loop's pool
-    rather than the ORM in a thread hop: the same query, so deleting a block still lifts it at
-    once. A request with an API key reads the key's row in that statement too
-    (`store.blocked_and_key`) and hands it to the authentication (`gateway.keys.KEY_READ_ATTR`),
-    which then makes no query of its own for it. SQLite, sync mode and a statement that fails
-    keep the gateway's check (which fails open when the database cannot answer)."""
+    """The gateway's IP block check read with the request's API key in one call
+    (`gateway.admission`): the same query, so deleting a block still lifts it at once. The key's
+    row goes to the authentication (`gateway.keys.KEY_READ_ATTR`), which then makes no query of
+    its own for it. Sync mode and a database that cannot answer keep the gateway's check (which
+    fails open)."""
 
     async def ablocked(self, request: HttpRequest, ip: str) -> bool:
-        import psycopg
-
-        from conversations import store
-
         address = normalize_ip(ip)
         if address is None:
             return False
-        if store.pipelined():
-            token = _api_key_token(request)
-            try:
-                if token is None:
-                    return await store.ip_blocked(address)
-                key_hash = hash_key(token)
-                blocked, key = await store.blocked_and_key(address, key_hash)
-            except psycopg.Error:
-                pass
-            else:
-                setattr(request, KEY_READ_ATTR, (key_hash, key))
-                return blocked
-        return await super().ablocked(request, ip)
+        token = _api_key_token(request)
+        key_hash = hash_key(token) if token is not None else None
+        read = await admission_read(address, key_hash)
+        if read is None:
+            return await super().ablocked(request, ip)
+        if key_hash is not None:
+            setattr(request, KEY_READ_ATTR, (key_hash, read.key))
+        return read.blocked

@@ -43,7 +43,7 @@ HOT_MODULES = (
     "httpx_aiohttp",  # the SDKs' transport (agents.providers.loops), built per event loop
 )
 
-REDIS_CONNECTIONS = 4  # opened at start; like the event store's pool (conversations.store.POOL_MAX)
+REDIS_CONNECTIONS = 4  # opened at start; like the event store's pool (loopstate.postgres.POOL_MAX)
 _tasks: set[asyncio.Task[None]] = set()
 
 
@@ -192,7 +192,7 @@ async def awarm_up() -> dict[str, float]:
         timings[name] = round((time.perf_counter() - started) * 1000, 1)
 
     async def sdk_clients() -> None:
-        from agents.providers.loops import PerLoop
+        from loopstate import PerLoop
 
         for provider in panel_providers():
             # Providers keep one SDK client per event loop; build this loop's now.
@@ -218,14 +218,11 @@ async def awarm_up() -> dict[str, float]:
             await layer.group_send("polyagents.warm-up", {"type": "warm.up"})
 
     async def event_store() -> None:
-        from conversations import store
+        from conversations.services import rehearse_run
+        from conversations.store import event_store as store
 
-        if store.pipelined():
-            await store.pool()  # the event log's connections of this loop, all opened now
-            from conversations.services import rehearse_run
-
-            # ... and each has run a run's statements once (rolled back): its first use is warm.
-            await store.on_every_connection(rehearse_run)
+        # This loop's connections opened, each having run a run's statements once (rolled back).
+        await store().warm_up(rehearse_run)
 
     async def heap() -> None:
         from streaming.worker import settle_heap

@@ -16,16 +16,21 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import psycopg
 from channels.db import aclose_old_connections
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
-from conversations import store
 from conversations.events import group_name, in_pool_thread, read_events
 from conversations.models import Conversation
+from gateway.admission import admission_read
+from gateway.auth import ANONYMOUS, AuthError, as_api_key, authenticate_bearer
+from gateway.blocking import is_blocked
+from gateway.keys import LAST_USED_RESOLUTION, KeyRejected, check_usable, principal_for_key
+from gateway.models import hash_key
+from gateway.net import client_ip
 from gateway.principal import Principal
+from gateway.security import log_security_event
 from telemetry.metrics import OPEN_WEBSOCKETS
 
 logger = logging.getLogger("polyagents.ws")
@@ -101,8 +106,6 @@ def _after_param(scope: dict[str, Any]) -> int:
 
 def authenticate(token: str | None, ip: str | None, path: str) -> Principal | None:
     """The principal for a token, or None (failures are recorded by the gateway)."""
-    from gateway.auth import ANONYMOUS, AuthError, authenticate_bearer
-
     if not token:
         # API_KEY_ENABLED=false lets tokenless clients in, as on the HTTP side.
         return None if settings.CONFIG.API_KEY_ENABLED else ANONYMOUS
@@ -128,10 +131,6 @@ def admit(scope: dict[str, Any]) -> Admission:
     Blocked IPs and foreign origins are refused at the handshake; anything else is accepted
     first so browsers see the close code (a refused handshake shows only 1006).
     """
-    from gateway.blocking import is_blocked
-    from gateway.net import client_ip
-    from gateway.security import log_security_event
-
     ip = client_ip(scope)
     path = scope.get("path", "")
     if ip and is_blocked(ip):
@@ -164,28 +163,20 @@ def _follow(principal: Principal, conversation_id: uuid.UUID, owner: str | None)
 async def aadmit(scope: dict[str, Any]) -> Admission:
     """`admit` off the event loop.
 
-    On PostgreSQL the common handshake (an API key that is known, usable and recently used, a
-    valid conversation id, an allowed origin) is decided by one statement on the event loop's
-    pool (`admit_in_one_statement`). Everything else (a JWT, no token, a failure to record, a
-    last-used time to refresh) takes `admit` in a pool thread: any thread of it, so a thousand
-    clients connecting at once are checked in parallel, not queued behind the one thread that
-    Django's async ORM uses outside a request; SQLite keeps that one thread (a single writer).
+    The common handshake (an API key that is known, usable and recently used, a valid
+    conversation id, an allowed origin) is decided from one read (`gateway.admission`).
+    Everything else (a JWT, no token, a failure to record, a last-used time to refresh) takes
+    `admit` in a pool thread (`in_pool_thread`).
     """
-    if store.pipelined():
-        admission = await admit_in_one_statement(scope)
-        if admission is not None:
-            return admission
+    admission = await admit_in_one_read(scope)
+    if admission is not None:
+        return admission
     return await in_pool_thread(admit, scope)
 
 
-async def admit_in_one_statement(scope: dict[str, Any]) -> Admission | None:
-    """`admit`'s decision from one statement (`store.admission_row`), or None where `admit`
-    must decide (it records failures and refreshes the key's last-used time)."""
-    from gateway.auth import as_api_key
-    from gateway.keys import LAST_USED_RESOLUTION, KeyRejected, check_usable, principal_for_key
-    from gateway.models import hash_key
-    from gateway.net import client_ip
-
+async def admit_in_one_read(scope: dict[str, Any]) -> Admission | None:
+    """`admit`'s decision from one read (`gateway.admission.admission_read`), or None where
+    `admit` must decide (it records failures and refreshes the key's last-used time)."""
     token = as_api_key(token_from_scope(scope)[0])
     if token is None or not origin_allowed(scope):
         return None
@@ -193,13 +184,12 @@ async def admit_in_one_statement(scope: dict[str, Any]) -> Admission | None:
         conversation_id = uuid.UUID(str(scope["url_route"]["kwargs"]["conversation_id"]))
     except ValueError:
         return None
-    try:
-        blocked, owner, key = await store.admission_row(client_ip(scope), hash_key(token), conversation_id)
-    except psycopg.Error:
-        return None  # `admit` decides, and fails open on the block list as it always did
-    if blocked:
+    read = await admission_read(client_ip(scope), hash_key(token), conversation_id)
+    if read is None:
+        return None  # `admit` decides, and fails open on the block list
+    if read.blocked:
         return Admission(accept=False, code=CLOSE_FORBIDDEN)
-    now = timezone.now()
+    key, now = read.key, timezone.now()
     if key is None or key.last_used_at is None or key.last_used_at < now - LAST_USED_RESOLUTION:
         return None
     try:
@@ -209,7 +199,7 @@ async def admit_in_one_statement(scope: dict[str, Any]) -> Admission | None:
     principal = principal_for_key(key)
     if not principal.has("read"):
         return Admission(accept=True, code=CLOSE_FORBIDDEN)
-    return _follow(principal, conversation_id, owner)
+    return _follow(principal, conversation_id, read.owner)
 
 
 class ConversationConsumer(AsyncJsonWebsocketConsumer):

@@ -142,9 +142,9 @@ async def _event_store_pool_closed() -> AsyncIterator[None]:
     Closing the pool stops its workers.
     """
     yield
-    from conversations import store
+    from conversations.store import event_store
 
-    await store.close_pool()
+    await event_store().close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -196,7 +196,7 @@ async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
 
 async def gated_log(monkeypatch: pytest.MonkeyPatch) -> tuple[EventLog, asyncio.Event, list[int]]:
     """A buffered log whose batches are stored only once the gate is set; the seqs stored."""
-    from conversations import events
+    from conversations.store import event_store
 
     conversation = await Conversation.objects.acreate(owner="key:1")
     gate = asyncio.Event()
@@ -206,8 +206,7 @@ async def gated_log(monkeypatch: pytest.MonkeyPatch) -> tuple[EventLog, asyncio.
         await gate.wait()
         stored.extend(e["seq"] for e in batch)
 
-    monkeypatch.setattr(events, "_store", slow_store)
-    monkeypatch.setattr(events, "_store_pipelined", slow_store)
+    monkeypatch.setattr(event_store(), "write_batch", slow_store)
     return EventLog(conversation.pk, buffered=True), gate, stored
 
 

@@ -137,12 +137,12 @@ async def test_a_failed_statement_leaves_the_block_check_to_the_orm(
 ) -> None:
     import psycopg
 
-    from conversations import store
+    from loopstate import postgres as pg
 
-    async def failing(ip: str) -> bool:
+    async def failing(*args: Any) -> Any:
         raise psycopg.OperationalError("the server closed the connection")
 
-    monkeypatch.setattr(store, "ip_blocked", failing)
+    monkeypatch.setattr(pg, "fetch_one", failing)
     assert (await AsyncClient().get("/health", headers=from_blocked_ip)).status_code == 403
 
 

@@ -118,9 +118,13 @@ class TestIntegration:
         assert conversation.exchanges == 2
         assert Message.objects.filter(conversation=conversation, role="user").count() == 2
         # The second exchange's prompt carried the first question (checked on the orchestrator).
-        from conversations.services import _load_prior
+        assert conversation.metadata  # the second exchange ran
+        from asgiref.sync import async_to_sync
 
-        _, _, history = _load_prior(conversation, 2)
+        from conversations.services import _abegin
+
+        Conversation.objects.filter(pk=conversation.pk).update(status="running")
+        history = async_to_sync(_abegin)(conversation.pk, 2).history
         assert history[0][0] == QUESTION
 
     def test_unknown_conversation_id_is_404(self, writer, config):

@@ -111,7 +111,7 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
     provider = registry.get_provider("gemini")
     assert isinstance(provider, GeminiProvider)
     assert asyncio.get_running_loop() in provider._clients._values
-    from conversations import store
+    from loopstate import postgres as pg
 
     # With Redis, the event log's client of this loop holds its connections already.
     from conversations.events import redis_client
@@ -120,13 +120,11 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
     if client is not None:
         assert len(client.connection_pool._available_connections) >= warmup.REDIS_CONNECTIONS
     # On PostgreSQL the event log's pool of this loop is open, every connection made.
-    pooled = store._pools.get(asyncio.get_running_loop())
     if settings.USING_POSTGRES:
-        assert pooled is not None
-        assert pooled[1].get_stats()["pool_size"] == store.POOL_MAX
-        await store.close_pool()
+        assert pg.pool_size() == pg.POOL_MAX
+        await pg.close_pool()
     else:
-        assert pooled is None
+        assert pg.pool_size() == 0
     # Last, the start-up heap is set aside from the collector, and full collections are rarer.
     assert gc.get_freeze_count() > 10_000
     assert gc.get_threshold()[2] == FULL_COLLECTION_EVERY

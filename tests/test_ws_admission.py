@@ -1,4 +1,4 @@
-"""PostgreSQL: a WebSocket handshake decided by one statement decides as `admit` does."""
+"""A WebSocket handshake decided from one read (`gateway.admission`) decides as `admit` does."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ from conversations.models import Conversation
 from gateway.models import ApiKey, BlockedIP
 from gateway.principal import Principal
 from streaming import consumers
-from streaming.consumers import Admission, admit, admit_in_one_statement
-from tests.conftest import requires_postgres
+from streaming.consumers import Admission, admit, admit_in_one_read
 
-pytestmark = [pytest.mark.django_db(transaction=True), requires_postgres]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 
 KeyMaker = Callable[..., tuple[ApiKey, str]]
 IP = "203.0.113.9"
@@ -48,7 +47,7 @@ async def key_and_owner(make_key: KeyMaker, permissions: list[str], **fields: An
 
 async def both(scope: dict[str, Any]) -> tuple[Admission | None, Admission]:
     """The one statement's decision first, then `admit`'s (which may refresh the key's last use)."""
-    return await admit_in_one_statement(scope), await in_pool_thread(admit, scope)
+    return await admit_in_one_read(scope), await in_pool_thread(admit, scope)
 
 
 async def test_a_known_key_following_its_own_conversation_is_admitted_by_one_statement(
@@ -115,7 +114,6 @@ async def test_every_other_handshake_is_decided_as_admit_decides(
 async def test_the_consumer_takes_the_one_statement_on_postgresql(
     make_key: KeyMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert settings.CONFIG.EVENT_STORE_PIPELINED
     _, raw, owner = await key_and_owner(make_key, ["read"])
     conversation = await Conversation.objects.acreate(owner=owner)
     hops: list[object] = []

@@ -35,7 +35,8 @@ from agents.providers.base import (
     ResponseSchema,
     Usage,
 )
-from agents.providers.loops import PerLoop, aiohttp_transport, refused, tls_context
+from agents.providers.loops import aiohttp_transport, refused, tls_context
+from loopstate import PerLoop
 
 # No tools are sent: a call with a config skips the SDK's automatic function calling loop.
 NO_AFC = types.AutomaticFunctionCallingConfig(disable=True)

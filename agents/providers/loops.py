@@ -1,4 +1,4 @@
-"""One SDK client per running event loop.
+"""What the SDK clients of each running event loop (`loopstate.PerLoop`) share.
 
 httpx async clients (used by google-genai and openai) hold connections bound to the
 loop that opened them; a cached provider reused from another loop (`manage.py chat`,
@@ -7,43 +7,13 @@ loop that opened them; a cached provider reused from another loop (`manage.py ch
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import ssl
-import threading
-import weakref
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 # An idle connection to a vendor is kept this long for the next call.
 KEEPALIVE_SECONDS = 30
-
-
-class PerLoop(Generic[T]):
-    """Builds a value lazily for each event loop and forgets it when the loop is collected."""
-
-    def __init__(self, factory: Callable[[], T]) -> None:
-        self._factory = factory
-        self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-
-    def get(self) -> T:
-        """The value of the running loop (built on first use)."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            value = self._values.get(loop)
-            if value is None:
-                value = self._values[loop] = self._factory()
-            return value
-
-    def pop(self) -> T | None:
-        """Remove and return the running loop's value, if any."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            return self._values.pop(loop, None)
 
 
 @functools.cache

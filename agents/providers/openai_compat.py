@@ -25,7 +25,8 @@ from agents.providers.base import (
     ProviderError,
     Usage,
 )
-from agents.providers.loops import PerLoop, aiohttp_transport, refused
+from agents.providers.loops import aiohttp_transport, refused
+from loopstate import PerLoop
 
 SAFETY_FINISH_REASONS = frozenset({"content_filter"})
 
