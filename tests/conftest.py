@@ -142,9 +142,9 @@ async def _event_store_pool_closed() -> AsyncIterator[None]:
     Closing the pool stops its workers.
     """
     yield
-    from conversations.store import event_store
+    from loopstate import postgres as pg
 
-    await event_store().close()
+    await pg.close_pool()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

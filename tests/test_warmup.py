@@ -111,10 +111,9 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
     provider = registry.get_provider("gemini")
     assert isinstance(provider, GeminiProvider)
     assert asyncio.get_running_loop() in provider._clients._values
-    from loopstate import postgres as pg
-
     # With Redis, the event log's client of this loop holds its connections already.
     from conversations.events import redis_client
+    from loopstate import postgres as pg
 
     client = redis_client()
     if client is not None:

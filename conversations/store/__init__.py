@@ -8,8 +8,6 @@ Callers use `event_store()` and never ask which backend they have.
 
 from __future__ import annotations
 
-import functools
-
 from django.conf import settings
 
 from conversations.store.base import (
@@ -40,7 +38,13 @@ __all__ = [
 ]
 
 
-@functools.cache
+_chosen: EventStore | None = None
+
+
 def event_store() -> EventStore:
-    """The process's event store: PostgreSQL's when DATABASE_URL names one, else SQLite's."""
-    return PostgresEventStore() if settings.USING_POSTGRES else SqliteEventStore()
+    """The process's event store: PostgreSQL's when DATABASE_URL names one, else SQLite's
+    (chosen on first use)."""
+    global _chosen
+    if _chosen is None:
+        _chosen = PostgresEventStore() if settings.USING_POSTGRES else SqliteEventStore()
+    return _chosen

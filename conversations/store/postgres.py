@@ -274,6 +274,7 @@ class PostgresEventStore(EventStore):
 
     async def start_conversation(self, conversation: Conversation, question: dict[str, Any]) -> bool:
         record = {name: getattr(conversation, name) for name in _CONVERSATION_ATTNAMES}
+        record["updated_at"] = record["updated_at"] or conversation.created_at  # auto_now, as a save
         params = {
             "conversation": _json(record),
             "question": _json([{**_MESSAGE_DEFAULTS, "created_at": conversation.created_at, **question}]),
