@@ -9,7 +9,6 @@ run resumed after its log broke ends as a run that never broke.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,7 +31,7 @@ PRINCIPAL = Principal(kind="anonymous", permissions=frozenset({"read", "write"})
 
 
 @pytest.fixture(params=["orm", "postgres"])
-def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[EventStore]:
+def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> EventStore:
     """The backend under test, made the process's event store for the test."""
     if request.param == "postgres" and not settings.USING_POSTGRES:
         pytest.skip("needs DATABASE_URL (PostgreSQL)")

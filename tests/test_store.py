@@ -423,7 +423,7 @@ def test_an_event_row_written_out_holds_every_column_of_the_model() -> None:
     conversation_id = uuid.uuid4()
     event = {"seq": 7, "type": 'odd "type"', "conversation_id": str(conversation_id)}
     row = json.loads(
-        pg_store._event_json(conversation_id, event, event_text(event), "2026-01-01T00:00:00+00:00")
+        pg_store._event_json(str(conversation_id), event, event_text(event), "2026-01-01T00:00:00+00:00")
     )
     columns = {f.column for f in Event._meta.concrete_fields if not f.primary_key}
     assert set(row) == columns

@@ -75,8 +75,8 @@ def _begin(conversation_id: uuid.UUID, exchange: int, now: datetime) -> RunStart
         return RunStart(
             conversation,
             list(messages.values(*BEGIN_MESSAGE_FIELDS)),
-            list(questions.values("exchange", "content")),
-            list(answers.values("exchange", "answer")),
+            [dict(q) for q in questions.values("exchange", "content")],
+            [dict(a) for a in answers.values("exchange", "answer")],
             int(last_seq or 0),
         )
 
