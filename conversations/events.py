@@ -20,12 +20,10 @@ import orjson
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
-from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 from django.db.models import Max
 from django.utils import timezone
-from redis.exceptions import RedisError, ResponseError
-from redis.utils import str_if_bytes
+from redis.exceptions import RedisError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -55,7 +53,7 @@ class _LoopRedis:
     def __init__(self) -> None:
         self.url = ""
         self.client: aioredis.Redis | None = None
-        self.rounds: Rounds[_Send, list[Any]] = Rounds(_send_round)
+        self.rounds: Rounds[_Append, list[Any]] = Rounds(_append_round)
 
 
 _redis: PerLoop[_LoopRedis] = PerLoop(_LoopRedis)
@@ -88,122 +86,59 @@ def _live_message(event: dict[str, Any], text: str) -> dict[str, Any]:
     return {"type": "conversation.event", "event": event, "text": text}
 
 
-def _redis_group_channel(layer: Any, conversation_id: str) -> str | None:
-    """The pub/sub channel that channels_redis's layer PUBLISHes a group_send of this
-    conversation to, when that layer's only Redis is REDIS_URL's (so the event log can publish
-    in its own pipeline); None for any other layer."""
-    if not isinstance(layer, RedisPubSubChannelLayer):
-        return None
-    loop_layer = layer._get_layer()
-    shards = loop_layer._shards
-    if len(shards) != 1 or shards[0].host.get("address") != settings.REDIS_URL:
-        return None
-    return str(loop_layer._get_group_channel_name(group_name(conversation_id)))
-
-
 async def _send(batch: list[dict[str, Any]], texts: list[str]) -> None:
-    """Append stored events to the conversation's Redis Stream and publish them live.
+    """Append stored events to the conversation's Redis Stream, then publish them live.
 
-    With REDIS_URL and the Redis pub/sub layer, one command does both, in order (`_SEND`):
-    XADD under ids `<seq>-0` (trimmed to STREAM_MAXLEN, expiring after STREAM_TTL), then the
-    layer's own PUBLISH of each event (the message a `group_send` would publish); the batches
-    of other conversations ready at the same time share its round trip (`_send_round`).
-    Otherwise the stream append and the layer's `group_send` go separately, as before.
+    The appends of the batches of other conversations ready at the same time share one
+    pipeline (`_append_round`); each event is then published through the channel layer's
+    `group_send`, in order.
     """
-    client = redis_client()
     if not batch:
         return
-    conversation_id = batch[0]["conversation_id"]
-    layer = get_channel_layer()
-    channel = _redis_group_channel(layer, conversation_id) if client is not None else None
-    if client is None or channel is None:
-        await _append_to_stream(batch, texts)
-        for event, text in zip(batch, texts, strict=True):
-            await _publish(event, text)
-        return
-    failed = await _redis.get().rounds.submit((client, layer, channel, batch, texts))
-    if failed:
-        logger.warning(
-            "events not all appended to the Redis Stream or published; replay serves them from the database",
-            extra={"conversation_id": conversation_id, "seq": batch[0]["seq"], "error": repr(failed[0])},
-        )
+    client = redis_client()
+    if client is not None:
+        failed = await _redis.get().rounds.submit((client, batch, texts))
+        if failed:
+            logger.warning(
+                "events not appended to the Redis Stream; replay will serve them from the database",
+                extra={
+                    "conversation_id": batch[0]["conversation_id"],
+                    "seq": batch[0]["seq"],
+                    "error": repr(failed[0]),
+                },
+            )
+    for event, text in zip(batch, texts, strict=True):
+        await _publish(event, text)
 
 
-# A round's item: the client, the channel layer, its pub/sub channel, the batch, its texts.
-_Send = tuple[aioredis.Redis, Any, str, list[dict[str, Any]], list[str]]
-
-
-# One batch's stream append and live publication as one command (a Lua script), in order:
-# KEYS[1] the stream; ARGV: MAXLEN, TTL, the pub/sub channel, then per event its stream id,
-# its text and its layer message. Each command runs under pcall, so a refused XADD (an id the
-# stream already holds: a batch sent again) stops neither the others nor the publication, as
-# in a pipeline; the script returns the refusals' messages. One command instead of 2n + 1
-# cuts the client's CPU per batch by about a third (`bench/parts.py`, docs/scaling.md) for
-# about 13 us more of Redis's; the script's text is sent with each call (EVAL), so a restarted
-# Redis needs no reloading.
-_SEND = """
-local refused = {}
-for i = 4, #ARGV, 3 do
-  local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], ARGV[i], 'e', ARGV[i + 1])
-  if type(added) == 'table' and added.err then refused[#refused + 1] = added.err end
-end
-redis.pcall('EXPIRE', KEYS[1], ARGV[2])
-for i = 6, #ARGV, 3 do
-  redis.pcall('PUBLISH', ARGV[3], ARGV[i])
-end
-return refused
-"""
-
-
-async def _send_round(sends: list[_Send]) -> list[list[Any] | BaseException]:
-    """Every batch of the round appended to its stream and published, one command each (in one
-    pipeline when the round has several); for each batch, its errors."""
-    client = sends[0][0]  # one client per round: the rounds are kept per client
-    config = settings.CONFIG  # read once per round: settings is a lazy proxy
-    commands = []
-    for _, layer, channel, batch, texts in sends:
-        args: list[Any] = [config.STREAM_MAXLEN, config.STREAM_TTL, channel]
-        for event, text in zip(batch, texts, strict=True):
-            args += (f"{event['seq']}-0", text, layer.serialize(_live_message(event, text)))
-        commands.append(("EVAL", _SEND, 1, stream_key(batch[0]["conversation_id"]), *args))
-    results: list[Any]
-    try:
-        if len(commands) == 1:  # a batch alone (an idle process): no pipeline to set up
-            results = [await client.execute_command(*commands[0])]
-        else:
-            async with client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                results = await pipe.execute(raise_on_error=False)
-    except (RedisError, OSError) as exc:  # each batch reports it (a warning), none raises it
-        return [[exc] for _ in sends]
-    return [
-        [result] if isinstance(result, Exception) else [ResponseError(str_if_bytes(r)) for r in result]
-        for result in results
-    ]
+# A round's item: the client, the batch and its texts.
+_Append = tuple[aioredis.Redis, list[dict[str, Any]], list[str]]
 
 
 def _queue_appends(pipe: Any, key: str, batch: list[dict[str, Any]], texts: list[str]) -> None:
+    """XADD events under ids `<seq>-0`, trimmed to STREAM_MAXLEN and expiring after STREAM_TTL."""
     config = settings.CONFIG  # read once per batch: settings is a lazy proxy
     for event, text in zip(batch, texts, strict=True):
         pipe.xadd(key, {"e": text}, id=f"{event['seq']}-0", maxlen=config.STREAM_MAXLEN, approximate=True)
     pipe.expire(key, config.STREAM_TTL)
 
 
-async def _append_to_stream(batch: list[dict[str, Any]], texts: list[str]) -> None:
-    """XADD events under ids `<seq>-0`, trimmed to STREAM_MAXLEN and expiring after STREAM_TTL."""
-    client = redis_client()
-    if client is None or not batch:
-        return
+async def _append_round(appends: list[_Append]) -> list[list[Any] | BaseException]:
+    """Every batch of the round appended to its stream, in one pipeline; for each batch, its
+    errors (a refused XADD: an id the stream holds already, a batch sent again)."""
+    client = appends[0][0]  # one client per round: the rounds are kept per loop, like the client
     try:
         async with client.pipeline(transaction=False) as pipe:
-            _queue_appends(pipe, stream_key(batch[0]["conversation_id"]), batch, texts)
-            await pipe.execute()
-    except (RedisError, OSError) as exc:
-        logger.warning(
-            "events not appended to the Redis Stream; replay will serve them from the database",
-            extra={"conversation_id": batch[0]["conversation_id"], "seq": batch[0]["seq"], "error": str(exc)},
-        )
+            for _, batch, texts in appends:
+                _queue_appends(pipe, stream_key(batch[0]["conversation_id"]), batch, texts)
+            results = await pipe.execute(raise_on_error=False)
+    except (RedisError, OSError) as exc:  # each batch reports it (a warning), none raises it
+        return [[exc] for _ in appends]
+    outcomes: list[list[Any] | BaseException] = []
+    for _, batch, _texts in appends:
+        mine, results = results[: len(batch) + 1], results[len(batch) + 1 :]
+        outcomes.append([r for r in mine if isinstance(r, Exception)])
+    return outcomes
 
 
 async def _publish(event: dict[str, Any], text: str) -> None:

@@ -41,8 +41,7 @@ def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> tuple[aioredis.Redis, 
         return make_pipeline(*args, **kwargs)
 
     async def command(*args: Any, **options: Any) -> Any:
-        if args[0] == "EVAL":
-            trips.append("EVAL")
+        trips.append(str(args[0]))
         return await execute_command(*args, **options)
 
     monkeypatch.setattr(client, "pipeline", pipeline)
@@ -167,31 +166,22 @@ async def test_a_buffered_log_stores_every_event_but_deltas_before_emit_returns(
 
 
 @requires_redis
-async def test_with_redis_a_batch_is_appended_and_published_in_one_round_trip(
+async def test_with_redis_a_batch_is_appended_in_one_round_trip_and_published_through_the_layer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from conversations import events
-
     log = await new_log()
     layer = get_channel_layer()
     channel = await layer.new_channel()
     await layer.group_add(group_name(log.conversation_id), channel)
-    separately: list[dict[str, object]] = []
-
-    async def publish(event: dict[str, object]) -> None:
-        separately.append(event)
-
-    monkeypatch.setattr(events, "_publish", publish)
     client, trips = count_round_trips(monkeypatch)
     emitted = await log.emit("turn_started", turn=1)
     message = await asyncio.wait_for(layer.receive(channel), timeout=5)
-    # The layer's own message, as a group_send would have published it; and in the stream.
+    # The layer's own group_send message; and in the stream.
     assert message["event"] == emitted
     assert json.loads(message["text"]) == emitted
     stored = await client.xrange(stream_key(log.conversation_id))
     assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1]
-    assert trips == ["EVAL"]  # a batch alone: its one command, no pipeline
-    assert separately == []
+    assert trips == ["pipeline"]  # the stream's append: one round trip
 
 
 async def gated_log(monkeypatch: pytest.MonkeyPatch) -> tuple[EventLog, asyncio.Event, list[int]]:
@@ -265,13 +255,15 @@ async def test_batches_of_several_conversations_ready_together_share_one_round_t
     ]
     sends = [asyncio.ensure_future(events._send(b, [json.dumps(e) for e in b])) for b in batches]
     await asyncio.sleep(0)  # every batch is waiting for the round now
-    sends[1].cancel()  # a run cancelled while its batch waits: the round still sends it, and the others
+    sends[1].cancel()  # a run cancelled while its batch waits: the round still appends it, and the others
     await asyncio.gather(*sends, return_exceptions=True)
     assert trips == ["pipeline"]
-    for log, channel in zip(logs, channels, strict=True):
+    for n, (log, channel) in enumerate(zip(logs, channels, strict=True)):
         # Each conversation's events, in order, in its own stream and to its own followers only.
         stored = await client.xrange(stream_key(log.conversation_id))
         assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1, 2]
+        if n == 1:
+            continue  # cancelled before it published: its followers read the stream instead
         received = [await asyncio.wait_for(layer.receive(channel), timeout=5) for _ in range(2)]
         assert [(m["event"]["conversation_id"], m["event"]["seq"]) for m in received] == [
             (str(log.conversation_id), 1),
