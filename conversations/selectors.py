@@ -126,6 +126,86 @@ def conversation_detail(principal: Principal, conversation_id: uuid.UUID) -> dic
     }
 
 
+def _agent_body(m: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "agent_id": m["agent_id"],
+        "response": m["content"],
+        "raw_response": m["raw_content"] or m["content"],
+        "model": m["model"],
+        "temperature": m["temperature"],
+        "provider": m["provider"],
+        "personality": m["personality"],
+        "turn": m["turn"],
+        "position": m["position"] or None,
+        "confidence": m["confidence"],
+        "abstained": m["status"] == Message.Status.ABSTAINED,
+        "position_source": m["position_source"] or None,
+        "repair_calls": m["repair_calls"],
+        "latency_ms": m["latency_ms"],
+        "tokens": {
+            "prompt": m["prompt_tokens"],
+            "completion": m["completion_tokens"],
+            "total": m["prompt_tokens"] + m["completion_tokens"],
+        },
+        "simulated": m["simulated"],
+        "cost_usd": round(m["cost_usd"], 8),
+        "cost_estimated": m["cost_estimated"],
+    }
+
+
+def _consensus_body(result: dict[str, Any] | None, agreement: Any) -> dict[str, Any] | None:
+    if not result:
+        return None
+    details = result["details"]
+    return {
+        "reached": result["reached"],
+        "method": result["method"],
+        "winner": result["winner"] or None,
+        "position": details.get("position", ""),
+        "confidence": result["confidence"],
+        "agreement": agreement,
+        "share": details.get("share"),
+        "margin": details.get("margin"),
+        "tallies": result["tallies"],
+        "tie_break": result["tie_break"] or None,
+        "dissent": result["dissent"],
+    }
+
+
+def _votes_body(votes: list[dict[str, Any]], result: dict[str, Any] | None) -> list[dict[str, Any]]:
+    positions = (result["details"].get("options") or {}) if result else {}
+    return [
+        {
+            "voter": v["voter"],
+            "choice": v["choice"] or None,
+            "position": positions.get(v["choice"], None) if isinstance(positions, dict) else None,
+            "confidence": v["confidence"],
+            "reason": v["reason"],
+        }
+        for v in votes
+    ]
+
+
+def _chat_metadata(conversation: Conversation, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    meta = conversation.metadata
+    return {
+        "status": conversation.status,
+        "duration": conversation.duration,
+        "turns_completed": conversation.turns_completed,
+        "turns_requested": conversation.turns_requested,
+        "num_agents": conversation.num_agents,
+        "early_stop": bool(meta.get("early_stop")),
+        "strategy": meta.get("strategy", "majority"),
+        "simulated": any(m["simulated"] for m in messages),
+        "error": conversation.error or None,
+        "no_consensus_reason": meta.get("no_consensus_reason"),
+        "extra_calls": meta.get("extra_calls") or {"repair": 0, "synthesis": 0},
+        "extra_tokens": meta.get("extra_tokens") or {},
+        "stopped": meta.get("stopped"),
+        "budget": meta.get("budget"),
+    }
+
+
 def chat_body(
     conversation: Conversation,
     exchange: int,
@@ -133,41 +213,12 @@ def chat_body(
     result: dict[str, Any] | None,
     votes: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """The /chat response body from the exchange's rows (`EventStore.exchange_rows`) and its conversation."""
+    """The /chat response body from the exchange's rows (`EventStore.exchange_rows`) and its
+    conversation."""
     final: dict[str, dict[str, Any]] = {}
     for message in messages:
         if message["status"] != Message.Status.FAILED:
             final[message["agent_id"]] = message  # the latest turn wins
-    details = result["details"] if result else {}
-    positions = (details.get("options") or {}) if result else {}
-
-    def agent(m: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "agent_id": m["agent_id"],
-            "response": m["content"],
-            "raw_response": m["raw_content"] or m["content"],
-            "model": m["model"],
-            "temperature": m["temperature"],
-            "provider": m["provider"],
-            "personality": m["personality"],
-            "turn": m["turn"],
-            "position": m["position"] or None,
-            "confidence": m["confidence"],
-            "abstained": m["status"] == Message.Status.ABSTAINED,
-            "position_source": m["position_source"] or None,
-            "repair_calls": m["repair_calls"],
-            "latency_ms": m["latency_ms"],
-            "tokens": {
-                "prompt": m["prompt_tokens"],
-                "completion": m["completion_tokens"],
-                "total": m["prompt_tokens"] + m["completion_tokens"],
-            },
-            "simulated": m["simulated"],
-            "cost_usd": round(m["cost_usd"], 8),
-            "cost_estimated": m["cost_estimated"],
-        }
-
-    tokens = conversation.metadata.get("tokens") or {"prompt": 0, "completion": 0, "total": 0}
     meta = conversation.metadata
     used = meta.get("synthesis_used") or {}
     synthesis = {
@@ -176,66 +227,26 @@ def chat_body(
         "mode": used.get("mode", "representative") if conversation.consensus_result else None,
         "requested": meta.get("synthesis", "representative"),
     }
-    agreement = details.get("agreement", result["confidence"]) if result else None
+    agreement = result["details"].get("agreement", result["confidence"]) if result else None
     return {
         "conversation_id": str(conversation.pk),
         "exchange": exchange,
-        "agent_responses": [agent(m) for _, m in sorted(final.items())],
+        "agent_responses": [_agent_body(m) for _, m in sorted(final.items())],
         "consensus_result": conversation.consensus_result or None,
         "confidence": conversation.confidence,
         "synthesis": synthesis,
         "agreement": agreement,
-        "consensus": (
-            {
-                "reached": result["reached"],
-                "method": result["method"],
-                "winner": result["winner"] or None,
-                "position": details.get("position", ""),
-                "confidence": result["confidence"],
-                "agreement": agreement,
-                "share": details.get("share"),
-                "margin": details.get("margin"),
-                "tallies": result["tallies"],
-                "tie_break": result["tie_break"] or None,
-                "dissent": result["dissent"],
-            }
-            if result
-            else None
-        ),
-        "votes": [
-            {
-                "voter": v["voter"],
-                "choice": v["choice"] or None,
-                "position": positions.get(v["choice"], None) if isinstance(positions, dict) else None,
-                "confidence": v["confidence"],
-                "reason": v["reason"],
-            }
-            for v in votes
-        ],
+        "consensus": _consensus_body(result, agreement),
+        "votes": _votes_body(votes, result),
         "failed_agents": [
             {"agent_id": m["agent_id"], "turn": m["turn"], "error": m["error"], "model": m["model"]}
             for m in messages
             if m["status"] == Message.Status.FAILED
         ],
-        "transcript": [agent(m) for m in messages if m["status"] != Message.Status.FAILED],
-        "usage": tokens,
+        "transcript": [_agent_body(m) for m in messages if m["status"] != Message.Status.FAILED],
+        "usage": meta.get("tokens") or {"prompt": 0, "completion": 0, "total": 0},
         "cost": exchange_cost(conversation, messages),
-        "metadata": {
-            "status": conversation.status,
-            "duration": conversation.duration,
-            "turns_completed": conversation.turns_completed,
-            "turns_requested": conversation.turns_requested,
-            "num_agents": conversation.num_agents,
-            "early_stop": bool(conversation.metadata.get("early_stop")),
-            "strategy": conversation.metadata.get("strategy", "majority"),
-            "simulated": any(m["simulated"] for m in messages),
-            "error": conversation.error or None,
-            "no_consensus_reason": meta.get("no_consensus_reason"),
-            "extra_calls": meta.get("extra_calls") or {"repair": 0, "synthesis": 0},
-            "extra_tokens": meta.get("extra_tokens") or {},
-            "stopped": conversation.metadata.get("stopped"),
-            "budget": conversation.metadata.get("budget"),
-        },
+        "metadata": _chat_metadata(conversation, messages),
     }
 
 

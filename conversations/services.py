@@ -11,71 +11,35 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.utils import timezone
 
 from agents.budget import Budget
-from agents.orchestrator import AgentResult, Orchestrator, RunOutcome, extra_calls, usage_dict
+from agents.orchestrator import Orchestrator, RunOutcome
 from agents.profiles import build_panel
-from agents.providers.base import Usage
 from agents.synthesis import default_mode
-from consensus import Proposal, parse_reply
 from conversations import budget as admission
 from conversations import liveness
-from conversations.assessment import aassess, apanel_weights
-from conversations.events import EventLog, EventLogBroken, has_watchers, in_pool_thread
+from conversations.assessment import apanel_weights
+from conversations.begin import _abegin, _Begun, _mark_running
+from conversations.begin import rehearse_run as rehearse_run  # the warm-up's rehearsal
+from conversations.errors import ConversationBusy, ConversationNotFound, ConversationRefused
+from conversations.errors import ConversationError as ConversationError  # the services' errors
+from conversations.events import EventLog, EventLogBroken
+from conversations.finish import _finish, _finish_cancelled
 from conversations.models import Conversation, Message
-from conversations.signals import conversation_completed
-from conversations.store import Rows, event_store
+from conversations.recorder import RunRecorder, _watched_by
+from conversations.store import event_store
 from gateway import quota
 from gateway.principal import Principal
-from telemetry.errors import arecord_error
-from telemetry.metrics import CONVERSATIONS
 
 logger = logging.getLogger("polyagents.conversations")
 
 TITLE_CHARS = 200
-
-# Fire-and-forget work (search indexing) is kept referenced until it finishes.
-_BACKGROUND: set[asyncio.Task[Any]] = set()
-
-
-def _in_background(coro: Any) -> None:
-    task = asyncio.ensure_future(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-
-
-class ConversationError(Exception):
-    code = "conversation_error"
-    status_code = 400
-
-
-class ConversationNotFound(ConversationError):
-    code = "not_found"
-    status_code = 404
-
-
-class ConversationBusy(ConversationError):
-    code = "conversation_running"
-    status_code = 409
-
-
-class ConversationRefused(ConversationError):
-    """Refused before it starts: a budget too small for one round (422), a used-up quota (429)."""
-
-    def __init__(self, refusal: admission.AdmissionRefused) -> None:
-        super().__init__(str(refusal))
-        self.code = refusal.code
-        self.status_code = refusal.status_code
-        self.extra = refusal.extra
 
 
 def _can_access(principal: Principal, conversation: Conversation) -> bool:
@@ -267,189 +231,34 @@ async def conversation_cancel(*, conversation_id: uuid.UUID) -> None:
         await liveness.push_cancel(conversation_id)
 
 
-class RunRecorder:
-    """Stores what each orchestrator event means, then appends it to the event log."""
-
-    def __init__(self, conversation: Conversation, exchange: int, log: EventLog) -> None:
-        self.conversation = conversation
-        self.exchange = exchange
-        self.log = log
-        self.personality: dict[str, str] = {}  # agent_id -> personality, filled at start
-
-    async def __call__(self, type: str, **data: Any) -> dict[str, Any]:
-        handler = getattr(self, f"_on_{type}", None)
-        if handler is not None:
-            await handler(data)
-        return await self.log.emit(type, exchange=self.exchange, **data)
-
-    async def _on_agent_response(self, data: dict[str, Any]) -> None:
-        tokens = data.get("tokens") or {}
-        await self._store_message(
-            agent_id=data["agent_id"],
-            turn=data["turn"],
-            content=data["content"],
-            raw_content=data.get("raw_content") or "",
-            position=data.get("position") or "",
-            position_source=data.get("position_source") or "",
-            repair_calls=data.get("repair_calls") or 0,
-            confidence=data.get("confidence"),
-            status=Message.Status.ABSTAINED if data.get("abstained") else Message.Status.OK,
-            provider=data.get("provider", ""),
-            model=data.get("model", ""),
-            temperature=data.get("temperature"),
-            personality=data.get("personality", ""),
-            simulated=bool(data.get("simulated")),
-            latency_ms=data.get("latency_ms"),
-            prompt_tokens=tokens.get("prompt", 0),
-            completion_tokens=tokens.get("completion", 0),
-            repair_prompt_tokens=(data.get("repair_tokens") or {}).get("prompt", 0),
-            repair_completion_tokens=(data.get("repair_tokens") or {}).get("completion", 0),
-            cost_usd=data.get("cost_usd") or 0.0,
-            cost_estimated=bool(data.get("cost_estimated")),
-        )
-
-    async def _on_agent_error(self, data: dict[str, Any]) -> None:
-        await arecord_error(
-            "agent_call",
-            f"{data.get('kind', 'unknown')}: {data.get('error', '')}",
-            agent_id=data["agent_id"],
-            model=data.get("model", ""),
-            provider=data.get("provider", ""),
-            conversation_id=str(self.conversation.pk),
-        )
-        await self._store_message(
-            agent_id=data["agent_id"],
-            turn=data["turn"],
-            status=Message.Status.FAILED,
-            error=f"{data.get('kind', 'unknown')}: {data.get('error', '')}"[:2000],
-            provider=data.get("provider", ""),
-            model=data.get("model", ""),
-            personality=self.personality.get(data["agent_id"], ""),
-        )
-
-    async def _store_message(self, **fields: Any) -> None:
-        # Written with the event that announces it, in one transaction (a stored one is kept).
-        self.log.stage_message({"exchange": self.exchange, "role": Message.Role.AGENT, **fields})
-
-    async def _on_turn_completed(self, data: dict[str, Any]) -> None:
-        self.log.stage_conversation(turns_completed=data["turn"], heartbeat_at=timezone.now())
-
-    async def _on_vote(self, data: dict[str, Any]) -> None:
-        self.log.stage_vote(
-            {
-                "exchange": self.exchange,
-                "voter": data["voter"],
-                "choice": data.get("choice") or "",
-                "confidence": data.get("confidence"),
-                "reason": (data.get("reason") or "")[:2000],
-            }
-        )
-
-
-def _prior(messages: list[dict[str, Any]]) -> tuple[str, dict[int, dict[str, AgentResult]]]:
-    """The exchange's question and the answers its earlier attempts stored, by turn and agent."""
-    question = ""
-    prior: dict[int, dict[str, AgentResult]] = {}
-    for m in messages:
-        if m["role"] == Message.Role.USER:
-            question = m["content"]
-            continue
-        ok = m["status"] != Message.Status.FAILED
-        proposal = None
-        if m["status"] == Message.Status.OK and m["raw_content"] and m["position"]:
-            # Stored with its parsed position (a structured or repaired reply may not parse as text).
-            proposal = Proposal(m["agent_id"], m["content"], m["position"], m["confidence"])
-        elif ok and not m["raw_content"]:
-            proposal = parse_reply(m["agent_id"], m["content"])  # a row from before raw_content
-        prior.setdefault(m["turn"], {})[m["agent_id"]] = AgentResult(
-            agent_id=m["agent_id"],
-            turn=m["turn"],
-            ok=ok,
-            text=m["raw_content"] or m["content"],
-            proposal=proposal,
-            answer=m["content"] if m["raw_content"] else "",
-            position_source=m["position_source"],
-            repair_calls=m["repair_calls"],
-            repair_usage=Usage(m["repair_prompt_tokens"], m["repair_completion_tokens"]),
-            model=m["model"],
-            provider=m["provider"],
-            temperature=m["temperature"] or 0.0,
-            latency_ms=m["latency_ms"] or 0.0,
-            usage=Usage(m["prompt_tokens"], m["completion_tokens"]),
-            simulated=m["simulated"],
-            error=m["error"],
-            error_kind=m["error"].split(":", 1)[0] if m["error"] else "",
-        )
-    return question, prior
-
-
-def _history(questions: dict[int, str], answers: dict[int, str]) -> list[tuple[str, str]]:
-    """Earlier exchanges as (question, answer), oldest first (no answer: an empty one)."""
-    return [(questions[n], answers.get(n, "")) for n in sorted(questions)]
-
-
-@dataclass
-class _Begun:
-    conversation: Conversation
-    question: str = ""
-    prior: dict[int, dict[str, AgentResult]] = field(default_factory=dict)
-    history: list[tuple[str, str]] = field(default_factory=list)
-    last_seq: int = 0
-
-
-def _mark_running(conversation: Conversation, now: datetime) -> None:
-    """The fields a run's begin sets (not saved)."""
-    conversation.status = Conversation.Status.RUNNING
-    conversation.started_at = conversation.started_at or now
-    conversation.heartbeat_at = now
-
-
-async def _abegin(conversation_id: uuid.UUID, exchange: int) -> _Begun:
-    """Mark the run running and read what it starts from (`EventStore.begin_run`). A missing
-    conversation raises DoesNotExist, a stale exchange ConversationError; a finished one is
-    returned as it is."""
-    read = await event_store().begin_run(conversation_id, exchange, timezone.now())
-    if read is not None:
-        question, prior = _prior(read.messages)
-        asked = {q["exchange"]: q["content"] for q in read.questions}
-        history = _history(asked, {a["exchange"]: a["answer"] for a in read.answers})
-        return _Begun(read.conversation, question, prior, history, read.last_seq)
-    conversation = await Conversation.objects.aget(pk=conversation_id)
-    if exchange != conversation.exchanges or not conversation.is_terminal:
-        raise ConversationError(f"exchange {exchange} is not the current one ({conversation.exchanges})")
-    return _Begun(conversation)
-
-
-async def rehearse_run() -> None:
-    """A run's calls on the event store, once, for a throwaway conversation: its start, its
-    begin, a batch with a message, a ballot, a result and an event, and the /chat body's read
-    (the warm-up of a process runs it and rolls it back: `EventStore.warm_up`)."""
-    conversation_id, now = uuid.uuid4(), timezone.now()
-    one = {"conversation_id": conversation_id, "exchange": 1}
-    conversation = Conversation(id=conversation_id, exchanges=1, created_at=now, updated_at=now)
-    store = event_store()
-    await store.start_conversation(conversation, {**one, "role": Message.Role.USER, "content": "warm-up"})
-    await store.begin_run(conversation_id, 1, now)
-    rows = Rows(
-        messages=[{**one, "role": Message.Role.AGENT, "agent_id": "a", "turn": 1}],
-        votes=[{**one, "voter": "a", "choice": "A"}],
-        result={**one, "method": "majority"},
-        conversation={"turns_completed": 1},
+async def _orchestrator(begun: _Begun, recorder: RunRecorder, *, stream_when_watched: bool) -> Orchestrator:
+    """The panel's orchestrator for the run, once the run has announced itself."""
+    config, conversation = settings.CONFIG, begun.conversation
+    panel = build_panel(conversation.num_agents)
+    recorder.personality = {p.agent_id: p.personality for p in panel}
+    await recorder(
+        "conversation_started",
+        question=begun.question,
+        num_agents=len(panel),
+        turns=conversation.turns_requested,
+        agents=[p.describe() for p in panel],
+        resumed=bool(begun.prior),
     )
-    event = {"type": "warm_up", "conversation_id": str(conversation_id), "seq": 1}
-    await store.write_batch(conversation_id, [event], rows, now)
-    await store.exchange_rows(conversation_id, 1)
-
-
-def _watched_by(log: EventLog) -> Callable[[], Awaitable[bool]]:
-    """Asked before each round of a /chat run: whether a WebSocket follows the conversation.
-    The log learns it too: while no one watches, agents' responses need not wait for their batch."""
-
-    async def watched() -> bool:
-        log.watched = await has_watchers(log.conversation_id)
-        return log.watched
-
-    return watched
+    return Orchestrator(
+        panel=panel,
+        question=begun.question,
+        turns=conversation.turns_requested,
+        emit=recorder,
+        history=begun.history,
+        strategy=conversation.metadata.get("strategy", "majority"),
+        deadline_seconds=config.CONVERSATION_DEADLINE,
+        max_output_tokens=config.MAX_OUTPUT_TOKENS,
+        prior=begun.prior,
+        synthesis=conversation.metadata.get("synthesis") or default_mode(),
+        budget=admission.run_budget(conversation.metadata),
+        vote_weights=await apanel_weights(panel),
+        watched=_watched_by(recorder.log) if stream_when_watched else None,
+    )
 
 
 async def conversation_run(
@@ -476,37 +285,10 @@ async def conversation_run(
     conversation = begun.conversation
     if conversation.is_terminal:
         return conversation
-    config = settings.CONFIG
-    question, prior, history = begun.question, begun.prior, begun.history
-    panel = build_panel(conversation.num_agents)
     log = EventLog(conversation.pk, begun.last_seq, buffered=True)
     recorder = RunRecorder(conversation, exchange, log)
-    recorder.personality = {p.agent_id: p.personality for p in panel}
     started = time.monotonic()
-    resumed = bool(prior)
-    await recorder(
-        "conversation_started",
-        question=question,
-        num_agents=len(panel),
-        turns=conversation.turns_requested,
-        agents=[p.describe() for p in panel],
-        resumed=resumed,
-    )
-    orchestrator = Orchestrator(
-        panel=panel,
-        question=question,
-        turns=conversation.turns_requested,
-        emit=recorder,
-        history=history,
-        strategy=conversation.metadata.get("strategy", "majority"),
-        deadline_seconds=config.CONVERSATION_DEADLINE,
-        max_output_tokens=config.MAX_OUTPUT_TOKENS,
-        prior=prior,
-        synthesis=conversation.metadata.get("synthesis") or default_mode(),
-        budget=admission.run_budget(conversation.metadata),
-        vote_weights=await apanel_weights(panel),
-        watched=_watched_by(log) if stream_when_watched else None,
-    )
+    orchestrator = await _orchestrator(begun, recorder, stream_when_watched=stream_when_watched)
     run = asyncio.ensure_future(orchestrator.run())
     pulse = liveness.pulse()  # this process's one heartbeat for all its runs, and cancel pushes
     pulse.add(conversation.pk, run)
@@ -530,165 +312,3 @@ async def conversation_run(
     finally:
         pulse.discard(conversation.pk, run)
     return await _finish(conversation.pk, exchange, recorder, outcome, time.monotonic() - started)
-
-
-async def _finish_cancelled(
-    conversation_id: uuid.UUID, exchange: int, recorder: RunRecorder, duration: float
-) -> Conversation:
-    reservation = await admission.asettle_stored(recorder.conversation, exchange)
-    if reservation:
-        metadata = {**recorder.conversation.metadata, "quota": reservation}
-        await Conversation.objects.filter(pk=conversation_id).aupdate(metadata=metadata)
-    await Conversation.objects.filter(pk=conversation_id).aupdate(
-        status=Conversation.Status.CANCELLED,
-        error="cancelled by request",
-        completed_at=timezone.now(),
-        duration=round(duration, 3),
-    )
-    CONVERSATIONS.labels("cancelled").inc()
-    await recorder(
-        "conversation_failed", status="cancelled", reason="cancelled by request", duration=round(duration, 3)
-    )
-    return await Conversation.objects.aget(pk=conversation_id)
-
-
-# What a finished run sets on its conversation (the event log keeps `last_seq` current meanwhile).
-FINAL_FIELDS = (
-    "status", "turns_completed", "consensus_result", "confidence", "error", "duration",
-    "completed_at", "prompt_tokens", "completion_tokens", "metadata", "updated_at", "cost_usd",
-)  # fmt: skip
-
-
-def _settle_and_save(conversation: Conversation, tokens: int, usd: float) -> None:
-    """Charge the exchange's spend to the key's quota, then store the finished conversation."""
-    admission.settle(conversation, tokens=tokens, usd=usd)  # settles metadata["quota"] in place
-    conversation.save(update_fields=list(FINAL_FIELDS))
-
-
-async def _finish(
-    conversation_id: uuid.UUID, exchange: int, recorder: RunRecorder, outcome: RunOutcome, duration: float
-) -> Conversation:
-    duration = round(duration, 3)
-    tokens = usage_dict(outcome.usage)
-    assessment = await aassess(outcome)
-    decision = outcome.decision
-    details = decision.to_dict() if decision is not None else {}
-    result: dict[str, Any] | None = None
-    if decision is not None and assessment is not None:
-        result = {
-            "method": decision.method,
-            "reached": decision.reached,
-            "winner": decision.winner or "",
-            "answer": outcome.answer if decision.reached else "",
-            "confidence": assessment.confidence,
-            "tie_break": decision.tie_break or "",
-            "tallies": decision.tallies,
-            "dissent": details.get("dissent", []),
-            "details": {
-                **details,
-                "position": decision.winner_position,
-                "options": outcome.options,
-                "leading_answer": outcome.answer,
-                "synthesis": outcome.synthesis,
-                "confidence": assessment.confidence,
-                "agreement": assessment.agreement,
-                "margin": assessment.margin,
-                "calibration": assessment.details,
-            },
-        }
-    if result is not None:
-        # Written with the consensus_reached event below, in that batch's transaction.
-        recorder.log.stage_result({"exchange": exchange, **result})
-    # The instance the run began with (_begin): only this run writes its final fields.
-    conversation = recorder.conversation
-    if decision is not None and assessment is not None:
-        await recorder(
-            "consensus_reached",
-            consensus=outcome.answer if decision.reached else None,
-            position=decision.winner_position,
-            reached=decision.reached,
-            confidence=round(assessment.confidence, 4),
-            agreement=round(assessment.agreement, 4),
-            share=round(assessment.share, 4),
-            margin=round(assessment.margin, 4),
-            method=decision.method,
-            winner=decision.winner,
-            tallies=decision.tallies,
-            tie_break=decision.tie_break,
-            dissent=details.get("dissent", []),
-            synthesis=outcome.synthesis.get("mode"),
-        )
-    status = outcome.status
-    conversation.status = status
-    conversation.turns_completed = outcome.turns_completed
-    conversation.consensus_result = outcome.answer if status == "completed" else ""
-    conversation.confidence = assessment.confidence if assessment is not None else None
-    conversation.error = outcome.reason
-    conversation.duration = duration
-    conversation.completed_at = timezone.now()
-    conversation.prompt_tokens += outcome.usage.prompt_tokens
-    conversation.completion_tokens += outcome.usage.completion_tokens
-    conversation.cost_usd += outcome.cost.usd
-    usd = outcome.cost.usd
-    reservation = conversation.metadata.get("quota")
-    conversation.metadata = {
-        **conversation.metadata,
-        "early_stop": outcome.early_stop,
-        "vote_round": outcome.vote_round,
-        "tokens": tokens,
-        "synthesis_used": outcome.synthesis,
-        "extra_calls": extra_calls(outcome.results, outcome.synthesis),
-        "extra_tokens": {
-            "repair": usage_dict(outcome.repair_usage),
-            "synthesis": usage_dict(outcome.synthesis_usage),
-        },
-        "no_consensus_reason": outcome.cause or None,
-        **({"retry_after": outcome.retry_after} if outcome.retry_after else {}),
-        "cost": outcome.cost.fields(),
-        "stopped": outcome.stopped,
-        "stop_estimate": outcome.stop_estimate,
-        "quota": reservation,
-    }
-    if not admission.holds_reservation(conversation):
-        # No quota to charge in the database: the finished conversation is written with its
-        # terminal event, in that batch's transaction (no separate save).
-        admission.settle(conversation, tokens=outcome.usage.total_tokens, usd=usd)  # counters only
-        conversation.updated_at = timezone.now()
-        recorder.log.stage_conversation(**{name: getattr(conversation, name) for name in FINAL_FIELDS})
-    else:
-        await in_pool_thread(_settle_and_save, conversation, outcome.usage.total_tokens, usd)
-    CONVERSATIONS.labels(status).inc()
-    if status == "failed":
-        await arecord_error("chat_conversation", outcome.reason, conversation_id=str(conversation_id))
-        await recorder(
-            "conversation_failed",
-            status=status,
-            reason=outcome.reason,
-            retry_after=outcome.retry_after,
-            duration=duration,
-            turns_completed=outcome.turns_completed,
-            tokens=tokens,
-            **outcome.cost.fields(),
-        )
-    else:
-        await recorder(
-            "conversation_completed",
-            status=status,
-            duration=duration,
-            turns_completed=outcome.turns_completed,
-            early_stop=outcome.early_stop,
-            tokens=tokens,
-            confidence=conversation.confidence,
-            reason=outcome.reason or None,
-            no_consensus_reason=outcome.cause or None,
-            **outcome.cost.fields(),
-            stopped=outcome.stopped,
-        )
-        # After the terminal event: its batch stored the conversation's final state.
-        _in_background(
-            conversation_completed.asend_robust(
-                sender=Conversation, conversation_id=conversation_id, status=status
-            )
-        )
-    conversation.last_seq = recorder.log.last_seq
-    return conversation
