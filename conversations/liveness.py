@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import uuid
 from typing import Any
 
@@ -29,6 +28,7 @@ from redis.exceptions import RedisError
 
 from conversations.events import in_pool_thread, redis_client
 from conversations.models import Conversation
+from loopstate import PerLoop
 
 logger = logging.getLogger("polyagents.conversations")
 
@@ -37,8 +37,7 @@ HEARTBEAT_SECONDS = 2.0
 # after another keeps one Redis subscription instead of subscribing again for each.
 IDLE_BEATS = 15
 
-_pulses: dict[asyncio.AbstractEventLoop, Pulse] = {}
-_pulses_lock = threading.Lock()
+_pulses: PerLoop[Pulse] = PerLoop(lambda: Pulse(asyncio.get_running_loop()))
 
 
 def cancel_channel() -> str:
@@ -133,20 +132,12 @@ class Pulse:
 
 def pulse() -> Pulse:
     """The pulse of the running event loop (created on first use)."""
-    loop = asyncio.get_running_loop()
-    with _pulses_lock:
-        for closed in [other for other in _pulses if other.is_closed()]:
-            del _pulses[closed]
-        found = _pulses.get(loop)
-        if found is None:
-            found = _pulses[loop] = Pulse(loop)
-    return found
+    return _pulses.get()
 
 
 def _cancel_local(conversation_id: uuid.UUID) -> None:
     """Cancel the run wherever it runs in this process (any event loop)."""
-    with _pulses_lock:
-        pulses = [p for p in _pulses.values() if not p.loop.is_closed()]
+    pulses = [p for _loop, p in _pulses.values()]
     current = asyncio.get_running_loop()
     for p in pulses:
         if conversation_id in p.runs:

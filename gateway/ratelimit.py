@@ -10,12 +10,10 @@ a failure Redis is not tried again, so an unreachable server costs no timeout pe
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -24,6 +22,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from django.core.cache import cache
 
+from loopstate import PerLoop
 from telemetry.metrics import RATE_LIMIT_BACKEND_ERRORS
 
 logger = logging.getLogger("polyagents.ratelimit")
@@ -120,14 +119,13 @@ def _redis(url: str) -> tuple[redis.Redis, redis.commands.core.Script]:
     return conn, conn.register_script(TOKEN_BUCKET_LUA)
 
 
-_async_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[str, redis.commands.core.AsyncScript]
-] = weakref.WeakKeyDictionary()
+# One async client per event loop and URL (redis.asyncio pools are per loop).
+_async_scripts: PerLoop[dict[str, redis.commands.core.AsyncScript]] = PerLoop(dict)
 
 
 def _ascript(url: str) -> redis.commands.core.AsyncScript:
     """The bucket script bound to one async client per event loop (redis.asyncio pools are per loop)."""
-    per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    per_loop = _async_scripts.get()
     if url not in per_loop:
         conn = aioredis.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT

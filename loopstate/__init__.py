@@ -17,10 +17,13 @@ T = TypeVar("T")
 
 
 class PerLoop(Generic[T]):
-    """Builds a value lazily for each event loop and forgets it when the loop is collected."""
+    """Builds a value lazily for each event loop and forgets it when the loop is collected or,
+    for a value that holds its loop, once the loop has closed (at the next value built)."""
 
-    def __init__(self, factory: Callable[[], T]) -> None:
+    def __init__(self, factory: Callable[[], T], *, on_closed: Callable[[T], None] | None = None) -> None:
+        """`on_closed(value)` lets go of what a value of a closed loop holds (it cannot await)."""
         self._factory = factory
+        self._on_closed = on_closed
         self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
@@ -30,6 +33,7 @@ class PerLoop(Generic[T]):
         with self._lock:
             value = self._values.get(loop)
             if value is None:
+                self._forget_closed()
                 value = self._values[loop] = self._factory()
             return value
 
@@ -45,6 +49,13 @@ class PerLoop(Generic[T]):
             return self._values.pop(loop, None)
 
     def values(self) -> list[tuple[asyncio.AbstractEventLoop, T]]:
-        """Every loop's value, with its loop (a loop may have closed since)."""
+        """Every open loop's value, with its loop."""
         with self._lock:
+            self._forget_closed()
             return list(self._values.items())
+
+    def _forget_closed(self) -> None:
+        for closed in [loop for loop in self._values if loop.is_closed()]:
+            value = self._values.pop(closed)
+            if self._on_closed is not None:
+                self._on_closed(value)

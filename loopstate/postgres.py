@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -40,14 +41,22 @@ LOST: tuple[type[BaseException], ...] = (
 
 @dataclass
 class _Slot:
-    """The running loop's pool, the conninfo it was opened with and the task opening it."""
+    """The running loop's pool, the conninfo it was opened with, the task opening it, and the
+    connections it made."""
 
     conninfo: str = ""
     pool: psycopg_pool.AsyncConnectionPool | None = None
     opening: asyncio.Task[None] | None = None
+    connections: weakref.WeakSet[psycopg.AsyncConnection[Any]] = field(default_factory=weakref.WeakSet)
 
 
-_slots: PerLoop[_Slot] = PerLoop(_Slot)
+def _end_connections(slot: _Slot) -> None:
+    """A closed loop's pool can no longer be closed: end its connections (tests, async_to_sync)."""
+    for conn in list(slot.connections):
+        conn.pgconn.finish()
+
+
+_slots: PerLoop[_Slot] = PerLoop(_Slot, on_closed=_end_connections)
 _closing: set[asyncio.Task[None]] = set()
 # The connection every statement of this context runs on (`on_every_connection`), else None.
 _pinned: contextvars.ContextVar[Any] = contextvars.ContextVar("polyagents_pg_pinned", default=None)
@@ -67,16 +76,20 @@ def _conninfo() -> str:
     return make_conninfo("", **{k: v for k, v in params.items() if v})
 
 
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    """A new connection reads JSON columns (a run's begin, a /chat body) with orjson."""
-    set_json_loads(orjson.loads, conn)
+def _configure(slot: _Slot) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        """A new connection reads JSON columns (a run's begin, a /chat body) with orjson."""
+        set_json_loads(orjson.loads, conn)
+        slot.connections.add(conn)
+
+    return configure
 
 
 def _opened(opening: asyncio.Task[None] | None) -> bool:
     return opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None
 
 
-def _new_pool(conninfo: str) -> psycopg_pool.AsyncConnectionPool:
+def _new_pool(conninfo: str, slot: _Slot) -> psycopg_pool.AsyncConnectionPool:
     return psycopg_pool.AsyncConnectionPool(
         conninfo,
         # All opened at once (in the background): a pool that grows under load connects while
@@ -86,7 +99,7 @@ def _new_pool(conninfo: str) -> psycopg_pool.AsyncConnectionPool:
         open=False,
         timeout=10,
         name="polyagents-events",
-        configure=_configure,
+        configure=_configure(slot),
         # The name is visible in pg_stat_activity; autocommit makes each statement its own
         # transaction; UTC, so datetimes read back are the ORM's.
         kwargs={"application_name": "polyagents-events", "autocommit": True, "options": "-c TimeZone=UTC"},
@@ -103,7 +116,7 @@ async def pool() -> psycopg_pool.AsyncConnectionPool:
     if slot.pool is None or slot.conninfo != conninfo or failed:
         if slot.pool is not None:
             _close_later(slot.pool)  # never opened (the database was away), or another database
-        slot.conninfo, slot.pool = conninfo, _new_pool(conninfo)
+        slot.conninfo, slot.pool = conninfo, _new_pool(conninfo, slot)
         slot.opening = asyncio.get_running_loop().create_task(slot.pool.open(wait=True, timeout=10))
     assert slot.opening is not None
     assert slot.pool is not None
