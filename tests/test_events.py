@@ -179,9 +179,9 @@ async def test_with_redis_a_batch_is_appended_in_one_round_trip_and_published_th
     # The layer's own group_send message; and in the stream.
     assert message["event"] == emitted
     assert json.loads(message["text"]) == emitted
+    assert trips == ["pipeline"]  # the stream's append: one round trip
     stored = await client.xrange(stream_key(log.conversation_id))
     assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1]
-    assert trips == ["pipeline"]  # the stream's append: one round trip
 
 
 async def gated_log(monkeypatch: pytest.MonkeyPatch) -> tuple[EventLog, asyncio.Event, list[int]]:
