@@ -25,6 +25,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from conversations.events import in_pool_thread, redis_client
 from conversations.models import Conversation
@@ -111,23 +112,40 @@ class Pulse:
         self._stop()
 
     async def _listen(self) -> None:
-        """Cancel pushes from any process, until the pulse stops; reconnects after an error."""
-        delay = 0.5
+        """Cancel pushes from any process, until the pulse stops. A lost subscription is made
+        again at once; a Redis that refuses is tried again with a growing back-off."""
         while settings.REDIS_URL:
-            client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
-            try:
-                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(cancel_channel())
-                    delay = 0.5
-                    async for message in pubsub.listen():
-                        with contextlib.suppress(ValueError, AttributeError):
-                            self.cancel(uuid.UUID(message["data"].decode()))
-            except (RedisError, OSError) as exc:
-                logger.warning("cancel listener lost Redis; reconnecting", extra={"error": repr(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            finally:
-                await client.aclose()
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((RedisError, OSError)),
+                wait=wait_exponential(multiplier=0.5, max=10.0),
+                before_sleep=_reconnecting,
+            ):
+                with attempt:
+                    await self._subscribed()
+
+    async def _subscribed(self) -> None:
+        """Follow the cancel channel until the connection is lost (an error before the
+        subscription is made is raised: the caller waits, then tries again)."""
+        client = aioredis.Redis.from_url(settings.REDIS_URL or "", socket_connect_timeout=2)
+        subscribed = False
+        try:
+            async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                await pubsub.subscribe(cancel_channel())
+                subscribed = True
+                async for message in pubsub.listen():
+                    with contextlib.suppress(ValueError, AttributeError):
+                        self.cancel(uuid.UUID(message["data"].decode()))
+        except (RedisError, OSError) as exc:
+            if not subscribed:
+                raise
+            logger.warning("cancel listener lost Redis; reconnecting", extra={"error": repr(exc)})
+        finally:
+            await client.aclose()
+
+
+def _reconnecting(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    logger.warning("cancel listener cannot reach Redis; retrying", extra={"error": repr(error)})
 
 
 def pulse() -> Pulse:
