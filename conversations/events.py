@@ -235,13 +235,12 @@ class EventLog:
     batch instead of one round trip each, and a decision goes in the batch of its terminal
     event. Every other event waits for its batch, because it stands beside a stored row (an
     agent's message) that a resumed run reuses without emitting again. (Not waiting for an
-    agent's response halves a conversation's batches at zero latency, but the next turn's calls
-    then take the CPU before the responses are published: `bench/live.py`'s p99 rose two- to
-    threefold, docs/scaling.md phase J.) Unless nobody watches: a run that knows no one follows
-    it live (`watched` false: a /chat round without a WebSocket subscriber) does not wait for
-    its responses either, as publishing them sooner serves no one; each goes with its message
-    row in the writer's next batch, and a resumed run asks again an agent whose answer was not
-    stored (docs/scaling.md, phase K). If the process dies,
+    agent's response would let the next turn's calls take the CPU before the responses are
+    published, delaying them for live followers: `bench/live.py`'s p99.) Unless nobody
+    watches: a run that knows no one follows it live (`watched` false: a /chat round without a
+    WebSocket subscriber) does not wait for its responses either, as publishing them sooner
+    serves no one; each goes with its message row in the writer's next batch, and a resumed
+    run asks again an agent whose answer was not stored. If the process dies,
     only events of the buffered kinds written in its last milliseconds can be lost, and none
     of them is needed to resume: each delta is superseded by its `agent_response`, a resumed
     run announces itself and its turn again, `consensus_update` is an interim figure, a
