@@ -35,6 +35,7 @@ from consensus import (
 )
 from consensus.calibration import MIN_LABELLED, is_binary
 from consensus.records import Decision
+from conversations.models import ConsensusResult, Feedback, Message
 
 logger = logging.getLogger("polyagents.quality")
 T = TypeVar("T")
@@ -52,8 +53,6 @@ def model_key(provider: str, model: str) -> str:
 
 def load_reliabilities() -> Reliabilities:
     """EM fit over the first-turn answers of the latest exchanges (no labels)."""
-    from conversations.models import Message
-
     rows = (
         Message.objects.filter(role=Message.Role.AGENT, turn=1, status=Message.Status.OK)
         .exclude(position="")
@@ -117,8 +116,6 @@ def _shared_reliabilities() -> Reliabilities:
 
 def load_recalibration() -> PlattScaling:
     """Platt fit on (raw probability, feedback) of every exchange with feedback."""
-    from conversations.models import ConsensusResult, Feedback
-
     labels = {(f.conversation_id, f.exchange): f.correct for f in Feedback.objects.all()[:10_000]}
     if len(labels) < MIN_LABELLED:
         return PlattScaling(labelled=len(labels))

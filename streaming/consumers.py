@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from conversations.events import group_name, in_pool_thread, read_events
 from conversations.models import Conversation
+from conversations.services import conversation_cancel
 from gateway.admission import admission_read
 from gateway.auth import ANONYMOUS, AuthError, as_api_key, authenticate_bearer
 from gateway.blocking import is_blocked
@@ -330,8 +331,6 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             if not self.principal.has("write"):
                 await self.send_json({"type": "error", "code": "forbidden", "detail": "cancel needs write"})
                 return
-            from conversations.services import conversation_cancel
-
             await conversation_cancel(conversation_id=self.conversation_id)
             await self.send_json({"type": "cancel_requested", "conversation_id": str(self.conversation_id)})
         else:

@@ -28,6 +28,7 @@ from django.db import DatabaseError
 from agents.orchestrator import Orchestrator, RunOutcome
 from agents.profiles import build_panel
 from agents.providers.registry import aclose_providers, register_provider, reset_providers
+from agents.providers.simulated import QuizConfig, SimulatedProvider
 from consensus import STRATEGIES, Reliabilities, fit_reliabilities, normalize_answer, posterior
 from consensus.calibration import calibration_errors
 from conversations.assessment import first_turn_answers, reliabilities
@@ -120,8 +121,6 @@ class Command(BaseCommand):
                 raise CommandError("--quiz-accuracy must be between 0 and 1")
             if any(p.provider != "simulated" for p in panel):
                 raise CommandError("--quiz-accuracy needs a panel of simulated agents")
-            from agents.providers.simulated import QuizConfig, SimulatedProvider
-
             quiz = QuizConfig(accuracy=accuracy, answers={i.question: i.answer for i in items})
             reset_providers()
             register_provider("simulated", SimulatedProvider(latency=config.SIMULATED_LATENCY, quiz=quiz))
