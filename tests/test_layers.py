@@ -41,4 +41,4 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
     )
     result = _lint(config)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "conversations.services -> consensus" in result.stdout
+    assert "conversations.begin -> consensus" in result.stdout
