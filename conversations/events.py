@@ -81,17 +81,17 @@ def redis_client() -> aioredis.Redis | None:
     return slot.client
 
 
-def _live_message(event: dict[str, Any], text: str) -> dict[str, Any]:
-    # `text` is the event as every follower receives it, serialised once, not per socket.
-    return {"type": "conversation.event", "event": event, "text": text}
+def _live_message(batch: list[dict[str, Any]], texts: list[str]) -> dict[str, Any]:
+    # `texts` are the events as every follower receives them, serialised once, not per socket.
+    return {"type": "conversation.events", "events": batch, "texts": texts}
 
 
 async def _send(batch: list[dict[str, Any]], texts: list[str]) -> None:
     """Append stored events to the conversation's Redis Stream, then publish them live.
 
     The appends of the batches of other conversations ready at the same time share one
-    pipeline (`_append_round`); each event is then published through the channel layer's
-    `group_send`, in order.
+    pipeline (`_append_round`); the batch is then published as one message through the
+    channel layer's `group_send`.
     """
     if not batch:
         return
@@ -107,8 +107,7 @@ async def _send(batch: list[dict[str, Any]], texts: list[str]) -> None:
                     "error": repr(failed[0]),
                 },
             )
-    for event, text in zip(batch, texts, strict=True):
-        await _publish(event, text)
+    await _publish(batch, texts)
 
 
 # A round's item: the client, the batch and its texts.
@@ -141,17 +140,17 @@ async def _append_round(appends: list[_Append]) -> list[list[Any] | BaseExceptio
     return outcomes
 
 
-async def _publish(event: dict[str, Any], text: str) -> None:
-    """Push the event to the live WebSocket followers of its conversation."""
+async def _publish(batch: list[dict[str, Any]], texts: list[str]) -> None:
+    """Push a batch of events to the live WebSocket followers of its conversation."""
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        await layer.group_send(group_name(event["conversation_id"]), _live_message(event, text))
+        await layer.group_send(group_name(batch[0]["conversation_id"]), _live_message(batch, texts))
     except (RedisError, OSError) as exc:
         logger.warning(
-            "event not published live; clients will get it by replay",
-            extra={"conversation_id": event["conversation_id"], "seq": event["seq"], "error": str(exc)},
+            "events not published live; clients will get them by replay",
+            extra={"conversation_id": batch[0]["conversation_id"], "seq": batch[0]["seq"], "error": str(exc)},
         )
 
 

@@ -289,10 +289,18 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, a thread hop per
         # message; a live event touches the database only to fill a gap (and closes it then).
-        if message.get("type") == "conversation.event":
+        kind = message.get("type")
+        if kind == "conversation.events":
+            await self.conversation_events(message)
+        elif kind == "conversation.event":
             await self.conversation_event(message)
         else:
             await super().dispatch(message)
+
+    async def conversation_events(self, message: dict[str, Any]) -> None:
+        """A batch of live events from the group (one message per stored batch), in order."""
+        for event, text in zip(message["events"], message["texts"], strict=True):
+            await self.conversation_event({"event": event, "text": text})
 
     async def conversation_event(self, message: dict[str, Any]) -> None:
         """A live event from the group: drop duplicates, fill gaps from the stored log.

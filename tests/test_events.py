@@ -56,7 +56,7 @@ async def test_events_are_stored_before_they_are_published() -> None:
     await layer.group_add(group_name(log.conversation_id), channel)
     emitted = await log.emit("turn_started", turn=1)
     message = await asyncio.wait_for(layer.receive(channel), timeout=5)
-    assert message["event"] == emitted
+    assert message["events"] == [emitted]
     row = await Event.objects.aget(conversation_id=log.conversation_id, seq=1)
     assert row.data == emitted
     assert set(emitted) >= {"type", "conversation_id", "seq", "timestamp", "emitted_at", "turn"}
@@ -81,9 +81,10 @@ async def test_concurrent_emitters_store_and_publish_in_seq_order() -> None:
     await asyncio.gather(
         *(log.emit("agent_delta", agent_id=f"agent_{n % 3}", turn=1, delta="x") for n in range(20))
     )
-    received = [
-        (await asyncio.wait_for(layer.receive(channel), timeout=5))["event"]["seq"] for _ in range(20)
-    ]
+    received: list[int] = []
+    while len(received) < 20:  # one message per stored batch
+        message = await asyncio.wait_for(layer.receive(channel), timeout=5)
+        received += [event["seq"] for event in message["events"]]
     assert received == list(range(1, 21))
     assert [e["seq"] for e in await read_events(log.conversation_id, 0)] == list(range(1, 21))
 
@@ -176,9 +177,9 @@ async def test_with_redis_a_batch_is_appended_in_one_round_trip_and_published_th
     client, trips = count_round_trips(monkeypatch)
     emitted = await log.emit("turn_started", turn=1)
     message = await asyncio.wait_for(layer.receive(channel), timeout=5)
-    # The layer's own group_send message; and in the stream.
-    assert message["event"] == emitted
-    assert json.loads(message["text"]) == emitted
+    # The layer's own group_send message, the batch's events with their texts; and in the stream.
+    assert message["events"] == [emitted]
+    assert [json.loads(text) for text in message["texts"]] == [emitted]
     assert trips == ["pipeline"]  # the stream's append: one round trip
     stored = await client.xrange(stream_key(log.conversation_id))
     assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1]
@@ -264,8 +265,8 @@ async def test_batches_of_several_conversations_ready_together_share_one_round_t
         assert [json.loads((fields or {})[b"e"])["seq"] for _id, fields in stored or []] == [1, 2]
         if n == 1:
             continue  # cancelled before it published: its followers read the stream instead
-        received = [await asyncio.wait_for(layer.receive(channel), timeout=5) for _ in range(2)]
-        assert [(m["event"]["conversation_id"], m["event"]["seq"]) for m in received] == [
+        received = (await asyncio.wait_for(layer.receive(channel), timeout=5))["events"]
+        assert [(e["conversation_id"], e["seq"]) for e in received] == [
             (str(log.conversation_id), 1),
             (str(log.conversation_id), 2),
         ]
@@ -320,9 +321,9 @@ async def test_a_batch_sent_again_is_reported_and_its_new_events_still_go_out(
         (b"3-0", batch[2]),
     ]
     assert 0 < await client.ttl(key) <= settings.CONFIG.STREAM_TTL
-    received = [await asyncio.wait_for(layer.receive(channel), timeout=5) for _ in batch]
-    assert [m["event"]["seq"] for m in received] == [1, 2, 3]
-    assert [json.loads(m["text"]) for m in received] == batch
+    received = await asyncio.wait_for(layer.receive(channel), timeout=5)  # the batch: one message
+    assert [e["seq"] for e in received["events"]] == [1, 2, 3]
+    assert [json.loads(text) for text in received["texts"]] == batch
     warnings = [r for r in caplog.records if "Redis Stream" in r.getMessage()]
     assert len(warnings) == 1
     assert "ResponseError" in warnings[0].error  # type: ignore[attr-defined]

@@ -72,8 +72,8 @@ async def test_a_published_event_carries_its_json_text() -> None:
     await layer.group_add(group_name(conversation.pk), channel)
     emitted = await (await EventLog.open(conversation.pk)).emit("turn_started", turn=1)
     message = await asyncio.wait_for(layer.receive(channel), timeout=5)
-    assert message["event"] == emitted
-    assert json.loads(message["text"]) == emitted
+    assert message["events"] == [emitted]
+    assert [json.loads(text) for text in message["texts"]] == [emitted]
 
 
 async def _follower(make_key: KeyMaker) -> tuple[WebsocketCommunicator, Conversation]:
