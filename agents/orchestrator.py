@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from agents.budget import Budget, next_turn_estimate, vote_estimate
-from agents.calls import AgentCaller, DeltaBatcher, Emit
+from agents.calls import AgentCaller, Emit
 from agents.pricing import Cost
 from agents.profiles import AgentProfile
-from agents.prompts import ANSWER_OUTPUT, REPAIR_OUTPUT, Prompts, agent_request, ballot_output, panel_shapes
+from agents.prompts import ANSWER_OUTPUT, REPAIR_OUTPUT, Prompts, ballot_output, panel_shapes
 from agents.providers.base import Usage
 from agents.records import (
     AgentResult,
@@ -43,18 +43,14 @@ __all__ = [
     "ANSWER_OUTPUT",
     "REPAIR_OUTPUT",
     "AgentResult",
-    "DeltaBatcher",
-    "Emit",
     "Orchestrator",
     "RunOutcome",
-    "agent_request",
     "ballot_output",
     "extra_calls",
     "panel_shapes",
     "quorum_size",
     "read_reply",
     "response_payload",
-    "result_cost",
     "usage_dict",
 ]
 
