@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 
+from agents.calls import AgentCaller, DeltaBatcher
 from agents.profiles import AgentProfile
-from consensus import Ballot, Option
+from agents.providers.base import ProviderError, Usage
+from agents.records import AgentResult, usage_dict
+from consensus import Ballot, Decision, Option, clean_answer
+from telemetry.metrics import EXTRA_CALLS
 
 SYNTHESIS_MODES = ("representative", "chairman")
 CHAIRMAN_ID = "chairman"
@@ -105,3 +110,69 @@ def chairman_prompt(
 def reasons_by_voter(ballots: Sequence[Ballot]) -> dict[str, str]:
     """Each voter's ballot reason, without the parser's [why] prefix of unusable ballots."""
     return {b.voter: b.reason for b in ballots if b.choice is not None and b.reason}
+
+
+def decision_prompt(question: str, decision: Decision, final: Mapping[str, AgentResult]) -> str:
+    """The chairman's prompt for a reached `decision` over the final turn's results."""
+    winner = next(o for o in decision.options if o.label == decision.winner)
+    reasons = reasons_by_voter(decision.ballots)
+    by_label: dict[str, list[Argument]] = {}
+    for option in decision.options:
+        by_label[option.label] = [
+            Argument(aid, final[aid].answer, reasons.get(aid, ""))
+            for aid in option.supporters
+            if aid in final and final[aid].ok
+        ]
+    return chairman_prompt(
+        question=question,
+        winner=winner,
+        options=decision.options,
+        supporters=by_label.get(winner.label, []),
+        dissent=by_label,
+        electorate=decision.electorate,
+        votes_for_winner=sum(1 for b in decision.ballots if b.choice == decision.winner),
+    )
+
+
+async def synthesise(
+    caller: AgentCaller,
+    chairman: AgentProfile,
+    decision: Decision,
+    final: Mapping[str, AgentResult],
+    representative: str,
+    *,
+    turn: int,
+    stream: bool,
+) -> tuple[str, dict[str, Any], Usage]:
+    """The chairman's answer (streamed as synthesis_delta events), or the representative on failure."""
+    winner = next(o for o in decision.options if o.label == decision.winner)
+    prompt = decision_prompt(caller.question, decision, final)
+    batcher = DeltaBatcher(caller.emit, chairman.agent_id, turn, type="synthesis_delta")
+    metadata = {"kind": "synthesis", "position": winner.position, "options": len(decision.options)}
+    EXTRA_CALLS.labels("chairman").inc()
+    try:
+        generation = await caller.call(chairman, prompt, turn, metadata, stream, batcher=batcher)
+    except ProviderError as exc:
+        info: dict[str, Any] = {
+            "mode": "representative",
+            "requested": "chairman",
+            "error": f"{exc.kind}: {exc}",
+            "model": exc.model or chairman.model,
+            "provider": exc.provider or chairman.provider,
+            "calls": 1,
+        }
+        await caller.emit("synthesis", **info, content=representative, tokens=usage_dict(Usage()))
+        return representative, info, Usage()
+    caller.record(chairman.agent_id, turn, generation)
+    text = clean_answer(generation.text).strip() or representative
+    info = {
+        "mode": "chairman",
+        "model": generation.model,
+        "provider": generation.provider,
+        "latency_ms": round(generation.latency_ms, 1),
+        "tokens": usage_dict(generation.usage),
+        "simulated": generation.simulated,
+        "calls": 1,
+    }
+    await caller.emit("synthesis", **info, content=text)
+    return text, info, generation.usage

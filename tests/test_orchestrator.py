@@ -12,14 +12,17 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 
-from agents.orchestrator import AgentResult, Orchestrator, quorum_size
+from agents.orchestrator import AgentResult, Orchestrator, panel_shapes, quorum_size
 from agents.profiles import build_panel
 from agents.providers.base import Usage
 from agents.providers.registry import reset_providers
+from agents.providers.simulated import SimulatedProvider
 from consensus import parse_reply
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 from conversations.services import conversation_run, conversation_start
 from gateway.principal import Principal
+from polyagents_site.config import AgentSpec
+from telemetry.models import ErrorRecord
 
 QUESTION = "Should a small team write its own retry library or use tenacity?"
 
@@ -166,8 +169,6 @@ class TestIntegration:
         assert Event.objects.filter(conversation=conversation, type="conversation_failed").exists()
 
     def test_temperature_zero_stays_zero(self, writer, config, monkeypatch):
-        from polyagents_site.config import AgentSpec
-
         monkeypatch.setattr(
             config,
             "AGENT_MODELS_CONFIG",
@@ -337,9 +338,6 @@ class TestOrchestratorUnit:
     async def test_every_call_of_a_run_has_a_shape_warm_up_prepares(self, config, monkeypatch):
         """panel_shapes lists what a run sends (answers, repairs, ballots), so the warm-up's
         prepare covers the first run's calls; a call of another shape would be missed."""
-        from agents.orchestrator import panel_shapes
-        from agents.providers.simulated import SimulatedProvider
-
         sent = []
         complete = SimulatedProvider.complete
 
@@ -371,8 +369,6 @@ class TestOrchestratorUnit:
 
 @pytest.mark.django_db(transaction=True)
 def test_failed_agents_feed_the_error_statistics(client_with, config, monkeypatch):
-    from telemetry.models import ErrorRecord
-
     monkeypatch.setattr(config, "SIMULATED_FAILURE_RATE", 1.0)
     monkeypatch.setattr(config, "RETRY_MAX_ATTEMPTS", 1)
     reset_providers()

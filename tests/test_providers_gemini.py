@@ -183,6 +183,8 @@ async def test_safety_block_is_reported_as_such(fake: FakeGemini, gemini: Gemini
     with pytest.raises(ProviderError) as streamed:
         await gemini.stream(request(), on_delta)
     assert streamed.value.kind == "safety"
+    blocked = "the prompt: SAFETY" if where == "prompt" else "the answer: SAFETY"
+    assert str(caught.value) == str(streamed.value) == f"gemini blocked {blocked}"
 
 
 async def test_slow_answer_times_out(fake: FakeGemini, gemini: GeminiProvider) -> None:

@@ -134,6 +134,19 @@ async def test_content_filter_is_a_safety_block(fake: FakeOpenAI, compat: OpenAI
     assert caught.value.kind == "safety"
 
 
+async def test_a_streamed_answer_withheld_by_the_filter_is_a_safety_block(
+    fake: FakeOpenAI, compat: OpenAICompatProvider
+) -> None:
+    fake.script(content_filter())
+
+    async def on_delta(delta: str) -> None:
+        raise AssertionError("no delta expected")
+
+    with pytest.raises(ProviderError) as caught:
+        await compat.stream(request(), on_delta)
+    assert (caught.value.kind, str(caught.value)) == ("safety", "openai filtered the answer: content_filter")
+
+
 async def test_slow_answer_times_out(fake: FakeOpenAI, compat: OpenAICompatProvider) -> None:
     fake.script(slow(3))
     started = time.monotonic()

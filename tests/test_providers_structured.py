@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from google import genai
+from google.genai import types
 
 from agents.orchestrator import ANSWER_OUTPUT, REPAIR_OUTPUT, ballot_output, read_reply
-from agents.providers.base import GenerationRequest, JsonFieldStream, ProviderError
-from agents.providers.gemini import GeminiProvider
+from agents.providers.base import GenerationRequest, JsonFieldStream, ProviderError, ResponseSchema
+from agents.providers.gemini import GeminiProvider, gemini_schema
 from agents.providers.openai_compat import OpenAICompatProvider
 from agents.providers.simulated import SimulatedProvider
 from consensus import REPLY_INSTRUCTIONS, REPLY_JSON_INSTRUCTIONS
@@ -103,12 +105,6 @@ async def test_gemini_sends_the_body_the_sdk_builds_from_the_full_config(
 ) -> None:
     """The provider sends each shape's config fields as the SDK wrote them once (extra_body):
     the body on the wire is the one google-genai builds from the full config, field for field."""
-    from google import genai
-    from google.genai import types
-
-    from agents.providers.base import ResponseSchema
-    from agents.providers.gemini import gemini_schema
-
     call = request(
         "gemini-2.5-flash",
         system_instruction="You are terse.",

@@ -1,17 +1,20 @@
-"""The one small interface every LLM provider implements.
+"""The one small interface every LLM provider implements, and the steps vendors share.
 
 Nothing outside `agents/providers/` imports a vendor SDK: the orchestrator sees only
 `Provider.generate` / `Provider.stream`, `GenerationRequest`, `Generation` and
-`ProviderError`.
+`ProviderError`. A vendor's provider turns what its SDK returns into `Piece`s; the base
+class collects a stream of them, checks the vendor's safety verdict, classifies the
+SDK's failures and builds the `Generation`.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import jiter
 
@@ -33,6 +36,23 @@ ErrorKind = Literal[
 ]
 
 RETRYABLE_KINDS: frozenset[str] = frozenset({"rate_limited", "server", "timeout", "connection"})
+
+T = TypeVar("T")
+
+
+def status_kind(code: int) -> ErrorKind:
+    """The kind of a failure answered with HTTP status `code` (429 as per-minute rate limit)."""
+    if code == 429:
+        return "rate_limited"
+    if code == 408:
+        return "timeout"
+    if code >= 500:
+        return "server"
+    if code in (401, 403):
+        return "auth"
+    if 400 <= code < 500:
+        return "bad_request"
+    return "unknown"
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,15 @@ class Generation:
     data: dict[str, Any] | None = None
     # Whether the reply was requested as structured output.
     structured: bool = False
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one streamed chunk of a vendor's reply (or its whole reply) carries."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None  # None: this chunk reports no usage
 
 
 class ProviderError(Exception):
@@ -203,6 +232,9 @@ class Provider(abc.ABC):
     name: str = "provider"
     # Whether the vendor can be asked for structured output (a JSON schema).
     supports_structured: bool = False
+    # Finish reasons with which the vendor withholds an answer for safety, and how it says so.
+    safety_finish_reasons: frozenset[str] = frozenset()
+    safety_refusal: str = "blocked the answer"
 
     @property
     def text_only_models(self) -> set[str]:
@@ -290,6 +322,72 @@ class Provider(abc.ABC):
     async def list_models(self) -> list[str]:
         """Model names the vendor offers (for the health check); [] when it cannot tell."""
         return []
+
+    # --- steps a vendor's provider shares ------------------------------------------------
+    def classify(self, exc: Exception, *, model: str) -> ProviderError:
+        """The ProviderError of a failure raised by the vendor's SDK (a ProviderError as it is)."""
+        if isinstance(exc, ProviderError):
+            return exc
+        return ProviderError(f"{self.name} failed: {exc!r}", kind="unknown", provider=self.name, model=model)
+
+    async def classified(self, model: str, call: Awaitable[T]) -> T:
+        """The result of one SDK call, its failure classified."""
+        try:
+            return await call
+        except Exception as exc:
+            raise self.classify(exc, model=model) from exc
+
+    async def classified_stream(self, model: str, opened: Awaitable[AsyncIterable[T]]) -> AsyncIterator[T]:
+        """The chunks of an SDK stream, its failures (and only its failures) classified."""
+        try:
+            iterator = (await opened).__aiter__()
+        except Exception as exc:
+            raise self.classify(exc, model=model) from exc
+        while True:
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise self.classify(exc, model=model) from exc
+            yield chunk
+
+    async def collect(
+        self,
+        request: GenerationRequest,
+        pieces: AsyncIterable[Piece],
+        on_delta: DeltaCallback,
+        started: float,
+    ) -> Generation:
+        """A streamed reply: each piece's text goes to `on_delta`; the last finish reason and usage count."""
+        parts: list[str] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        async for piece in pieces:
+            usage = piece.usage or usage
+            finish = piece.finish_reason or finish
+            if piece.text:
+                parts.append(piece.text)
+                await on_delta(piece.text)
+        return self.finished(request, Piece("".join(parts), finish, usage), started)
+
+    def finished(self, request: GenerationRequest, reply: Piece, started: float) -> Generation:
+        """The Generation of a whole reply (begun at monotonic time `started`), unless withheld for safety."""
+        if not reply.text and reply.finish_reason in self.safety_finish_reasons:
+            raise ProviderError(
+                f"{self.name} {self.safety_refusal}: {reply.finish_reason}",
+                kind="safety",
+                provider=self.name,
+                model=request.model,
+            )
+        return Generation(
+            text=reply.text,
+            model=request.model,
+            provider=self.name,
+            usage=reply.usage or Usage(),
+            latency_ms=(time.monotonic() - started) * 1000,
+            finish_reason=reply.finish_reason,
+        )
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release network resources."""

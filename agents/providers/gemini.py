@@ -18,7 +18,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -30,10 +30,12 @@ from agents.providers.base import (
     ErrorKind,
     Generation,
     GenerationRequest,
+    Piece,
     Provider,
     ProviderError,
     ResponseSchema,
     Usage,
+    status_kind,
 )
 from agents.providers.loops import aiohttp_transport, refused, tls_context
 from loopstate import PerLoop
@@ -58,7 +60,6 @@ WARM_UP_REPLY = {
     ],
     "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 1, "totalTokenCount": 2},
 }
-SAFETY_FINISH_REASONS = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"})
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
@@ -85,34 +86,31 @@ def classify_api_error(exc: errors.APIError, *, model: str) -> ProviderError:
     """Turn an SDK APIError into a ProviderError of the right kind."""
     code = exc.code or 0
     message = f"gemini {code} {exc.status or ''}: {exc.message or ''}".strip()
-    kind: ErrorKind
+    kind = status_kind(code)
     retry_after = None
     if code == 429 or exc.status == "RESOURCE_EXHAUSTED":
-        details = _error_details(exc)
-        for detail in details:
-            if detail.get("@type") == RETRY_INFO:
-                retry_after = parse_duration(detail.get("retryDelay"))
-        quota_ids = [
-            str(violation.get("quotaId", ""))
-            for detail in details
-            if detail.get("@type") == QUOTA_FAILURE
-            for violation in detail.get("violations") or []
-            if isinstance(violation, dict)
-        ]
-        kind = "quota_exhausted" if any("PerDay" in quota for quota in quota_ids) else "rate_limited"
-    elif code == 408:
-        kind = "timeout"
-    elif code >= 500:
-        kind = "server"
-    elif code in (401, 403):
-        kind = "auth"
-    elif 400 <= code < 500:
-        kind = "bad_request"
-    else:
-        kind = "unknown"
+        kind, retry_after = _exhausted(_error_details(exc))
     return ProviderError(
         message, kind=kind, status=code, retry_after=retry_after, provider="gemini", model=model
     )
+
+
+def _exhausted(details: list[dict[str, Any]]) -> tuple[ErrorKind, float | None]:
+    """A 429's kind (per-day quota or per-minute rate) and the delay its RetryInfo asks for."""
+    retry_after = None
+    for detail in details:
+        if detail.get("@type") == RETRY_INFO:
+            retry_after = parse_duration(detail.get("retryDelay"))
+    quota_ids = [
+        str(violation.get("quotaId", ""))
+        for detail in details
+        if detail.get("@type") == QUOTA_FAILURE
+        for violation in detail.get("violations") or []
+        if isinstance(violation, dict)
+    ]
+    return (
+        "quota_exhausted" if any("PerDay" in quota for quota in quota_ids) else "rate_limited"
+    ), retry_after
 
 
 def classify(exc: Exception, *, model: str) -> ProviderError:
@@ -170,27 +168,24 @@ def _text_of(response: types.GenerateContentResponse) -> str:
     return "".join(part.text for part in content.parts if part.text and not part.thought)
 
 
-def _finish_reason(response: types.GenerateContentResponse) -> str | None:
-    if not response.candidates:
-        return None
-    return _enum_name(response.candidates[0].finish_reason)
-
-
-def _usage(metadata: types.GenerateContentResponseUsageMetadata | None) -> Usage:
+def _usage(metadata: types.GenerateContentResponseUsageMetadata | None) -> Usage | None:
     if metadata is None:
-        return Usage()
+        return None
     # Thinking tokens are billed as output, so they count as completion tokens.
     output = (metadata.candidates_token_count or 0) + (metadata.thoughts_token_count or 0)
     return Usage(prompt_tokens=metadata.prompt_token_count or 0, completion_tokens=output)
 
 
-def _check_prompt_block(response: types.GenerateContentResponse, model: str) -> None:
+def _piece(response: types.GenerateContentResponse, model: str) -> Piece:
+    """What a response (or a streamed chunk) carries; ProviderError if the prompt was blocked."""
     feedback = response.prompt_feedback
     if feedback is not None and feedback.block_reason is not None:
         reason = _enum_name(feedback.block_reason)
         raise ProviderError(
             f"gemini blocked the prompt: {reason}", kind="safety", provider="gemini", model=model
         )
+    finish = _enum_name(response.candidates[0].finish_reason) if response.candidates else None
+    return Piece(_text_of(response), finish, _usage(response.usage_metadata))
 
 
 def sdk_tls_args() -> dict[str, Any]:
@@ -274,6 +269,7 @@ class GeminiProvider(Provider):
     name = "gemini"
 
     supports_structured = True
+    safety_finish_reasons = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"})
 
     def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 60.0) -> None:
         self.timeout = timeout
@@ -300,7 +296,7 @@ class GeminiProvider(Provider):
     async def warm_up(self) -> None:
         """One call and one streamed call through the SDK on an in-memory transport (no network,
         no LLM), so that a process's first real call does not pay for the SDK's and pydantic's
-        first run of request building and response parsing (about 10 ms of CPU)."""
+        first run of request building and response parsing."""
         request = GenerationRequest(
             model="warm-up", prompt="warm up", system_instruction="warm up", response_schema=WARM_UP_SCHEMA
         )
@@ -308,10 +304,10 @@ class GeminiProvider(Provider):
         # As the calls at the provider's timeout are made: the body in the client, no config.
         async with _in_memory_sdk(_in_memory_reply, extra_body=body) as models:
             response = await models.generate_content(model=request.model, contents=request.prompt)
-            _text_of(response), _usage(response.usage_metadata)
+            _piece(response, request.model)
             stream = await models.generate_content_stream(model=request.model, contents=request.prompt)
             async for chunk in stream:
-                _text_of(chunk)
+                _piece(chunk, request.model)
 
     async def prepare(self, request: GenerationRequest) -> None:
         """Capture the body of the request's shape now (`_body`: an in-memory SDK call)."""
@@ -326,7 +322,7 @@ class GeminiProvider(Provider):
         the timeout sit in the HttpOptions of a client kept for the shape, and the call passes
         no config: the SDK then neither converts a config (it looks up each of its ~40 fields
         by iterating the pydantic model) nor patches its options per call (`bench/parts.py`;
-        docs/scaling.md, phase H). The call without a config goes through the SDK's automatic
+        docs/scaling.md). The call without a config goes through the SDK's automatic
         function calling loop, which with no tools ends after the one call.
         A timeout shortened by the conversation's deadline keeps the loop's base client and a
         config of its own (AFC disabled, that timeout, the same body).
@@ -378,78 +374,33 @@ class GeminiProvider(Provider):
         self._bodies[shape] = (schema.schema if schema else None, body)
         return body, shape
 
+    def classify(self, exc: Exception, *, model: str) -> ProviderError:
+        return classify(exc, model=model)
+
     async def generate(self, request: GenerationRequest) -> Generation:
         """One generateContent call."""
         started = time.monotonic()
-        try:
-            models, config = await self._sdk(request)
-            response = await models.generate_content(
-                model=request.model, contents=request.prompt, config=config
-            )
-        except Exception as exc:
-            raise classify(exc, model=request.model) from exc
-        _check_prompt_block(response, request.model)
-        text = _text_of(response)
-        finish = _finish_reason(response)
-        if not text and finish in SAFETY_FINISH_REASONS:
-            raise ProviderError(
-                f"gemini blocked the answer: {finish}", kind="safety", provider="gemini", model=request.model
-            )
-        return Generation(
-            text=text,
-            model=request.model,
-            provider=self.name,
-            usage=_usage(response.usage_metadata),
-            latency_ms=(time.monotonic() - started) * 1000,
-            finish_reason=finish,
-        )
+        response = await self.classified(request.model, self._generate(request))
+        return self.finished(request, _piece(response, request.model), started)
 
     async def stream(self, request: GenerationRequest, on_delta: DeltaCallback) -> Generation:
         """One streamGenerateContent (SSE) call; each text chunk goes to `on_delta`."""
         started = time.monotonic()
-        parts: list[str] = []
-        usage_metadata = None
-        finish = None
-        async for chunk in self._chunks(request):
-            _check_prompt_block(chunk, request.model)
-            usage_metadata = chunk.usage_metadata or usage_metadata
-            finish = _finish_reason(chunk) or finish
-            text = _text_of(chunk)
-            if text:
-                parts.append(text)
-                await on_delta(text)
-        text = "".join(parts)
-        if not text and finish in SAFETY_FINISH_REASONS:
-            raise ProviderError(
-                f"gemini blocked the answer: {finish}", kind="safety", provider="gemini", model=request.model
-            )
-        return Generation(
-            text=text,
-            model=request.model,
-            provider=self.name,
-            usage=_usage(usage_metadata),
-            latency_ms=(time.monotonic() - started) * 1000,
-            finish_reason=finish,
+        chunks = self.classified_stream(request.model, self._open_stream(request))
+        return await self.collect(
+            request, (_piece(chunk, request.model) async for chunk in chunks), on_delta, started
         )
 
-    async def _chunks(self, request: GenerationRequest) -> AsyncIterator[types.GenerateContentResponse]:
-        """The SDK's stream, with its failures classified (and only its failures)."""
-        try:
-            models, config = await self._sdk(request)
-            stream = await models.generate_content_stream(
-                model=request.model, contents=request.prompt, config=config
-            )
-            iterator = stream.__aiter__()
-        except Exception as exc:
-            raise classify(exc, model=request.model) from exc
-        while True:
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                return
-            except Exception as exc:
-                raise classify(exc, model=request.model) from exc
-            yield chunk
+    async def _generate(self, request: GenerationRequest) -> types.GenerateContentResponse:
+        models, config = await self._sdk(request)
+        return await models.generate_content(model=request.model, contents=request.prompt, config=config)
+
+    async def _open_stream(self, request: GenerationRequest) -> AsyncIterable[types.GenerateContentResponse]:
+        models, config = await self._sdk(request)
+        stream: AsyncIterable[types.GenerateContentResponse] = await models.generate_content_stream(
+            model=request.model, contents=request.prompt, config=config
+        )
+        return stream
 
     async def list_models(self) -> list[str]:
         """Model names the key can use (without the "models/" prefix), for the health check."""

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import openai
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.completion_usage import CompletionUsage
 
 from agents.providers.base import (
@@ -21,14 +21,14 @@ from agents.providers.base import (
     ErrorKind,
     Generation,
     GenerationRequest,
+    Piece,
     Provider,
     ProviderError,
     Usage,
+    status_kind,
 )
 from agents.providers.loops import aiohttp_transport, refused
 from loopstate import PerLoop
-
-SAFETY_FINISH_REASONS = frozenset({"content_filter"})
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
@@ -76,20 +76,11 @@ def classify(exc: Exception, *, model: str) -> ProviderError:
         )
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
+        kind = status_kind(code)
         retry_after = None
         if code == 429:
             kind = "quota_exhausted" if _error_code(exc) == "insufficient_quota" else "rate_limited"
             retry_after = parse_retry_after(exc.response.headers)
-        elif code == 408:
-            kind = "timeout"
-        elif code >= 500:
-            kind = "server"
-        elif code in (401, 403):
-            kind = "auth"
-        elif 400 <= code < 500:
-            kind = "bad_request"
-        else:
-            kind = "unknown"
         return ProviderError(
             f"openai {code}: {exc.message}",
             kind=kind,
@@ -101,10 +92,27 @@ def classify(exc: Exception, *, model: str) -> ProviderError:
     return ProviderError(f"openai failed: {exc!r}", kind="unknown", provider="openai", model=model)
 
 
-def _usage(usage: CompletionUsage | None) -> Usage:
+def _usage(usage: CompletionUsage | None) -> Usage | None:
     if usage is None:
-        return Usage()
+        return None
     return Usage(prompt_tokens=usage.prompt_tokens or 0, completion_tokens=usage.completion_tokens or 0)
+
+
+def _reply(completion: ChatCompletion) -> Piece:
+    choice = completion.choices[0] if completion.choices else None
+    text = (choice.message.content or "") if choice else ""
+    return Piece(text, choice.finish_reason if choice else None, _usage(completion.usage))
+
+
+async def _pieces(chunks: AsyncIterable[ChatCompletionChunk]) -> AsyncIterator[Piece]:
+    """The pieces of a streamed completion; usage comes in the last chunk (include_usage)."""
+    async for chunk in chunks:
+        if not chunk.choices:
+            yield Piece(usage=_usage(chunk.usage))
+            continue
+        choice = chunk.choices[0]
+        text = choice.delta.content if choice.delta else None
+        yield Piece(text or "", choice.finish_reason, _usage(chunk.usage))
 
 
 class OpenAICompatProvider(Provider):
@@ -113,6 +121,8 @@ class OpenAICompatProvider(Provider):
     name = "openai"
 
     supports_structured = True
+    safety_finish_reasons = frozenset({"content_filter"})
+    safety_refusal = "filtered the answer"
 
     def __init__(self, *, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.timeout = timeout
@@ -151,70 +161,27 @@ class OpenAICompatProvider(Provider):
             }
         return arguments
 
-    def _safety_check(self, text: str, finish: str | None, model: str) -> None:
-        if not text and finish in SAFETY_FINISH_REASONS:
-            raise ProviderError(
-                f"openai filtered the answer: {finish}", kind="safety", provider="openai", model=model
-            )
+    def classify(self, exc: Exception, *, model: str) -> ProviderError:
+        return classify(exc, model=model)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """One chat completion."""
         started = time.monotonic()
-        try:
-            completion = await self._clients.get().chat.completions.create(**self._arguments(request))
-        except Exception as exc:
-            raise classify(exc, model=request.model) from exc
-        choice = completion.choices[0] if completion.choices else None
-        text = (choice.message.content or "") if choice else ""
-        finish = choice.finish_reason if choice else None
-        self._safety_check(text, finish, request.model)
-        return Generation(
-            text=text,
-            model=request.model,
-            provider=self.name,
-            usage=_usage(completion.usage),
-            latency_ms=(time.monotonic() - started) * 1000,
-            finish_reason=finish,
-        )
+        completion = await self.classified(request.model, self._create(request))
+        return self.finished(request, _reply(completion), started)
 
     async def stream(self, request: GenerationRequest, on_delta: DeltaCallback) -> Generation:
-        """One streamed chat completion; usage comes in the last chunk (include_usage)."""
+        """One streamed chat completion; each text chunk goes to `on_delta`."""
         started = time.monotonic()
-        parts: list[str] = []
-        usage = None
-        finish = None
-        try:
-            stream = await self._clients.get().chat.completions.create(
-                **self._arguments(request), stream=True, stream_options={"include_usage": True}
-            )
-            iterator = stream.__aiter__()
-        except Exception as exc:
-            raise classify(exc, model=request.model) from exc
-        while True:
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                break
-            except Exception as exc:
-                raise classify(exc, model=request.model) from exc
-            usage = chunk.usage or usage
-            if not chunk.choices:
-                continue
-            choice = chunk.choices[0]
-            finish = choice.finish_reason or finish
-            text = choice.delta.content if choice.delta else None
-            if text:
-                parts.append(text)
-                await on_delta(text)
-        text = "".join(parts)
-        self._safety_check(text, finish, request.model)
-        return Generation(
-            text=text,
-            model=request.model,
-            provider=self.name,
-            usage=_usage(usage),
-            latency_ms=(time.monotonic() - started) * 1000,
-            finish_reason=finish,
+        chunks = self.classified_stream(request.model, self._create_stream(request))
+        return await self.collect(request, _pieces(chunks), on_delta, started)
+
+    async def _create(self, request: GenerationRequest) -> ChatCompletion:
+        return await self._clients.get().chat.completions.create(**self._arguments(request))
+
+    async def _create_stream(self, request: GenerationRequest) -> AsyncIterable[ChatCompletionChunk]:
+        return await self._clients.get().chat.completions.create(
+            **self._arguments(request), stream=True, stream_options={"include_usage": True}
         )
 
     async def list_models(self) -> list[str]:

@@ -1,10 +1,16 @@
-"""Provider instances by name, configured once from `settings.CONFIG`."""
+"""Provider instances by name, configured once from `settings.CONFIG`.
+
+A vendor's provider module is imported when that provider is first built: importing
+its SDK (google-genai, openai) takes a noticeable part of a second, which a process
+whose panel does not use the vendor should not pay.
+"""
 
 from __future__ import annotations
 
 from django.conf import settings
 
 from agents.providers.base import Provider, ProviderError
+from agents.providers.simulated import QuizConfig, SimulatedProvider
 
 PROVIDER_NAMES = ("gemini", "openai", "simulated")
 
@@ -14,8 +20,6 @@ _providers: dict[str, Provider] = {}
 def _build(name: str) -> Provider:
     config = settings.CONFIG
     if name == "simulated":
-        from agents.providers.simulated import QuizConfig, SimulatedProvider
-
         quiz = QuizConfig.from_dict(config.SIMULATED_QUIZ.model_dump()) if config.SIMULATED_QUIZ else None
         return SimulatedProvider(
             latency=config.SIMULATED_LATENCY, failure_rate=config.SIMULATED_FAILURE_RATE, quiz=quiz
