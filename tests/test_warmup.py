@@ -132,25 +132,24 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
     assert gc.get_threshold()[2] == FULL_COLLECTION_EVERY
 
 
-@pytest.mark.parametrize("wait", [True, False])
-async def test_a_worker_that_runs_until_stopped_settles_its_heap_a_burst_does_not(
-    wait: bool, monkeypatch: pytest.MonkeyPatch
+async def test_a_worker_process_settles_its_heap_before_its_first_worker(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from procrastinate import App
-    from procrastinate import worker as procrastinate_worker
-    from procrastinate.testing import InMemoryConnector
-
     from streaming import worker
 
-    settled: list[bool] = []
-    monkeypatch.setattr(worker, "settle_heap", lambda: settled.append(True))
+    happened: list[str] = []
+    monkeypatch.setattr(worker, "settle_heap", lambda: happened.append("settled"))
 
-    async def ran(self: object) -> None:
-        settled.append(False)
+    async def answers() -> None:
+        happened.append("database")
 
-    monkeypatch.setattr(procrastinate_worker.Worker, "run", ran)
-    await worker.ResilientWorker(app=App(connector=InMemoryConnector()), wait=wait).run()
-    assert settled == ([True, False] if wait else [False])
+    async def work(unsaved: set[int], **options: object) -> None:
+        happened.append("worker")
+
+    monkeypatch.setattr(worker, "database_answers", answers)
+    monkeypatch.setattr(worker, "work", work)
+    await worker.serve()
+    assert happened == ["settled", "database", "worker"]
 
 
 async def test_scheduled_on_the_running_loop() -> None:
