@@ -2,7 +2,7 @@
 each followed by WebSocket clients over TCP, latency from an event's emit to its receipt.
 
 Starts the wire-format fake Gemini of bench/load.py (every call answers after L seconds), a
-daphne web process and a procrastinate worker (`manage.py procrastinate worker`, with
+daphne web process and a procrastinate worker (`manage.py worker`, with
 WORKER_CONCURRENCY = N so every run is in flight at once; `--workers K` starts K of them,
 each with N / K), all with the real google-genai SDK. Then N runs (3 agents, 2 turns + vote,
 streamed: agent deltas included) are started with POST /stream/{id}, and each is followed
@@ -248,7 +248,7 @@ def main() -> None:
                 children.append(web)
                 workers = [
                     subprocess.Popen(
-                        [sys.executable, "manage.py", "procrastinate", "worker"],
+                        [sys.executable, "manage.py", "worker"],
                         cwd=ROOT,
                         env=dict(os.environ),
                         **quiet,  # type: ignore[call-overload]

@@ -9,6 +9,9 @@ A cancel request sets `cancel_requested` and is then pushed: to the runs of this
 and, with REDIS_URL, over a Redis pub/sub channel that every process running conversations
 listens to while it has runs. The flag read at each beat is the fallback when Redis is away or
 a push is missed, so a cancel is never lost, only slower (one beat).
+
+`keep_running` and `retrying` are the loops that must outlive errors (this module's, the
+recovery sweeps', the worker's): tenacity, capped exponential back-off with full jitter.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,7 +29,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 from redis.exceptions import RedisError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from conversations.events import in_pool_thread, redis_client
 from conversations.models import Conversation
@@ -39,6 +43,38 @@ HEARTBEAT_SECONDS = 2.0
 IDLE_BEATS = 15
 
 _pulses: PerLoop[Pulse] = PerLoop(lambda: Pulse(asyncio.get_running_loop()))
+
+
+Errors = type[BaseException] | tuple[type[BaseException], ...]
+
+
+def retrying(what: str, *, errors: Errors = Exception, max_wait: float = 5.0) -> AsyncRetrying:
+    """Retry on `errors` until it succeeds (or is cancelled), `max_wait` seconds apart at most.
+
+    Each failure is logged as "{what} failed; retrying"; the first wait is at most 0.5 s.
+    """
+
+    def log(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.warning(
+            f"{what} failed; retrying", extra={"error": repr(error), "failures": state.attempt_number}
+        )
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait_random_exponential(multiplier=0.5, max=max_wait),
+        before_sleep=log,
+        reraise=True,
+    )
+
+
+async def keep_running(what: str, step: Callable[[], Awaitable[Any]], interval: float) -> None:
+    """Run `step` every `interval` seconds until cancelled; a failing step is tried again sooner."""
+    while True:
+        async for attempt in retrying(what):
+            with attempt:
+                await step()
+        await asyncio.sleep(interval)
 
 
 def cancel_channel() -> str:
@@ -112,40 +148,23 @@ class Pulse:
         self._stop()
 
     async def _listen(self) -> None:
-        """Cancel pushes from any process, until the pulse stops. A lost subscription is made
-        again at once; a Redis that refuses is tried again with a growing back-off."""
-        while settings.REDIS_URL:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((RedisError, OSError)),
-                wait=wait_exponential(multiplier=0.5, max=10.0),
-                before_sleep=_reconnecting,
-            ):
-                with attempt:
-                    await self._subscribed()
+        """Cancel pushes from any process, until the pulse stops; reconnects after an error."""
+        async for attempt in retrying("cancel listener", errors=(RedisError, OSError), max_wait=10.0):
+            with attempt:
+                await self._listen_once()
 
-    async def _subscribed(self) -> None:
-        """Follow the cancel channel until the connection is lost (an error before the
-        subscription is made is raised: the caller waits, then tries again)."""
-        client = aioredis.Redis.from_url(settings.REDIS_URL or "", socket_connect_timeout=2)
-        subscribed = False
+    async def _listen_once(self) -> None:
+        if not settings.REDIS_URL:
+            return
+        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
         try:
             async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(cancel_channel())
-                subscribed = True
                 async for message in pubsub.listen():
                     with contextlib.suppress(ValueError, AttributeError):
                         self.cancel(uuid.UUID(message["data"].decode()))
-        except (RedisError, OSError) as exc:
-            if not subscribed:
-                raise
-            logger.warning("cancel listener lost Redis; reconnecting", extra={"error": repr(exc)})
         finally:
             await client.aclose()
-
-
-def _reconnecting(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome is not None else None
-    logger.warning("cancel listener cannot reach Redis; retrying", extra={"error": repr(error)})
 
 
 def pulse() -> Pulse:

@@ -116,7 +116,7 @@ DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USING_POSTGRES = DATABASES["default"]["ENGINE"].endswith("postgresql")
 
-# --- Background jobs: procrastinate on PostgreSQL (`manage.py procrastinate worker`, any number of
+# --- Background jobs: procrastinate on PostgreSQL (`manage.py worker`, any number of
 # workers); with SQLite conversations run as in-process asyncio tasks (streaming/jobs.py).
 if USING_POSTGRES:
     INSTALLED_APPS.append("procrastinate.contrib.django")
@@ -134,9 +134,10 @@ PROCRASTINATE_WORKER_DEFAULTS = {
     "delete_jobs": "successful",
     "update_heartbeat_interval": 5.0,
     "stalled_worker_timeout": WORKER_STALLED_SECONDS,
+    # A stopping worker (a signal, a lost database: streaming/worker.py) gives its runs this long
+    # to finish, then aborts them and they are retried. Longer than a run rides a restart out.
+    "shutdown_graceful_timeout": 30.0,
 }
-# Workers that survive a lost database connection (streaming/worker.py).
-PROCRASTINATE_ON_APP_READY = "streaming.worker.on_app_ready"
 
 # --- Redis: cache, channel layer and streams when REDIS_URL is set.
 REDIS_URL = CONFIG.REDIS_URL

@@ -25,6 +25,15 @@ from typing import Any
 
 from django.conf import settings
 
+from agents.orchestrator import panel_shapes
+from agents.profiles import build_panel
+from agents.providers.registry import get_provider
+from conversations.assessment import recalibration, reliabilities
+from conversations.events import redis_client
+from conversations.models import Conversation
+from loopstate import PerLoop
+from streaming.worker import settle_heap
+
 logger = logging.getLogger("polyagents.warmup")
 
 # Imported lazily by the request path; importing them here moves the cost to start-up.
@@ -84,9 +93,6 @@ def _modules() -> None:
 
 def panel_providers() -> list[Any]:
     """The provider instances a default panel uses (built now: imports their SDKs)."""
-    from agents.profiles import build_panel
-    from agents.providers.registry import get_provider
-
     names = {profile.provider for profile in build_panel(settings.CONFIG.MAX_AGENTS)}
     return [get_provider(name) for name in sorted(names)]
 
@@ -106,8 +112,6 @@ def _off_the_running_loop(fn: Callable[[], Any]) -> None:
 def _database() -> None:
     from django.db import connection
 
-    from conversations.models import Conversation
-
     def query() -> None:
         try:
             # Opens psycopg's pool on PostgreSQL (or the SQLite file) and runs the ORM's query path once.
@@ -122,9 +126,6 @@ def _sdk_calls() -> None:
     """Each provider's SDK round in memory (`warm_up`), and what the calls of a default panel's
     shapes need (`prepare`: Gemini's request bodies), on a loop of its own before the server's
     runs: it binds nothing to a loop, and the server accepts no request before it is done."""
-    from agents.orchestrator import panel_shapes
-    from agents.profiles import build_panel
-    from agents.providers.registry import get_provider
 
     async def calls() -> None:
         for provider in panel_providers():
@@ -141,7 +142,6 @@ def _sdk_calls() -> None:
 def _fits() -> None:
     """The calibration fits a finished run reads (conversations.assessment): fitted or read from
     the shared cache now, and kept by this process for its first runs."""
-    from conversations.assessment import recalibration, reliabilities
 
     def read() -> None:
         from django.db import connection
@@ -192,8 +192,6 @@ async def awarm_up() -> dict[str, float]:
         timings[name] = round((time.perf_counter() - started) * 1000, 1)
 
     async def sdk_clients() -> None:
-        from loopstate import PerLoop
-
         for provider in panel_providers():
             # Providers keep one SDK client per event loop; build this loop's now.
             clients = getattr(provider, "_clients", None)
@@ -201,8 +199,6 @@ async def awarm_up() -> dict[str, float]:
                 clients.get()
 
     async def redis() -> None:
-        from conversations.events import redis_client
-
         client = redis_client()
         if client is not None:
             # Pings at once open as many pooled connections: the first runs' batches write
@@ -225,8 +221,6 @@ async def awarm_up() -> dict[str, float]:
         await store().warm_up(rehearse_run)
 
     async def heap() -> None:
-        from streaming.worker import settle_heap
-
         settle_heap()
 
     await step("sdk_clients", sdk_clients)
@@ -244,9 +238,10 @@ def run_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
 
     daphne imports the application before it starts Twisted's asyncio reactor, and listens only
     after that: the coroutine runs to its end on the reactor's loop right away, so the first
-    request never waits behind it (it did, about 140 ms: the event store's connections and
-    the settled heap). Servers that import the application from inside their running loop
-    (uvicorn) get a task instead.
+    request never waits behind it (the event store's connections, the settled heap). daphne's
+    server module names the loop it installs the reactor on (`daphne.server.twisted_loop`).
+    Servers that import the application from inside their running loop (uvicorn) get a task
+    instead.
     """
 
     async def run() -> None:
@@ -264,9 +259,9 @@ def run_on_server_loop(coroutine: Callable[[], Awaitable[Any]]) -> bool:
     if running is not None:
         start(running)
         return True
-    reactor = sys.modules.get("twisted.internet.reactor")
-    loop = getattr(reactor, "_asyncioEventloop", None)
-    if reactor is not None and isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
+    daphne = sys.modules.get("daphne.server")
+    loop = getattr(daphne, "twisted_loop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running() and not loop.is_closed():
         # What it leaves running on the loop (pools' tasks, connections) resumes with the reactor.
         loop.run_until_complete(run())
         return True

@@ -1,8 +1,8 @@
 """Running conversations in the background, and sweeping the ones whose run died.
 
-On PostgreSQL a run is a procrastinate job (`streaming.tasks.run_conversation`) that
-any `manage.py procrastinate worker` on any machine picks up; on the embedded SQLite
-default it is an asyncio task of the web process.
+On PostgreSQL a run is a procrastinate job (the task RUN_TASK, streaming/tasks.py) that any
+`manage.py worker` on any machine picks up; on the embedded SQLite default it is an asyncio
+task of the web process. The streaming modules import downwards only: worker -> tasks -> jobs.
 """
 
 from __future__ import annotations
@@ -19,9 +19,15 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Q
 from django.utils import timezone
+from procrastinate.contrib.django import app
+from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.jobs import Job, Status
+from procrastinate.manager import JobManager
 
 from conversations.events import EventLog
+from conversations.liveness import keep_running
 from conversations.models import Conversation
+from conversations.services import conversation_run
 
 logger = logging.getLogger("polyagents.jobs")
 
@@ -29,6 +35,10 @@ logger = logging.getLogger("polyagents.jobs")
 _background: set[asyncio.Task[None]] = set()
 
 SWEEP_MAX_REQUEUES = 2
+RUN_TASK = "conversations.run_conversation"
+# A run's retries (a crash, a lost database) wait 2.5-5 s, 5-10 s, 10-20 s, 20-40 s, 30-60 s:
+# together at least 67 s, so they span a database restart or a short outage.
+RUN_MAX_ATTEMPTS = 6
 
 
 def job_lock(conversation_id: uuid.UUID | str) -> str:
@@ -39,13 +49,9 @@ def job_lock(conversation_id: uuid.UUID | str) -> str:
 async def enqueue_run(conversation_id: uuid.UUID, exchange: int) -> str:
     """Start running an exchange in the background: "procrastinate", "already_queued" or "in_process"."""
     if settings.USING_POSTGRES:
-        from procrastinate.exceptions import AlreadyEnqueued
-
-        from streaming.tasks import run_conversation
-
         lock = job_lock(conversation_id)
         try:
-            await run_conversation.configure(lock=lock, queueing_lock=lock).defer_async(
+            await app.configure_task(RUN_TASK, lock=lock, queueing_lock=lock).defer_async(
                 conversation_id=str(conversation_id), exchange=exchange
             )
         except AlreadyEnqueued:
@@ -60,8 +66,6 @@ async def enqueue_run(conversation_id: uuid.UUID, exchange: int) -> str:
 
 async def run_in_process(conversation_id: uuid.UUID, exchange: int) -> None:
     """The SQLite path: run this exchange in this process (`start_in_process_sweeper` resumes dead ones)."""
-    from conversations.services import conversation_run
-
     try:
         await conversation_run(conversation_id=conversation_id, exchange=exchange)
     except Exception:
@@ -92,8 +96,6 @@ def start_in_process_sweeper() -> None:
 
 
 async def _sweep_forever() -> None:
-    from streaming.worker import keep_running
-
     await keep_running("recovery sweep", sweep_stale_conversations, settings.RECOVERY_SWEEP_SECONDS)
 
 
@@ -214,11 +216,7 @@ async def _recover_job(
     max_requeues: int,
     report: SweepReport,
 ) -> None:
-    from procrastinate.contrib.django import app
-    from procrastinate.contrib.django.models import ProcrastinateJob
-    from procrastinate.jobs import Status
-
-    from streaming.tasks import RUN_MAX_ATTEMPTS
+    from procrastinate.contrib.django.models import ProcrastinateJob  # only with the app installed
 
     worker_cutoff = now - timedelta(seconds=settings.WORKER_STALLED_SECONDS)
     rows = [
@@ -252,12 +250,10 @@ async def _recover_job(
         return
     if dead:
         row = dead[0]
-        if row.attempts + 1 >= RUN_MAX_ATTEMPTS:
-            await manager.finish_job_by_id_async(row.id, status=Status.FAILED, delete_job=False)
+        if not await retry_dead_job(manager, row.procrastinate_job):
             reason = f"worker lost: no heartbeat for {seconds:g}s, {row.attempts + 1} attempt(s)"
             await _fail_stale(current, reason, report)
             return
-        await manager.retry_job(row.procrastinate_job)
         await sync_to_async(_notify_job_queued)(row.id, row.queue_name)
         report.resumed.append(str(conversation.pk))
         logger.warning(
@@ -265,6 +261,20 @@ async def _recover_job(
         )
         return
     await _requeue_or_fail(current, seconds, max_requeues, report)
+
+
+async def retry_dead_job(manager: JobManager, job: Job) -> bool:
+    """Put back in the queue a `doing` job whose worker is dead; past RUN_MAX_ATTEMPTS, fail it.
+
+    True if it was queued again. A job that keeps killing its worker must not loop forever.
+    """
+    assert job.id is not None
+    if job.attempts + 1 >= RUN_MAX_ATTEMPTS:
+        await manager.finish_job_by_id_async(job.id, status=Status.FAILED, delete_job=False)
+        logger.error("dead job failed after too many attempts", extra={"job_id": job.id})
+        return False
+    await manager.retry_job(job)
+    return True
 
 
 def _notify_job_queued(job_id: int, queue: str) -> None:

@@ -1,44 +1,40 @@
 """The channel layer of REDIS_URL deployments: Redis pub/sub, decoded once per process.
 
-channels_redis's `RedisPubSubChannelLayer` already turns a `group_send` into one PUBLISH
-that each web process receives once, but it then queues the raw bytes for every local
-member of the group and each consumer decodes its own copy (msgpack), so a message for
-1,000 local sockets is decoded 1,000 times. This layer decodes it once, when it arrives,
-and hands the same message to every local member. Consumers must treat a received
+channels_redis's `RedisPubSubChannelLayer` already turns a `group_send` into one PUBLISH that
+each web process receives once; it then queues that same bytes object for every local member
+of the group, and each member's `receive` passes it to the layer's `deserialize`. This layer's
+`deserialize` remembers the messages it decoded last, by their bytes: a message for 1,000 local
+sockets is decoded once, and every member gets the same dict. Consumers must treat a received
 message as read-only (streaming/consumers.py does).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
-from channels_redis.pubsub import RedisPubSubChannelLayer, RedisSingleShardConnection
+from channels_redis.pubsub import RedisPubSubChannelLayer
 
-
-class _DecodedMessage(dict[str, Any]):
-    """A message this layer already decoded (so `deserialize` passes it through)."""
-
-
-class _DecodeOnceShard(RedisSingleShardConnection):
-    def _receive_message(self, message: dict[str, Any] | None) -> None:
-        if message is not None and isinstance(message.get("data"), bytes):
-            decoded = _DecodedMessage(self.channel_layer.channel_layer.deserialize(message["data"]))
-            message = {**message, "data": decoded}
-        super()._receive_message(message)
+# Messages remembered: enough for the ones still queued to some member of a busy process.
+REMEMBERED = 256
 
 
 class LocalFanoutPubSubChannelLayer(RedisPubSubChannelLayer):
-    """`RedisPubSubChannelLayer` that decodes each received message once for all local channels."""
+    """`RedisPubSubChannelLayer` whose `deserialize` decodes each received message once."""
 
-    def _get_layer(self) -> Any:
-        layer = super()._get_layer()
-        if not getattr(layer, "_decode_once", False):
-            # A new per-loop layer: swap its shards (not connected yet) for decode-once ones.
-            layer._shards = [_DecodeOnceShard(shard.host, layer) for shard in layer._shards]
-            layer._decode_once = True
-        return layer
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decoded: dict[bytes, Any] = {}
+        self.decoded_lock = threading.Lock()  # a process's event loops share the layer
 
-    def deserialize(self, message: Any) -> Any:
-        if isinstance(message, _DecodedMessage):
-            return message
-        return super().deserialize(message)
+    def deserialize(self, message: bytes) -> Any:
+        with self.decoded_lock:
+            found = self.decoded.get(message)  # bytes cache their hash: O(1) after the first
+            if found is not None:
+                return found
+        found = super().deserialize(message)
+        with self.decoded_lock:
+            self.decoded[message] = found
+            if len(self.decoded) > REMEMBERED:
+                del self.decoded[next(iter(self.decoded))]
+        return found

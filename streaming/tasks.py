@@ -1,6 +1,6 @@
 """procrastinate tasks: run a conversation, and the periodic maintenance that keeps runs honest.
 
-Workers: `python manage.py procrastinate worker` (PostgreSQL deployments only).
+Workers: `python manage.py worker` (PostgreSQL deployments only; streaming/worker.py).
 """
 
 from __future__ import annotations
@@ -11,33 +11,34 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import attr
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
-from procrastinate import App, JobContext, RetryDecision, RetryStrategy
+from procrastinate import App, JobContext, PsycopgConnector, RetryDecision, RetryStrategy
 from procrastinate.contrib.django import app
-from procrastinate.contrib.django.django_connector import DjangoConnector
+from procrastinate.contrib.django.utils import connector_params
 from procrastinate.jobs import Job, Status
 from procrastinate.manager import JobManager
 
+from conversations.services import conversation_run
+from streaming.jobs import RUN_MAX_ATTEMPTS, RUN_TASK, sweep_stale_conversations
+
 logger = logging.getLogger("polyagents.tasks")
 
-# A run's retries (a crash, a lost database) wait 2.5-5 s, 5-10 s, 10-20 s, 20-40 s, 30-60 s:
-# together at least 67 s, so they span a database restart or a short outage.
-RUN_MAX_ATTEMPTS = 6
+POOL_TIMEOUT_SECONDS = 5.0
 STALLED_JOB_SECONDS = 30.0
 STALLED_MAX_ATTEMPTS = RUN_MAX_ATTEMPTS
-RUN_TASK = "conversations.run_conversation"
 
 
 def worker_app() -> App:
-    """The app on a psycopg pool connector: what workers need (Django's connector returns jsonb as text)."""
-    from streaming.worker import install
+    """The app on a psycopg pool connector: what workers need (Django's connector returns jsonb as text).
 
-    connector = cast(DjangoConnector, app.connector)
-    return install(app.with_connector(connector.get_worker_connector()))
+    A statement waits at most POOL_TIMEOUT_SECONDS for a connection: a worker whose database
+    is away learns it soon, and a stopping worker does not hang on its jobs' last status writes.
+    """
+    return app.with_connector(PsycopgConnector(kwargs=connector_params(), timeout=POOL_TIMEOUT_SECONDS))
 
 
 async def run_worker_until_idle(**options: Any) -> None:
@@ -83,9 +84,7 @@ async def fresh_connections() -> AsyncIterator[None]:
     retry=JitteredRetry(max_attempts=RUN_MAX_ATTEMPTS, wait=5, exponential_wait=2, max_wait=60),
 )
 async def run_conversation(conversation_id: str, exchange: int) -> None:
-    """Run (or resume after a crash) one exchange of a conversation."""
-    from conversations.services import conversation_run
-
+    """Run (or resume after a crash) one exchange of a conversation (idempotent once done)."""
     async with fresh_connections():
         await conversation_run(conversation_id=uuid.UUID(conversation_id), exchange=exchange)
 
@@ -126,11 +125,9 @@ async def retry_stalled_jobs(
 async def sweep(context: JobContext, timestamp: int) -> dict[str, Any]:
     """Every minute: retry stalled maintenance jobs, and recover dead runs.
 
-    Each worker also recovers dead runs every RECOVERY_SWEEP_SECONDS (streaming/worker.py);
-    this is the same idempotent sweep, for a worker whose side tasks are not ours.
+    Each `manage.py worker` also recovers dead runs every RECOVERY_SWEEP_SECONDS
+    (streaming/worker.py); this is the same idempotent sweep, for any other worker.
     """
-    from streaming.jobs import sweep_stale_conversations
-
     async with fresh_connections():
         retried = await retry_stalled_jobs(context.app.job_manager)
         report = await sweep_stale_conversations()

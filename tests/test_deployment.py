@@ -51,7 +51,9 @@ def test_app_waits_for_healthy_backends(name):
         assert web_deps[backend]["condition"] == "service_healthy"
     assert "daphne" in services["web"]["command"]
     assert "migrate" in services["web"]["command"]
-    assert services["worker"]["command"] == "python manage.py procrastinate worker"
+    assert services["worker"]["command"] == "python manage.py worker"
+    # Crash-only: a worker process that ends is started again.
+    assert services["worker"]["restart"] == "unless-stopped"
 
 
 def test_prod_requires_secrets_and_turns_debug_off():

@@ -42,3 +42,17 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
     result = _lint(config)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "conversations.begin -> consensus" in result.stdout
+
+
+def test_the_streaming_modules_import_one_way(tmp_path: Path) -> None:
+    """worker -> tasks -> jobs, never back: no circle among the background-run modules."""
+    config = tmp_path / "streaming.toml"
+    config.write_text(
+        '[tool.importlinter]\nroot_packages = ["streaming"]\n\n'
+        "[[tool.importlinter.contracts]]\n"
+        'name = "streaming runs"\ntype = "layers"\ncontainers = ["streaming"]\n'
+        'layers = ["management", "worker", "tasks", "jobs", "compat"]\n'
+    )
+    result = _lint(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout

@@ -1,4 +1,4 @@
-"""End to end over real processes: a daphne web server and `manage.py procrastinate worker`.
+"""End to end over real processes: a daphne web server and `manage.py worker`.
 
 The test process, the web process and the worker share the PostgreSQL test database and
 Redis (prefix of this session); clients talk to daphne over real HTTP and WebSockets.
@@ -110,7 +110,7 @@ def start_web(env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Process:
     return Process(
-        [PYTHON, "manage.py", "procrastinate", "worker", "--concurrency", "8"],
+        [PYTHON, "manage.py", "worker", "--concurrency", "8"],
         env,
         log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log",
     )

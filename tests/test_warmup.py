@@ -129,25 +129,24 @@ async def test_the_loop_steps_build_this_loops_sdk_client(
     assert gc.get_threshold()[2] == FULL_COLLECTION_EVERY
 
 
-@pytest.mark.parametrize("wait", [True, False])
-async def test_a_worker_that_runs_until_stopped_settles_its_heap_a_burst_does_not(
-    wait: bool, monkeypatch: pytest.MonkeyPatch
+async def test_a_worker_process_settles_its_heap_before_its_first_worker(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from procrastinate import App
-    from procrastinate import worker as procrastinate_worker
-    from procrastinate.testing import InMemoryConnector
-
     from streaming import worker
 
-    settled: list[bool] = []
-    monkeypatch.setattr(worker, "settle_heap", lambda: settled.append(True))
+    happened: list[str] = []
+    monkeypatch.setattr(worker, "settle_heap", lambda: happened.append("settled"))
 
-    async def ran(self: object) -> None:
-        settled.append(False)
+    async def answers() -> None:
+        happened.append("database")
 
-    monkeypatch.setattr(procrastinate_worker.Worker, "run", ran)
-    await worker.ResilientWorker(app=App(connector=InMemoryConnector()), wait=wait).run()
-    assert settled == ([True, False] if wait else [False])
+    async def work(unsaved: set[int], **options: object) -> None:
+        happened.append("worker")
+
+    monkeypatch.setattr(worker, "database_answers", answers)
+    monkeypatch.setattr(worker, "work", work)
+    await worker.serve()
+    assert happened == ["settled", "database", "worker"]
 
 
 async def test_scheduled_on_the_running_loop() -> None:
@@ -156,19 +155,19 @@ async def test_scheduled_on_the_running_loop() -> None:
     async def mark() -> None:
         ran.set()
 
-    reactor = sys.modules.pop("twisted.internet.reactor", None)  # as under uvicorn: no Twisted
+    daphne = sys.modules.pop("daphne.server", None)  # as under uvicorn: no daphne
     try:
         assert warmup.run_on_server_loop(mark) is True
     finally:
-        if reactor is not None:
-            sys.modules["twisted.internet.reactor"] = reactor
+        if daphne is not None:
+            sys.modules["daphne.server"] = daphne
     await asyncio.wait_for(ran.wait(), 5)
 
 
 async def test_a_running_loop_wins_over_a_reactor_that_does_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Imported inside a running loop (an in-process ASGI client) while Twisted's reactor is
-    installed but idle: a task on the running loop, not the reactor's loop (which cannot run
-    in a thread whose loop runs)."""
+    """Imported inside a running loop (an in-process ASGI client) while daphne's reactor loop
+    is made but idle: a task on the running loop, not daphne's loop (which cannot run in a
+    thread whose loop runs)."""
     ran = asyncio.Event()
 
     async def mark() -> None:
@@ -176,15 +175,30 @@ async def test_a_running_loop_wins_over_a_reactor_that_does_not_run(monkeypatch:
 
     idle = asyncio.new_event_loop()
     try:
-        monkeypatch.setitem(sys.modules, "twisted.internet.reactor", SimpleNamespace(_asyncioEventloop=idle))
+        monkeypatch.setitem(sys.modules, "daphne.server", SimpleNamespace(twisted_loop=idle))
         assert warmup.run_on_server_loop(mark) is True
         await asyncio.wait_for(ran.wait(), 5)
     finally:
         idle.close()
 
 
+def test_run_to_its_end_on_daphnes_loop_before_the_reactor_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[asyncio.AbstractEventLoop] = []
+
+    async def mark() -> None:
+        ran.append(asyncio.get_running_loop())
+
+    reactor_loop = asyncio.new_event_loop()
+    try:
+        monkeypatch.setitem(sys.modules, "daphne.server", SimpleNamespace(twisted_loop=reactor_loop))
+        assert warmup.run_on_server_loop(mark) is True
+        assert ran == [reactor_loop]  # done already: before daphne listens
+    finally:
+        reactor_loop.close()
+
+
 def test_not_scheduled_without_a_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "twisted.internet.reactor", raising=False)
+    monkeypatch.delitem(sys.modules, "daphne.server", raising=False)
 
     async def never() -> None:
         raise AssertionError("must not run")

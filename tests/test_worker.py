@@ -132,7 +132,8 @@ async def test_sweep_requeues_a_bounded_number_of_times_then_fails() -> None:
 def test_retry_strategy_backs_off_long_enough_to_span_a_restart_with_jitter() -> None:
     from procrastinate.jobs import Job
 
-    from streaming.tasks import RUN_MAX_ATTEMPTS, run_conversation
+    from streaming.jobs import RUN_MAX_ATTEMPTS
+    from streaming.tasks import run_conversation
 
     strategy = run_conversation.retry_strategy
     assert strategy is not None
@@ -361,12 +362,12 @@ async def test_sweep_leaves_runs_alone_while_their_worker_or_their_heartbeat_liv
 
 @requires_postgres
 async def test_a_run_whose_worker_keeps_dying_ends_failed_with_its_reason(make_key: KeyMaker) -> None:
-    from streaming.tasks import RUN_MAX_ATTEMPTS
+    from streaming.jobs import RUN_MAX_ATTEMPTS
+    from streaming.tasks import worker_app
 
     conversation = await started_conversation(make_key)
     queue = f"test-{uuid.uuid4().hex[:8]}"
     job_id, _ = await dead_worker_job(conversation, queue)
-    from streaming.tasks import worker_app
 
     async with worker_app().open_async() as app:
         await app.connector.execute_query_async(
@@ -428,3 +429,30 @@ async def test_stalled_jobs_are_retried_until_the_attempt_limit(attempts: int, e
         await manager.cancel_job_by_id_async(job_id)  # leave nothing for other tests' workers
         await manager.unregister_worker(worker_id)
     assert row["status"] == expected
+
+
+@requires_postgres
+async def test_jobs_whose_status_a_lost_worker_could_not_save_are_queued_again_at_once(
+    make_key: KeyMaker,
+) -> None:
+    """What `manage.py worker` does before a new worker fetches: no heartbeat has to go stale."""
+    from streaming.tasks import worker_app
+    from streaming.worker import release
+
+    conversation = await started_conversation(make_key)
+    queue = f"test-{uuid.uuid4().hex[:8]}"
+    job_id, worker_id = await dead_worker_job(conversation, queue)
+    async with worker_app().open_async() as app:
+        # Its heartbeat is fresh: only this process knows the worker is gone.
+        await app.job_manager.update_heartbeat(worker_id)
+        assert (await sweep_stale_conversations()).resumed == []
+        unsaved = {job_id, job_id + 1000}  # the other one is not `doing`: left alone
+        await release(app.job_manager, unsaved)
+        assert unsaved == set()
+        [job] = await app.job_manager.list_jobs_async(id=job_id)
+        assert (job.status, job.attempts) == ("todo", 1)
+        await release(app.job_manager, {job_id})  # queued already: not touched again
+        [job] = await app.job_manager.list_jobs_async(id=job_id)
+        assert (job.status, job.attempts) == ("todo", 1)
+        await app.job_manager.cancel_job_by_id_async(job_id)
+        await app.job_manager.unregister_worker(worker_id)
