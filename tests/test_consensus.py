@@ -67,6 +67,10 @@ def options(*keys: str) -> list[Option]:
         ("The Eiffel Tower", "Eiffel tower"),
         ("an apple", "Apple"),
         ("-0", "0"),
+        ("42 (final)", "42"),
+        ("Final: 42", "**42**"),
+        ("Paris (France).", "paris"),
+        ("[42]", "42"),
     ],
 )
 def test_equal_answers_share_a_key(left: str, right: str) -> None:
@@ -86,6 +90,8 @@ def test_equal_answers_share_a_key(left: str, right: str) -> None:
         ("Plan A", "Plan B"),
         ("options galore", "option g"),
         ("1,0000", "10000"),
+        ("f(x)", "f"),
+        ("(42) apples", "42"),
     ],
 )
 def test_different_answers_keep_different_keys(left: str, right: str) -> None:
