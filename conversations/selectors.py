@@ -237,6 +237,7 @@ def chat_body(
                 "winner": result["winner"] or None,
                 "position": details.get("position", ""),
                 "confidence": result["confidence"],
+                "confidence_source": (details.get("calibration") or {}).get("confidence_source"),
                 "agreement": agreement,
                 "share": details.get("share"),
                 "margin": details.get("margin"),

@@ -209,6 +209,12 @@ class SimulatedProvider(Provider):
         # entry of a deterministic failure schedule instead of failing forever.
         self._attempts: OrderedDict[int, int] = OrderedDict()
 
+    @property
+    def knows_answers(self) -> bool:
+        """Whether its answers carry evidence: in quiz mode yes (a known accuracy), otherwise it
+        picks among a question's plausible-looking candidates without knowing which is right."""
+        return self.quiz is not None
+
     async def generate(self, request: GenerationRequest) -> Generation:
         """Sleep the configured latency and return the simulated answer."""
         started = time.monotonic()
