@@ -195,63 +195,77 @@ def _log(value: float) -> float:
 
 
 def _family_log_likelihood(
-    counts: Mapping[str, int], truth: str | None, r: float, c: float, s: float
+    counts: Sequence[tuple[str, int]], truth: str | None, r: float, c: float, s: float
 ) -> float:
-    """log L_m(truth) - log(((1 - r) s)^n): one model's answers (key -> agents) given the truth.
+    """log L_m(truth) - log(((1 - r) s)^n): one model's answers (key, agents) given the truth.
 
     Divided by their probability under "none of them" with c = 0 (a constant for the
-    panel), so that large panels neither overflow nor underflow.
+    panel), so that large panels neither overflow nor underflow. With R = r / ((1 - r) s)
+    the ratio of a right to a wrong answer, the term of a latent answer z is
+    q(z) x (c / ((1 - r) s) + (1 - c) R_z)^n_z x prod over the other keys of ((1 - c) R_k)^n_k.
     """
     wrong = (1 - r) * s
-
-    def q(key: str) -> float:
-        return r if key == truth else wrong
-
-    named = math.fsum(q(z) for z in counts)
-    terms = [_log(max(0.0, 1.0 - named)) + sum(n * _log((1 - c) * q(k) / wrong) for k, n in counts.items())]
-    for z in counts:
+    log_kept = math.log(1 - c)
+    ratio = r / wrong
+    independent = sum(n for _, n in counts) * log_kept + sum(
+        n * math.log(ratio) for k, n in counts if k == truth
+    )
+    named = 0.0
+    terms = []
+    for z, n in counts:
+        q, own = (r, ratio) if z == truth else (wrong, 1.0)
+        named += q
         terms.append(
-            _log(q(z)) + sum(n * _log((c * (k == z) + (1 - c) * q(k)) / wrong) for k, n in counts.items())
+            math.log(q) + independent + n * (math.log(c / wrong + (1 - c) * own) - log_kept - math.log(own))
         )
+    terms.append(_log(max(0.0, 1.0 - named)) + independent)
     return _log_sum_exp(terms)
 
 
-def _families(answers: Sequence[Answer]) -> dict[str, Counter[str]]:
-    families: dict[str, Counter[str]] = defaultdict(Counter)
-    for model, key in answers:
-        if key:
-            families[model][key] += 1
-    return families
+@dataclass(frozen=True)
+class _Shape:
+    """One panel's answers by model: ((model, ((key, agents), ...)), ...), and its distinct keys."""
+
+    families: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
+    keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, answers: Sequence[Answer]) -> _Shape:
+        families: dict[str, Counter[str]] = defaultdict(Counter)
+        for model, key in answers:
+            if key:
+                families[model][key] += 1
+        return cls(
+            families=tuple((m, tuple(sorted(families[m].items()))) for m in sorted(families)),
+            keys=tuple(sorted({k for counts in families.values() for k in counts})),
+        )
 
 
-def _hypotheses(answers: Sequence[Answer], reliabilities: Reliabilities) -> tuple[list[str], list[float]]:
-    """The distinct keys and the log weight of "k is right" for each, then of "none of them"."""
-    families = _families(answers)
-    keys = sorted({k for counts in families.values() for k in counts})
-    s = _coincidence_for(keys, reliabilities.coincidence)
-    rho = max(0.0, 1.0 / s + 1.0 - len(keys))
-    params = {
-        model: (
-            s / (1 + s)
-            if model in reliabilities.uninformed
-            else _at_least_chance(reliabilities.of(model), s),
+def _hypotheses(shape: _Shape, reliabilities: Reliabilities) -> list[float]:
+    """The log weight of "k is right" for each of the shape's keys, then of "none of them"."""
+    if not shape.keys:
+        return []
+    s = _coincidence_for(shape.keys, reliabilities.coincidence)
+    rho = max(0.0, 1.0 / s + 1.0 - len(shape.keys))
+    params = [
+        (
+            counts,
+            _chance(s) if model in reliabilities.uninformed else _at_least_chance(reliabilities.of(model), s),
             reliabilities.correlation_of(model),
         )
-        for model in families
-    }
+        for model, counts in shape.families
+    ]
 
     def log_weight(truth: str | None) -> float:
-        return math.fsum(
-            _family_log_likelihood(counts, truth, *params[model], s) for model, counts in families.items()
-        )
+        return math.fsum(_family_log_likelihood(counts, truth, r, c, s) for counts, r, c in params)
 
-    logs = [log_weight(k) for k in keys] + [_log(rho) + log_weight(None)] if keys else []
-    return keys, logs
+    return [log_weight(k) for k in shape.keys] + [_log(rho) + log_weight(None)]
 
 
 def posterior(answers: Sequence[Answer], reliabilities: Reliabilities) -> Posterior:
     """The model's posterior over one panel's distinct answers (order of answers is irrelevant)."""
-    keys, logs = _hypotheses(answers, reliabilities)
+    shape = _Shape.of(answers)
+    keys, logs = shape.keys, _hypotheses(shape, reliabilities)
     if not keys:
         return Posterior(probabilities={}, none=1.0, unnamed=math.inf)
     s = _coincidence_for(keys, reliabilities.coincidence)
@@ -292,18 +306,17 @@ def _log_beta(value: float, prior: tuple[float, float]) -> float:
     return (a - 1) * math.log(max(value, 1e-12)) + (b - 1) * math.log(max(1 - value, 1e-12))
 
 
-def _log_evidence(item: Sequence[Answer], fit: Reliabilities) -> float:
+def _log_evidence(shape: _Shape, fit: Reliabilities) -> float:
     """log P(this shape of answers): every way to name its K groups with the V values, each 1/V likely."""
-    keys, logs = _hypotheses(item, fit)
-    s = _coincidence_for(keys, fit.coincidence)
+    s = _coincidence_for(shape.keys, fit.coincidence)
     values = 1.0 / s + 1.0
-    namings = math.prod(max(values - i, 1e-9) for i in range(len(keys)))
-    families = _families(item)
+    namings = math.prod(max(values - i, 1e-9) for i in range(len(shape.keys)))
     # The likelihoods were divided by ((1 - r) s)^n per family: put it back.
     base = math.fsum(
-        sum(n.values()) * math.log((1 - _at_least_chance(fit.of(m), s)) * s) for m, n in families.items()
+        sum(n for _, n in counts) * math.log((1 - _at_least_chance(fit.of(m), s)) * s)
+        for m, counts in shape.families
     )
-    return _log_sum_exp(logs) + base + math.log(namings / values)
+    return _log_sum_exp(_hypotheses(shape, fit)) + base + math.log(namings / values)
 
 
 def _golden(objective: Callable[[float], float], low: float, high: float, steps: int) -> float:
@@ -324,7 +337,7 @@ def _golden(objective: Callable[[float], float], low: float, high: float, steps:
     return (a + b) / 2
 
 
-def _log_posterior(patterns: Mapping[tuple[Answer, ...], int], fit: Reliabilities) -> float:
+def _log_posterior(patterns: Mapping[_Shape, int], fit: Reliabilities) -> float:
     """What fit_reliabilities maximises: the shapes' log evidence plus the Beta log priors."""
     value = math.fsum(times * _log_evidence(item, fit) for item, times in patterns.items())
     value += math.fsum(_log_beta(r, PRIOR_RELIABILITY) for r in fit.by_model.values())
@@ -341,7 +354,7 @@ def _with(fit: Reliabilities, name: str, model: str, value: float) -> Reliabilit
     return replace(fit, correlation={**fit.correlation, model: value})
 
 
-def _start(patterns: Mapping[tuple[Answer, ...], int], fit: Reliabilities, open_items: bool) -> Reliabilities:
+def _start(patterns: Mapping[_Shape, int], fit: Reliabilities, open_items: bool) -> Reliabilities:
     """The best point of a coarse grid: r and c trade off along a ridge (agreement can be skill
     or shared errors) that coordinate ascent alone climbs slowly."""
     for value in START_COINCIDENCE if open_items else ():
@@ -354,9 +367,7 @@ def _start(patterns: Mapping[tuple[Answer, ...], int], fit: Reliabilities, open_
     return fit
 
 
-def _along(
-    patterns: Mapping[tuple[Answer, ...], int], fit: Reliabilities, name: str, model: str, value: float
-) -> float:
+def _along(patterns: Mapping[_Shape, int], fit: Reliabilities, name: str, model: str, value: float) -> float:
     return _log_posterior(patterns, _with(fit, name, model, value))
 
 
@@ -369,10 +380,11 @@ def fit_reliabilities(
     to the maximiser of the log posterior along it (golden-section search over its range,
     ``steps`` steps), the others held; ``sweeps`` rounds.
     """
-    patterns: Counter[tuple[Answer, ...]] = Counter(
-        canonical for panel in panels if (canonical := _canonical([(m, k) for m, k in panel if k]))
+    canonical: Counter[tuple[Answer, ...]] = Counter(
+        shape for panel in panels if (shape := _canonical([(m, k) for m, k in panel if k]))
     )
-    models = sorted({m for item in patterns for m, _ in item})
+    patterns = {_Shape.of(item): times for item, times in canonical.items()}
+    models = sorted({m for shape in patterns for m, _ in shape.families})
     current = Reliabilities(
         by_model={m: _mode(PRIOR_RELIABILITY) for m in models},
         correlation={m: _mode(PRIOR_CORRELATION) for m in models},
@@ -380,7 +392,7 @@ def fit_reliabilities(
     )
     if not patterns:
         return current
-    open_items = any(not is_binary(k for _, k in item) for item in patterns)
+    open_items = any(not is_binary(shape.keys) for shape in patterns)
     current = _start(patterns, current, open_items)
     coordinates = [("r", m, LOW_RELIABILITY, MAX_RELIABILITY) for m in models]
     coordinates += [("c", m, MIN_CORRELATION, MAX_CORRELATION) for m in models]

@@ -27,6 +27,7 @@ from consensus.calibration import (
     _canonical,
     _log_beta,
     _log_evidence,
+    _Shape,
     calibration_errors,
     evidence_weight,
     is_binary,
@@ -204,7 +205,7 @@ def test_the_fit_recovers_unequal_skills_without_labels() -> None:
 
 def log_posterior(items: list[list[tuple[str, str]]], fit: Reliabilities) -> float:
     """What fit_reliabilities maximises, from its documented parts."""
-    value = math.fsum(_log_evidence(_canonical(item), fit) for item in items)
+    value = math.fsum(_log_evidence(_Shape.of(_canonical(item)), fit) for item in items)
     value += math.fsum(_log_beta(v, PRIOR_RELIABILITY) for v in fit.by_model.values())
     value += math.fsum(_log_beta(v, PRIOR_CORRELATION) for v in fit.correlation.values())
     return value + _log_beta(fit.coincidence, PRIOR_COINCIDENCE)
