@@ -644,3 +644,10 @@ def test_an_empty_electorate_is_never_unanimous() -> None:
     assert is_unanimous([Proposal("a1", "", "Yes", 0.9)], electorate=0) is False
     assert is_unanimous([], electorate=0) is False
     assert is_unanimous([Proposal("a1", "", "Yes", 0.9)], electorate=1) is True
+
+
+def test_the_last_of_several_inline_confidences_wins() -> None:
+    text = "I think so, confidence: 0.6.\nOn reflection, confidence: 0.9\nFINAL POSITION: 42"
+    proposal = parse_reply("a1", text)
+    assert proposal is not None
+    assert proposal.confidence == pytest.approx(0.9)
