@@ -60,7 +60,7 @@ from agents.providers.base import Generation, GenerationRequest, Provider  # noq
 from agents.providers.registry import register_provider, reset_providers  # noqa: E402
 from agents.providers.simulated import QuizConfig, SimulatedProvider  # noqa: E402
 from consensus import Reliabilities, answer_keys, fit_reliabilities, normalize_answer, posterior  # noqa: E402
-from consensus.calibration import calibration_errors, vote_weights  # noqa: E402
+from consensus.calibration import calibration_errors  # noqa: E402
 from conversations.assessment import refit_interval  # noqa: E402
 
 DRIFT = 0.85
@@ -182,18 +182,15 @@ async def run_mode(
     reset_providers()
     register_provider("simulated", provider)
 
-    async def converse(question: str, fit: Reliabilities) -> RunOutcome:
+    async def converse(question: str) -> RunOutcome:
         orchestrator = Orchestrator(
-            panel=team, question=question, turns=TURNS, emit=_silent, strategy="reliability",
-            stream=False, vote_weights=vote_weights(models, fit),
+            panel=team, question=question, turns=TURNS, emit=_silent, strategy="majority", stream=False,
         )  # fmt: skip
         return await orchestrator.run()
 
     past: list[list[tuple[str, str]]] = []
-    for index in range(history):
-        outcome = await converse(
-            f"History question {seed}-{index}: what is {index} + {seed * 7 + 11}?", Reliabilities()
-        )
+    for index in range(history if assess else 0):
+        outcome = await converse(f"History question {seed}-{index}: what is {index} + {seed * 7 + 11}?")
         past.append(first_turn_answers(outcome, models))
     fresh, seasoned = Prequential([]), Prequential(past)
     rows: list[dict[str, Any]] = []
@@ -201,7 +198,7 @@ async def run_mode(
     for index in range(questions):
         question = f"Quiz {seed}-{index}: what is {index * 3} + {seed * 13 + 5}?"
         truth = normalize_answer(quiz.truth(question))
-        outcome = await converse(question, seasoned.fit)
+        outcome = await converse(question)
         answers = first_turn_answers(outcome, models)
         winner = outcome.decision.winner_key if outcome.decision else None
         first, led = plurality([k for _, k in answers], truth)

@@ -357,13 +357,24 @@ def _with(fit: Reliabilities, name: str, model: str, value: float) -> Reliabilit
 def _start(patterns: Mapping[_Shape, int], fit: Reliabilities, open_items: bool) -> Reliabilities:
     """The best point of a coarse grid: r and c trade off along a ridge (agreement can be skill
     or shared errors) that coordinate ascent alone climbs slowly."""
-    for value in START_COINCIDENCE if open_items else ():
-        fit = max(fit, _with(fit, "s", "", value), key=partial(_log_posterior, patterns))
+    score = partial(_log_posterior, patterns)
+    # Every model alike first (shared errors show as agreement within models and not across
+    # them, which a model moved alone cannot explain), then each model on its own.
+    for s in START_COINCIDENCE if open_items else (fit.coincidence,):
+        for r in START_RELIABILITY:
+            for c in START_CORRELATION:
+                candidate = replace(
+                    fit,
+                    coincidence=s,
+                    by_model=dict.fromkeys(fit.by_model, r),
+                    correlation=dict.fromkeys(fit.by_model, c),
+                )
+                fit = max(fit, candidate, key=score)
     for model in fit.by_model:
         for r in START_RELIABILITY:
             for c in START_CORRELATION:
                 candidate = _with(_with(fit, "r", model, r), "c", model, c)
-                fit = max(fit, candidate, key=partial(_log_posterior, patterns))
+                fit = max(fit, candidate, key=score)
     return fit
 
 
