@@ -132,8 +132,7 @@ NUMERICAL: dict[tuple[str, int, str], str] = {
     ("consensus/platt.py", 83, "100 -> 101"): "Newton's budget: 788 fits tried (ridge 0.1 "
     "to 10) converge within 13 steps; only ridge = 0 on separable outcomes (no maximum) reaches it",
     ("consensus/platt.py", 83, "100 -> 99"): "same as above",
-    ("consensus/platt.py", 99, "Lt -> LtE"): "a step landing exactly on a = 0 is the same "
-    "step cut at a = 0",
+    ("consensus/platt.py", 99, "Lt -> LtE"): "a step landing exactly on a = 0 is the same step cut at a = 0",
     ("consensus/platt.py", 102, "60 -> 61"): "halving budget: 2^-60 of a step is below "
     "rounding, the line search ends before",
     ("consensus/platt.py", 102, "60 -> 59"): "same as above",
@@ -143,6 +142,8 @@ NUMERICAL: dict[tuple[str, int, str], str] = {
     ("consensus/platt.py", 111, "Lt -> LtE (col 15)"): PLATT_STOP,
     ("consensus/platt.py", 111, "1e-09 -> -0.999999999 (col 44)"): PLATT_STOP,
     ("consensus/platt.py", 111, "Lt -> LtE (col 34)"): PLATT_STOP,
+    ("consensus/platt.py", 111, "delete if"): PLATT_STOP + " (without it the fit stops when no "
+    "step uphill is left, after at most a few more steps below rounding)",
 }
 
 
