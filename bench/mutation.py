@@ -1,17 +1,22 @@
 """Mutation testing of the consensus library: do the tests notice when the code is wrong?
 
-A small AST mutator makes one change at a time in consensus/voting.py, scoring.py,
-agreement.py and calibration.py:
+A small AST mutator makes one change at a time in every module of consensus/ that has
+code (TARGETS):
 
-  compare   < <-> <=, > <-> >=, == <-> !=, in <-> not in, is <-> is not
-  minmax    min <-> max
-  constant  a number n -> n + 1 and n - 1 (not booleans, not strings)
-  return    return <expr> -> return None
+  compare    < <-> <=, > <-> >=, == <-> !=, in <-> not in, is <-> is not
+  minmax     min <-> max
+  constant   a number n -> n + 1 and n - 1 (not booleans, not strings); True <-> False
+  return     return <expr> -> return None
+  arithmetic + <-> -, * <-> /, // -> /, ** -> * (also in augmented assignments)
+  boolean    and <-> or; not x -> x
+  slicing    x[a:b] -> x[:b] and x[a:]; x[-1] -> x[0]
+  call       f(x) -> x for a call with one argument (abs, round, float, len...)
+  statement  a statement of a body with more than one -> pass (continue, break and
+             assignments included; not def, class or docstrings)
 
 For every mutant it copies the library into a temporary directory with the mutated
-module, then runs the consensus tests (tests/test_consensus.py, test_calibration.py,
-test_consensus_properties.py, stopping at the first failure, hypothesis seed fixed)
-against it, without Django. A mutant is killed when a test fails (or errors, or times
+module, then runs the module's own tests (TESTS_FOR; stopping at the first failure,
+hypothesis seed fixed) against it, without Django. A mutant is killed when a test fails (or errors, or times
 out; the output names the test), survives otherwise. Mutants known to be equivalent
 (they cannot change behaviour) are listed in EQUIVALENT with the reason and left out of
 the score; mutants of the numerical solvers that change a result only below the solver's
@@ -42,10 +47,27 @@ TARGETS = [
     "consensus/scoring.py",
     "consensus/agreement.py",
     "consensus/calibration.py",
+    "consensus/platt.py",
+    "consensus/normalize.py",
+    "consensus/formats.py",
+    "consensus/structured.py",
+    "consensus/records.py",
 ]
-TESTS = ["tests/test_consensus.py", "tests/test_calibration.py", "tests/test_consensus_properties.py"]
-# The calibration module is used only by its own tests (and the reliability vote, tested there).
-TESTS_FOR = {"consensus/calibration.py": ["tests/test_calibration.py"]}
+TESTS = [
+    "tests/test_consensus.py",
+    "tests/test_calibration.py",
+    "tests/test_consensus_properties.py",
+    "tests/test_consensus_structured.py",
+]
+CORE = ["tests/test_consensus.py", "tests/test_consensus_properties.py"]
+# Each module's own tests (the ones that exercise it); the others run every consensus test.
+TESTS_FOR = {
+    "consensus/calibration.py": ["tests/test_calibration.py", "tests/test_consensus_properties.py"],
+    "consensus/platt.py": ["tests/test_calibration.py"],
+    "consensus/normalize.py": CORE,
+    "consensus/formats.py": [*CORE, "tests/test_consensus_structured.py"],
+    "consensus/structured.py": ["tests/test_consensus_structured.py", *CORE],
+}
 TIMEOUT = 300
 
 COMPARE_SWAPS: dict[type, type] = {
@@ -61,6 +83,22 @@ COMPARE_SWAPS: dict[type, type] = {
     ast.IsNot: ast.Is,
 }
 
+ARITHMETIC_SWAPS: dict[type, type] = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Div,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Div,
+    ast.Pow: ast.Mult,
+}
+BODIES = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.If, ast.For, ast.While, ast.With, ast.Try)
+BODIES = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.If, ast.For, ast.While, ast.With, ast.Try)
+UNWRAPPABLE = frozenset(
+    {"abs", "round", "float", "int", "str", "bool", "len", "sorted", "tuple", "list", "set", "frozenset",
+     "dict", "clamp_unit", "normalize_answer", "math.fsum", "max", "min", "sum", "_clip"}
+)  # fmt: skip
+"""Calls f(x) that "call removal" replaces by their argument x."""
+
 NO_WINNER = "certainty without a winner: never read (the confidence is 0 then)"
 # (file, line, description) -> why the mutant cannot change behaviour.
 EQUIVALENT: dict[tuple[str, int, str], str] = {
@@ -75,12 +113,12 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     "confidence_score clamps the runner-up into [0, share], so -1 reads as 0",
     ("consensus/voting.py", 82, "0.0 -> 1.0"): NO_WINNER,
     ("consensus/voting.py", 82, "0.0 -> -1.0"): NO_WINNER,
-    ("consensus/agreement.py", 69, "0 -> -1"): "runner-up default with a single group: "
+    ("consensus/agreement.py", 78, "0 -> -1"): "runner-up default with a single group: "
     "confidence_score clamps the runner-up into [0, share], so -1/size reads as 0",
-    ("consensus/calibration.py", 166, "1.0 -> 2.0"): "vote_weights' s for yes/no: its only reader, "
+    ("consensus/calibration.py", 285, "1.0 -> 2.0"): "vote_weights' s for yes/no: its only reader, "
     "evidence_weight, clips s to MAX_COINCIDENCE = 1",
-    ("consensus/calibration.py", 238, "GtE -> Gt"): "_sigmoid(0): both branches give exactly 1/2",
-    ("consensus/calibration.py", 317, "0.0 -> -1.0"): "a + da >= 0 already (a step is cut at a = 0 "
+    ("consensus/platt.py", 31, "GtE -> Gt"): "_sigmoid(0): both branches give exactly 1/2",
+    ("consensus/platt.py", 110, "0.0 -> -1.0"): "a + da >= 0 already (a step is cut at a = 0 "
     "and only ever shortened), so neither floor changes a",
 }
 
@@ -89,22 +127,23 @@ PLATT_STOP = "PlattScaling.fit's stop rule: after a Newton step under 1e-9 the r
 # tolerance, or change a budget that no fit reaches. Not provably equivalent (a bit-exact
 # comparison could tell), so scored apart: the summary gives the score with and without them.
 NUMERICAL: dict[tuple[str, int, str], str] = {
-    ("consensus/calibration.py", 238, "0 -> 1"): "_sigmoid's two formulas agree to the last bits "
+    ("consensus/platt.py", 31, "0 -> 1"): "_sigmoid's two formulas agree to the last bits "
     "(changes a fit by < 1e-9); exp cannot overflow for |x| <= 1",
-    ("consensus/calibration.py", 290, "100 -> 101"): "Newton's budget: 788 fits tried (ridge 0.1 "
+    ("consensus/platt.py", 83, "100 -> 101"): "Newton's budget: 788 fits tried (ridge 0.1 "
     "to 10) converge within 13 steps; only ridge = 0 on separable outcomes (no maximum) reaches it",
-    ("consensus/calibration.py", 290, "100 -> 99"): "same as above",
-    ("consensus/calibration.py", 306, "Lt -> LtE"): "a step landing exactly on a = 0 is the same "
-    "step cut at a = 0",
-    ("consensus/calibration.py", 309, "60 -> 61"): "halving budget: 2^-60 of a step is below "
+    ("consensus/platt.py", 83, "100 -> 99"): "same as above",
+    ("consensus/platt.py", 99, "Lt -> LtE"): "a step landing exactly on a = 0 is the same step cut at a = 0",
+    ("consensus/platt.py", 102, "60 -> 61"): "halving budget: 2^-60 of a step is below "
     "rounding, the line search ends before",
-    ("consensus/calibration.py", 309, "60 -> 59"): "same as above",
-    ("consensus/calibration.py", 318, "1e-09 -> 1.000000001 (col 25)"): PLATT_STOP + " (once b's "
+    ("consensus/platt.py", 102, "60 -> 59"): "same as above",
+    ("consensus/platt.py", 111, "1e-09 -> 1.000000001 (col 25)"): PLATT_STOP + " (once b's "
     "step is that small a's is too: fits move < 2e-9)",
-    ("consensus/calibration.py", 318, "1e-09 -> -0.999999999 (col 25)"): PLATT_STOP,
-    ("consensus/calibration.py", 318, "Lt -> LtE (col 15)"): PLATT_STOP,
-    ("consensus/calibration.py", 318, "1e-09 -> -0.999999999 (col 44)"): PLATT_STOP,
-    ("consensus/calibration.py", 318, "Lt -> LtE (col 34)"): PLATT_STOP,
+    ("consensus/platt.py", 111, "1e-09 -> -0.999999999 (col 25)"): PLATT_STOP,
+    ("consensus/platt.py", 111, "Lt -> LtE (col 15)"): PLATT_STOP,
+    ("consensus/platt.py", 111, "1e-09 -> -0.999999999 (col 44)"): PLATT_STOP,
+    ("consensus/platt.py", 111, "Lt -> LtE (col 34)"): PLATT_STOP,
+    ("consensus/platt.py", 111, "delete if"): PLATT_STOP + " (without it the fit stops when no "
+    "step uphill is left, after at most a few more steps below rounding)",
 }
 
 
@@ -145,11 +184,23 @@ class Mutator(ast.NodeTransformer):
             other = "max" if node.func.id == "min" else "min"
             if self._point(node, f"{node.func.id} -> {other}"):
                 node.func = ast.Name(id=other, ctx=ast.Load())
+        if (
+            isinstance(node.func, ast.Name)
+            and node.func.id in UNWRAPPABLE
+            and len(node.args) == 1
+            and not node.keywords
+            and self._point(node, f"{node.func.id}(x) -> x")
+        ):
+            return node.args[0]
         return node
 
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
         value = node.value
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool):
+            if self._point(node, f"{value!r} -> {not value!r}"):
+                return ast.copy_location(ast.Constant(value=not value), node)
+            return node
+        if not isinstance(value, int | float):
             return node
         for delta in (1, -1):
             if self._point(node, f"{value!r} -> {value + delta!r}"):
@@ -163,6 +214,74 @@ class Mutator(ast.NodeTransformer):
         if self._point(node, "return <expr> -> return None"):
             return ast.copy_location(ast.Return(value=ast.Constant(value=None)), node)
         return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        self.generic_visit(node)
+        swap = ARITHMETIC_SWAPS.get(type(node.op))
+        if swap is not None and self._point(node, f"{type(node.op).__name__} -> {swap.__name__}"):
+            node.op = swap()
+        return node
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
+        self.generic_visit(node)
+        swap = ARITHMETIC_SWAPS.get(type(node.op))
+        if swap is not None and self._point(node, f"{type(node.op).__name__}= -> {swap.__name__}="):
+            node.op = swap()
+        return node
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
+        self.generic_visit(node)
+        other = ast.Or if isinstance(node.op, ast.And) else ast.And
+        if self._point(node, f"{type(node.op).__name__} -> {other.__name__}"):
+            node.op = other()
+        return node
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.op, ast.Not) and self._point(node, "not x -> x"):
+            return node.operand
+        return node
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        self.generic_visit(node)
+        index = node.slice
+        if isinstance(index, ast.Slice):
+            if index.lower is not None and self._point(node, "x[a:b] -> x[:b]"):
+                index.lower = None
+            if index.upper is not None and self._point(node, "x[a:b] -> x[a:]"):
+                index.upper = None
+        elif (
+            isinstance(index, ast.UnaryOp)
+            and isinstance(index.op, ast.USub)
+            and isinstance(index.operand, ast.Constant)
+            and index.operand.value == 1
+            and self._point(node, "x[-1] -> x[0]")
+        ):
+            node.slice = ast.Constant(value=0)
+        return node
+
+    def _bodies(self, node: ast.AST) -> None:
+        """Statement deletion: each statement of a body of two or more may become `pass`."""
+        for name in ("body", "orelse", "finalbody"):
+            body = getattr(node, name, None)
+            if not isinstance(body, list) or len(body) < 2:
+                continue
+            for position, statement in enumerate(body):
+                if isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Pass):
+                    continue
+                if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+                    continue  # a docstring
+                if isinstance(statement, ast.Import | ast.ImportFrom) or (
+                    isinstance(statement, ast.Assign | ast.AnnAssign) and isinstance(node, ast.Module)
+                ):
+                    continue  # module set-up: deleting it fails at import, which proves nothing
+                if self._point(statement, f"delete {type(statement).__name__.lower()}"):
+                    body[position] = ast.copy_location(ast.Pass(), statement)
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        if isinstance(node, BODIES):
+            self._bodies(node)
+        return super().generic_visit(node)
 
     def visit_Expr(self, node: ast.Expr) -> ast.AST:
         # Docstrings and bare expressions: nothing to mutate inside a docstring.

@@ -52,7 +52,7 @@ estimated without labels (EM) from past panels and recalibrated with labelled fe
 log(r / ((1 - r) s)), so the winner is the answer that model finds most probable.
 """
 
-from consensus.agreement import build_options, interim_agreement, is_unanimous
+from consensus.agreement import answer_keys, build_options, interim_agreement, is_unanimous
 from consensus.calibration import (
     PlattScaling,
     Posterior,
@@ -108,6 +108,7 @@ __all__ = [
     "Proposal",
     "Reliabilities",
     "Strategy",
+    "answer_keys",
     "ballot_schema",
     "build_options",
     "clean_answer",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from consensus.normalize import normalize_answer
 from consensus.records import Agreement, Option, Proposal
@@ -23,6 +23,15 @@ def _groups(proposals: Sequence[Proposal]) -> dict[str, list[Proposal]]:
         if key:
             groups[key].append(proposal)
     return {key: groups[key] for key in sorted(groups)}
+
+
+def answer_keys(answers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(model, position) pairs as (model, key), the grouping the vote uses; unusable positions dropped.
+
+    The calibrated confidence reads the panel through this function, so two phrasings the
+    vote counts together ("42", "**42**", "42 (final)") are one answer to it as well.
+    """
+    return [(model, key) for model, position in answers if (key := normalize_answer(position))]
 
 
 def _representative(group: Sequence[Proposal]) -> str:

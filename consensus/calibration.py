@@ -1,61 +1,56 @@
 """Calibrated confidence: the probability that the panel's answer is right, from an explicit model.
 
-Model (one-coin Dawid-Skene with a "none of these" hypothesis). Each agent's model m
-answers a question correctly with probability r_m (its reliability), independently of
-the other agents given the true answer; a wrong answer is one of the question's other
-plausible values, each with the same probability s (s is the chance that two wrong
-answers coincide; s = 1/W when wrong answers spread evenly over W values, s = 1 for
-yes/no questions). Before the panel has seen the question, the truth is any of the
-1/s + 1 plausible values. Bayes' rule then gives, for the distinct answers k_1..k_K of
-one panel:
+Model (one-coin Dawid-Skene with a "none of these" hypothesis and shared errors). A
+question has V = 1/s + 1 plausible values, one of them right, each equally likely before
+the panel answers (s is the chance that two wrong answers coincide: s = 1/W when wrong
+answers spread evenly over W values; s = 1 for yes/no questions). Agents of one model m
+(``"<provider>:<model>"``) are not independent witnesses: for each question the model
+has one latent answer z_m, right with probability r_m (its reliability), otherwise one
+of the wrong values; each of its agents repeats z_m with probability c_m (its
+*correlation*, the share of errors it shares with its siblings) and otherwise draws
+afresh (right with probability r_m, else a wrong value). c_m = 0 is the independent
+model; c_m = 1 makes the model's agents one witness however many they are.
 
-    P(k_j is right | answers) = exp(S_j) / (rho + sum_k exp(S_k)),
-    P(none of them is right)  = rho / (rho + sum_k exp(S_k)),
+Bayes' rule over the hypotheses "k is right" for each distinct answer k, and "none of
+them" (the rho = V - K values nobody gave):
 
-where S_j = sum of w_m over the agents that answered k_j, w_m = log(r_m / ((1 - r_m) s))
-is an agent's evidence weight (its log-likelihood ratio), and rho = 1/s + 1 - K >= 0 is
-the number of plausible values nobody gave. An abstaining agent adds nothing. An agent
-no better than a coin that lands on a wrong value (w_m < 0) is given weight 0, so more
-support never lowers an answer's probability.
+    P(t | answers) = w_t prod_m L_m(t) / sum_u w_u prod_m L_m(u),   w_t = 1, w_none = rho,
+    L_m(t) = sum_z q(z | t) prod_i [c_m [a_i = z] + (1 - c_m) q(a_i | t)],
+
+the sum over z running over the distinct answers of m's agents plus every other value
+(one term, with the remaining mass), and q(a | t) = r_m if a = t else (1 - r_m) s. An
+agent no better than chance (r_m / ((1 - r_m) s) < 1) is read at chance, so it carries
+no evidence and more support never lowers an answer's probability. A model listed in
+``Reliabilities.uninformed`` (a provider that declares it does not know the answers,
+like the offline simulator outside quiz mode) is read at chance as well.
 
 Which answers. The agents' FIRST-turn answers: they are the only ones given before the
-agents read each other, so they are the ones for which independence is defensible.
-Discussion makes later answers depend on each other (herding); counting them as
-independent evidence would make the panel overconfident. The panel's final answer is
-still decided by the final vote; the model asks how likely that answer is right given
-what the agents said independently. An answer nobody gave in turn 1 gets the "none"
-mass shared over the rho unnamed values.
+agents read each other. Discussion makes later answers depend on each other (herding);
+counting them would make the panel overconfident. An answer nobody gave in turn 1 gets
+the "none" mass shared over the rho unnamed values.
 
-Yes/no questions (every answer normalises to "yes" or "no") use s = 1 and two values.
-
-Reliabilities without labels (``fit_reliabilities``): expectation-maximisation over
-past panels' first-turn answers. E step: each panel's posterior above; M step: r_m is
-the expected share of model m's answers that were right, s the expected share of
-coinciding pairs among wrong answers; both are MAP estimates under Beta priors
-(``PRIOR_RELIABILITY`` = Beta(8, 4), mode 0.7; ``PRIOR_COINCIDENCE`` = Beta(2, 4), mode
-0.25), so with no history every model has r = 0.7 and s = 0.25, and a model seen in a
-few panels moves only part of the way towards its data. EM on unlabelled data is
-identifiable only while the panels are right more often than not (r > 1/2 on average);
-the prior keeps it on that side.
-
-Recalibration with labels (``PlattScaling``): once there are ``MIN_LABELLED`` outcomes
-(user feedback: was the answer right?), a logistic map p' = sigmoid(a logit(p) + b) is
-fitted to them (Newton's method, a small ridge towards the identity a = 1, b = 0).
-
-Assumptions and their failure. Independence given the truth is the load-bearing one.
-When agents share errors (same training data, same misconception), their agreement on a
-wrong answer is counted as independent evidence: the confidence is then too high on
-exactly those answers, and the unlabelled fit cannot see it (a shared error looks like
-agreement). Labelled feedback (Platt) is the remedy; the quality benchmark reports the
-size of the effect (bench/quality.py, docs/quality.md).
+Fit without labels (``fit_reliabilities``): the maximum a posteriori r_m, c_m and s for
+the first-turn answers of past panels, each panel's likelihood being the sum over the
+hypotheses above (times the number of ways to name its answer groups with V values).
+The priors (``PRIOR_RELIABILITY`` Beta(8, 4), mode 0.7; ``PRIOR_CORRELATION`` Beta(2,
+10), mode 0.1; ``PRIOR_COINCIDENCE`` Beta(2, 4), mode 0.25) are the fit with no history
+and keep a model seen in a few panels near them. Shared errors are visible without
+labels only where the panel holds something to compare with: two agents of one model
+agreeing more often than their reliability explains, against the rest of the panel or
+across questions. A model alone on its panels with c_m = 1 is one witness, and one
+witness's reliability cannot be learned without labels: labelled feedback
+(consensus/platt.py) is the remedy there. Yes/no panels do not inform s.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+from consensus.platt import MIN_LABELLED, PlattScaling, calibration_errors
 
 BINARY_KEYS = frozenset({"yes", "no"})
 """Normalised answers of a yes/no question: s = 1, two plausible values."""
@@ -66,13 +61,36 @@ PRIOR_RELIABILITY = (8.0, 4.0)
 PRIOR_COINCIDENCE = (2.0, 4.0)
 """Beta(a, b) prior of the chance s that two wrong answers coincide (mode 0.25)."""
 
+PRIOR_CORRELATION = (2.0, 10.0)
+"""Beta(a, b) prior of the share c of answers a model's agents share (mode 0.1)."""
+
 MIN_RELIABILITY, MAX_RELIABILITY = 0.01, 0.99
 MIN_COINCIDENCE, MAX_COINCIDENCE = 0.01, 1.0
-MIN_LABELLED = 30
-"""Labelled outcomes needed before the Platt recalibration is used."""
+MIN_CORRELATION, MAX_CORRELATION = 0.0, 0.99
+
+LOW_RELIABILITY, LOW_COINCIDENCE = 0.3, 0.05
+"""The fit's search ranges start here (below them a panel is no better than chance)."""
+START_RELIABILITY = (0.55, 0.65, 0.75, 0.85, 0.95)
+START_CORRELATION = (0.0, 0.2, 0.4, 0.6, 0.8)
+START_COINCIDENCE = (0.2, 0.35, 0.6, 1.0)
+"""The coarse grid the fit starts from (see fit_reliabilities)."""
 
 Answer = tuple[str, str]
 """(model, normalised answer key) of one agent in one panel."""
+
+__all__ = [
+    "MIN_LABELLED",
+    "Answer",
+    "PlattScaling",
+    "Posterior",
+    "Reliabilities",
+    "calibration_errors",
+    "evidence_weight",
+    "fit_reliabilities",
+    "is_binary",
+    "posterior",
+    "vote_weights",
+]
 
 
 def _mode(prior: tuple[float, float]) -> float:
@@ -88,16 +106,29 @@ def _clip(value: float, low: float, high: float) -> float:
 
 @dataclass(frozen=True)
 class Reliabilities:
-    """Per-model reliability r_m, the coincidence s of wrong answers, and how much history made them."""
+    """Per-model reliability r_m and correlation c_m, the coincidence s, and how much history made them."""
 
     by_model: Mapping[str, float] = field(default_factory=dict)
     coincidence: float = _mode(PRIOR_COINCIDENCE)
     default: float = _mode(PRIOR_RELIABILITY)
     panels: int = 0
+    correlation: Mapping[str, float] = field(default_factory=dict)
+    default_correlation: float = _mode(PRIOR_CORRELATION)
+    uninformed: frozenset[str] = frozenset()
 
     def of(self, model: str) -> float:
         """The model's reliability; the prior's mode for a model never seen."""
         return _clip(self.by_model.get(model, self.default), MIN_RELIABILITY, MAX_RELIABILITY)
+
+    def correlation_of(self, model: str) -> float:
+        """The share of answers the model's agents share; the prior's mode for a model never seen."""
+        value = self.correlation.get(model, self.default_correlation)
+        return _clip(value, MIN_CORRELATION, MAX_CORRELATION)
+
+    @property
+    def source(self) -> str:
+        """ "history" once any past panel shaped the fit, else "prior"."""
+        return "history" if self.panels > 0 else "prior"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -105,6 +136,8 @@ class Reliabilities:
             "coincidence": round(self.coincidence, 4),
             "default": round(self.default, 4),
             "panels": self.panels,
+            "correlation": {m: round(c, 4) for m, c in sorted(self.correlation.items())},
+            "default_correlation": round(self.default_correlation, 4),
         }
 
 
@@ -119,10 +152,20 @@ def _coincidence_for(keys: Iterable[str], coincidence: float) -> float:
 
 
 def evidence_weight(reliability: float, coincidence: float) -> float:
-    """w = log(r / ((1 - r) s)), at least 0: how much one agent's answer counts for it."""
+    """w = log(r / ((1 - r) s)), at least 0: how much one independent agent's answer counts for it."""
     r = _clip(reliability, MIN_RELIABILITY, MAX_RELIABILITY)
     s = _clip(coincidence, MIN_COINCIDENCE, MAX_COINCIDENCE)
     return max(0.0, math.log(r / ((1 - r) * s)))
+
+
+def _chance(coincidence: float) -> float:
+    """The reliability of a guess: r / ((1 - r) s) = 1, i.e. r = s / (1 + s)."""
+    return coincidence / (1 + coincidence)
+
+
+def _at_least_chance(reliability: float, coincidence: float) -> float:
+    """r, raised to chance when it is below."""
+    return max(_clip(reliability, MIN_RELIABILITY, MAX_RELIABILITY), _chance(coincidence))
 
 
 @dataclass(frozen=True)
@@ -140,23 +183,99 @@ class Posterior:
         return self.none / max(1.0, self.unnamed)
 
 
+def _log_sum_exp(values: Sequence[float]) -> float:
+    top = max(values)
+    if top == -math.inf:
+        return top
+    return top + math.log(math.fsum(math.exp(v - top) for v in values))
+
+
+def _log(value: float) -> float:
+    return math.log(value) if value > 0 else -math.inf
+
+
+def _family_log_likelihood(
+    counts: Sequence[tuple[str, int]], truth: str | None, r: float, c: float, s: float
+) -> float:
+    """log L_m(truth) - log(((1 - r) s)^n): one model's answers (key, agents) given the truth.
+
+    Divided by their probability under "none of them" with c = 0 (a constant for the
+    panel), so that large panels neither overflow nor underflow. With R = r / ((1 - r) s)
+    the ratio of a right to a wrong answer, the term of a latent answer z is
+    q(z) x (c / ((1 - r) s) + (1 - c) R_z)^n_z x prod over the other keys of ((1 - c) R_k)^n_k.
+    """
+    wrong = (1 - r) * s
+    log_kept = math.log(1 - c)
+    ratio = r / wrong
+    independent = sum(n for _, n in counts) * log_kept + sum(
+        n * math.log(ratio) for k, n in counts if k == truth
+    )
+    named = 0.0
+    terms = []
+    for z, n in counts:
+        q, own = (r, ratio) if z == truth else (wrong, 1.0)
+        named += q
+        terms.append(
+            math.log(q) + independent + n * (math.log(c / wrong + (1 - c) * own) - log_kept - math.log(own))
+        )
+    terms.append(_log(max(0.0, 1.0 - named)) + independent)
+    return _log_sum_exp(terms)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """One panel's answers by model: ((model, ((key, agents), ...)), ...), and its distinct keys."""
+
+    families: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
+    keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, answers: Sequence[Answer]) -> _Shape:
+        families: dict[str, Counter[str]] = defaultdict(Counter)
+        for model, key in answers:
+            if key:
+                families[model][key] += 1
+        return cls(
+            families=tuple((m, tuple(sorted(families[m].items()))) for m in sorted(families)),
+            keys=tuple(sorted({k for counts in families.values() for k in counts})),
+        )
+
+
+def _hypotheses(shape: _Shape, reliabilities: Reliabilities) -> list[float]:
+    """The log weight of "k is right" for each of the shape's keys, then of "none of them"."""
+    if not shape.keys:
+        return []
+    s = _coincidence_for(shape.keys, reliabilities.coincidence)
+    rho = max(0.0, 1.0 / s + 1.0 - len(shape.keys))
+    params = [
+        (
+            counts,
+            _chance(s) if model in reliabilities.uninformed else _at_least_chance(reliabilities.of(model), s),
+            reliabilities.correlation_of(model),
+        )
+        for model, counts in shape.families
+    ]
+
+    def log_weight(truth: str | None) -> float:
+        return math.fsum(_family_log_likelihood(counts, truth, r, c, s) for counts, r, c in params)
+
+    return [log_weight(k) for k in shape.keys] + [_log(rho) + log_weight(None)]
+
+
 def posterior(answers: Sequence[Answer], reliabilities: Reliabilities) -> Posterior:
     """The model's posterior over one panel's distinct answers (order of answers is irrelevant)."""
-    keys = sorted({key for _, key in answers if key})
+    shape = _Shape.of(answers)
+    keys, logs = shape.keys, _hypotheses(shape, reliabilities)
     if not keys:
         return Posterior(probabilities={}, none=1.0, unnamed=math.inf)
     s = _coincidence_for(keys, reliabilities.coincidence)
-    rho = max(0.0, 1.0 / s + 1.0 - len(keys))
-    scores: dict[str, float] = defaultdict(float)
-    for model, key in answers:
-        if key:
-            scores[key] += evidence_weight(reliabilities.of(model), s)
-    top = max(scores[k] for k in keys)
-    # Shift by the best score so exp() cannot overflow; rho is scaled the same way.
-    exps = {k: math.exp(scores[k] - top) for k in keys}
-    none = rho * math.exp(-top)
-    total = math.fsum(exps.values()) + none
-    return Posterior(probabilities={k: exps[k] / total for k in keys}, none=none / total, unnamed=rho)
+    total = _log_sum_exp(logs)
+    weights = [math.exp(v - total) for v in logs]
+    return Posterior(
+        probabilities=dict(zip(keys, weights[:-1], strict=True)),
+        none=weights[-1],
+        unnamed=max(0.0, 1.0 / s + 1.0 - len(keys)),
+    )
 
 
 def vote_weights(
@@ -172,7 +291,7 @@ def _canonical(item: Sequence[Answer]) -> tuple[Answer, ...]:
 
     The model treats every value alike (yes/no alike too), so only which models agreed
     matters: groups of agreeing models are sorted and renamed "0", "1"... (open questions)
-    or "yes", "no" (yes/no questions). The EM fit then weighs each shape by its count.
+    or "yes", "no" (yes/no questions). The fit then weighs each shape by its count.
     """
     groups: dict[str, list[str]] = defaultdict(list)
     for model, key in item:
@@ -182,159 +301,115 @@ def _canonical(item: Sequence[Answer]) -> tuple[Answer, ...]:
     return tuple(sorted((model, names[i]) for i, shape in enumerate(shapes) for model in shape))
 
 
-def fit_reliabilities(
-    panels: Iterable[Sequence[Answer]],
-    *,
-    iterations: int = 50,
-    tolerance: float = 1e-6,
-) -> Reliabilities:
-    """EM estimate of every model's reliability (and of s) from unlabelled panels' answers."""
-    patterns: Counter[tuple[Answer, ...]] = Counter(
-        canonical for panel in panels if (canonical := _canonical([(m, k) for m, k in panel if k]))
+def _log_beta(value: float, prior: tuple[float, float]) -> float:
+    a, b = prior
+    return (a - 1) * math.log(max(value, 1e-12)) + (b - 1) * math.log(max(1 - value, 1e-12))
+
+
+def _log_evidence(shape: _Shape, fit: Reliabilities) -> float:
+    """log P(this shape of answers): every way to name its K groups with the V values, each 1/V likely."""
+    s = _coincidence_for(shape.keys, fit.coincidence)
+    values = 1.0 / s + 1.0
+    namings = math.prod(max(values - i, 1e-9) for i in range(len(shape.keys)))
+    # The likelihoods were divided by ((1 - r) s)^n per family: put it back.
+    base = math.fsum(
+        sum(n for _, n in counts) * math.log((1 - _at_least_chance(fit.of(m), s)) * s)
+        for m, counts in shape.families
     )
-    total = sum(patterns.values())
-    models = sorted({m for item in patterns for m, _ in item})
-    current = Reliabilities(by_model={m: _mode(PRIOR_RELIABILITY) for m in models}, panels=total)
+    return _log_sum_exp(_hypotheses(shape, fit)) + base + math.log(namings / values)
+
+
+def _golden(objective: Callable[[float], float], low: float, high: float, steps: int) -> float:
+    """The maximiser of a unimodal objective on [low, high] by golden-section search."""
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = low, high
+    x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
+    f1, f2 = objective(x1), objective(x2)
+    for _ in range(steps):
+        if f1 >= f2:
+            b, x2, f2 = x2, x1, f1
+            x1 = b - ratio * (b - a)
+            f1 = objective(x1)
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + ratio * (b - a)
+            f2 = objective(x2)
+    return (a + b) / 2
+
+
+def _log_posterior(patterns: Mapping[_Shape, int], fit: Reliabilities) -> float:
+    """What fit_reliabilities maximises: the shapes' log evidence plus the Beta log priors."""
+    value = math.fsum(times * _log_evidence(item, fit) for item, times in patterns.items())
+    value += math.fsum(_log_beta(r, PRIOR_RELIABILITY) for r in fit.by_model.values())
+    value += math.fsum(_log_beta(c, PRIOR_CORRELATION) for c in fit.correlation.values())
+    return value + _log_beta(fit.coincidence, PRIOR_COINCIDENCE)
+
+
+def _with(fit: Reliabilities, name: str, model: str, value: float) -> Reliabilities:
+    """fit with one parameter changed: "r" or "c" of model, or "s"."""
+    if name == "s":
+        return replace(fit, coincidence=value)
+    if name == "r":
+        return replace(fit, by_model={**fit.by_model, model: value})
+    return replace(fit, correlation={**fit.correlation, model: value})
+
+
+def _start(patterns: Mapping[_Shape, int], fit: Reliabilities, open_items: bool) -> Reliabilities:
+    """The best point of a coarse grid: r and c trade off along a ridge (agreement can be skill
+    or shared errors) that coordinate ascent alone climbs slowly."""
+    score = partial(_log_posterior, patterns)
+    # Every model alike first (shared errors show as agreement within models and not across
+    # them, which a model moved alone cannot explain), then each model on its own.
+    for s in START_COINCIDENCE if open_items else (fit.coincidence,):
+        for r in START_RELIABILITY:
+            for c in START_CORRELATION:
+                candidate = replace(
+                    fit,
+                    coincidence=s,
+                    by_model=dict.fromkeys(fit.by_model, r),
+                    correlation=dict.fromkeys(fit.by_model, c),
+                )
+                fit = max(fit, candidate, key=score)
+    for model in fit.by_model:
+        for r in START_RELIABILITY:
+            for c in START_CORRELATION:
+                candidate = _with(_with(fit, "r", model, r), "c", model, c)
+                fit = max(fit, candidate, key=score)
+    return fit
+
+
+def _along(patterns: Mapping[_Shape, int], fit: Reliabilities, name: str, model: str, value: float) -> float:
+    return _log_posterior(patterns, _with(fit, name, model, value))
+
+
+def fit_reliabilities(
+    panels: Iterable[Sequence[Answer]], *, sweeps: int = 3, steps: int = 24
+) -> Reliabilities:
+    """MAP estimate of every model's reliability and correlation, and of s, from unlabelled panels.
+
+    From the best point of a coarse grid, coordinate ascent: each parameter in turn is set
+    to the maximiser of the log posterior along it (golden-section search over its range,
+    ``steps`` steps), the others held; ``sweeps`` rounds.
+    """
+    canonical: Counter[tuple[Answer, ...]] = Counter(
+        shape for panel in panels if (shape := _canonical([(m, k) for m, k in panel if k]))
+    )
+    patterns = {_Shape.of(item): times for item, times in canonical.items()}
+    models = sorted({m for shape in patterns for m, _ in shape.families})
+    current = Reliabilities(
+        by_model={m: _mode(PRIOR_RELIABILITY) for m in models},
+        correlation={m: _mode(PRIOR_CORRELATION) for m in models},
+        panels=sum(patterns.values()),
+    )
     if not patterns:
         return current
-    ra, rb = PRIOR_RELIABILITY
-    sa, sb = PRIOR_COINCIDENCE
-    for _ in range(iterations):
-        right: dict[str, float] = defaultdict(float)
-        seen: Counter[str] = Counter()
-        pairs_same = pairs_all = 0.0
-        for item, times in patterns.items():
-            post = posterior(item, current)
-            counts = Counter(k for _, k in item)
-            for model, key in item:
-                right[model] += times * post.probabilities[key]
-                seen[model] += times
-            if is_binary(counts):
-                continue
-            hypotheses = [(k, p) for k, p in post.probabilities.items()] + [("", post.none)]
-            for truth, weight in hypotheses:
-                wrong = {k: n for k, n in counts.items() if k != truth}
-                n_wrong = sum(wrong.values())
-                pairs_same += times * weight * sum(n * (n - 1) / 2 for n in wrong.values())
-                pairs_all += times * weight * n_wrong * (n_wrong - 1) / 2
-        by_model = {m: (ra - 1 + right[m]) / (ra + rb - 2 + seen[m]) for m in models}
-        coincidence = (sa - 1 + pairs_same) / (sa + sb - 2 + pairs_all)
-        change = max(
-            [abs(by_model[m] - current.by_model[m]) for m in models]
-            + [abs(coincidence - current.coincidence)]
-        )
-        current = Reliabilities(by_model=by_model, coincidence=coincidence, panels=total)
-        if change < tolerance:
-            break
+    open_items = any(not is_binary(shape.keys) for shape in patterns)
+    current = _start(patterns, current, open_items)
+    coordinates = [("r", m, LOW_RELIABILITY, MAX_RELIABILITY) for m in models]
+    coordinates += [("c", m, MIN_CORRELATION, MAX_CORRELATION) for m in models]
+    coordinates += [("s", "", LOW_COINCIDENCE, MAX_COINCIDENCE)] if open_items else []
+    for _ in range(sweeps):
+        for name, model, low, high in coordinates:
+            best = _golden(partial(_along, patterns, current, name, model), low, high, steps)
+            current = _with(current, name, model, best)
     return current
-
-
-def _logit(p: float) -> float:
-    p = _clip(p, 1e-6, 1 - 1e-6)
-    return math.log(p / (1 - p))
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1 / (1 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1 + z)
-
-
-def _softplus(x: float) -> float:
-    """log(1 + e^x), without overflow."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-def _penalised_log_likelihood(
-    xs: Sequence[float], ys: Sequence[float], a: float, b: float, ridge: float
-) -> float:
-    """What PlattScaling.fit maximises: sum of log P(y | x) minus ridge/2 x ((a - 1)^2 + b^2)."""
-    penalty = ridge / 2 * ((a - 1) ** 2 + b * b)
-    return -penalty - math.fsum(
-        y * _softplus(-(a * x + b)) + (1 - y) * _softplus(a * x + b) for x, y in zip(xs, ys, strict=True)
-    )
-
-
-@dataclass(frozen=True)
-class PlattScaling:
-    """p' = sigmoid(a logit(p) + b); the identity when a = 1, b = 0."""
-
-    a: float = 1.0
-    b: float = 0.0
-    labelled: int = 0
-
-    def __call__(self, p: float) -> float:
-        if self.a == 1.0 and self.b == 0.0:
-            return _clip(p, 0.0, 1.0)
-        return _sigmoid(self.a * _logit(p) + self.b)
-
-    @classmethod
-    def fit(
-        cls, outcomes: Sequence[tuple[float, bool]], *, minimum: int = MIN_LABELLED, ridge: float = 1.0
-    ) -> PlattScaling:
-        """Fit on (predicted probability, was right) pairs; the identity below `minimum` pairs.
-
-        Maximises the log-likelihood minus ridge/2 x ((a - 1)^2 + b^2) by Newton's method; a
-        is kept >= 0 so a higher raw confidence never maps to a lower one. A step that would
-        make a negative stops at a = 0 (or, from a = 0, moves b alone), and a step that
-        would lower the objective is halved, so the fit converges even when a plain Newton
-        step overshoots (every raw confidence equal, or near 0 or 1).
-        """
-        if len(outcomes) < minimum:
-            return cls(labelled=len(outcomes))
-        xs = [_logit(p) for p, _ in outcomes]
-        ys = [1.0 if y else 0.0 for _, y in outcomes]
-        a, b = 1.0, 0.0
-        value = _penalised_log_likelihood(xs, ys, a, b, ridge)
-        for _ in range(100):
-            ga, gb = -ridge * (a - 1), -ridge * b
-            haa, hab, hbb = ridge, 0.0, ridge
-            for x, y in zip(xs, ys, strict=True):
-                p = _sigmoid(a * x + b)
-                ga += (y - p) * x
-                gb += y - p
-                v = p * (1 - p)
-                haa += v * x * x
-                hab += v * x
-                hbb += v
-            det = haa * hbb - hab * hab
-            if det <= 0:
-                break
-            da = (hbb * ga - hab * gb) / det
-            db = (haa * gb - hab * ga) / det
-            if a + da < 0:
-                da, db = (-a, db * a / -da) if a > 0 else (0.0, gb / hbb)
-            step = 1.0
-            for _ in range(60):
-                candidate = _penalised_log_likelihood(xs, ys, a + step * da, b + step * db, ridge)
-                if candidate >= value:
-                    break
-                step /= 2
-            else:
-                break  # no step uphill is left: converged as far as rounding allows
-            da, db = step * da, step * db
-            a, b, value = max(0.0, a + da), b + db, candidate
-            if abs(da) < 1e-9 and abs(db) < 1e-9:
-                break
-        return cls(a=a, b=b, labelled=len(outcomes))
-
-
-def calibration_errors(outcomes: Sequence[tuple[float, bool]], bins: int = 10) -> dict[str, float]:
-    """Mean confidence, accuracy, expected calibration error (equal-width bins) and Brier score."""
-    if not outcomes:
-        return {"confidence": math.nan, "accuracy": math.nan, "ece": math.nan, "brier": math.nan}
-    n = len(outcomes)
-    groups: dict[int, list[tuple[float, bool]]] = defaultdict(list)
-    for p, y in outcomes:
-        groups[min(bins - 1, int(p * bins))].append((p, y))
-    ece = math.fsum(
-        len(g) / n * abs(math.fsum(p for p, _ in g) / len(g) - sum(1 for _, y in g if y) / len(g))
-        for g in groups.values()
-    )
-    return {
-        "confidence": math.fsum(p for p, _ in outcomes) / n,
-        "accuracy": sum(1 for _, y in outcomes if y) / n,
-        "ece": ece,
-        "brier": math.fsum((p - (1.0 if y else 0.0)) ** 2 for p, y in outcomes) / n,
-    }

@@ -3,8 +3,10 @@
 The rules, applied in this order (deterministic, no locale, no I/O):
 
 1. Unicode NFKC, casefold; markdown emphasis and code marks (``* _ ` ~``) are removed.
-   A leading answer phrase is dropped: "The answer is 42", "My answer: 42" and
-   "Final answer is 42" all read "42".
+   A leading answer phrase is dropped: "The answer is 42", "My answer: 42",
+   "Final answer is 42" and "Final: 42" all read "42". A closing aside in brackets after
+   the answer is dropped too: "42 (final)" and "Paris (France)" read "42" and "paris"
+   (yes/no and option answers keep reading as in rules 2 and 3).
 2. Yes/no: a position that is one of ``yes yeah yep yup true correct`` (or starts with
    one followed by punctuation or a spaced dash) becomes ``yes``; likewise
    ``no nope nah false incorrect`` becomes ``no``. "Yes, with caveats" and "No (mostly)"
@@ -40,7 +42,10 @@ ARTICLES = frozenset({"the", "a", "an"})
 OPTION_WORDS = ("option", "choice", "proposal")
 
 _MARKUP = re.compile(r"[*_`~]")
-_ANSWER_PHRASE = re.compile(r"^(?:(?:the|my|our|final|the final)\s+)?answer\s*(?:is\b|:)\s*(?=\S)")
+_ANSWER_PHRASE = re.compile(
+    r"^(?:(?:(?:the|my|our|final|the final)\s+)?answer\s*(?:is\b|:)|final\s*:)\s*(?=\S)"
+)
+_CLOSING_ASIDE = re.compile(r"(?<=\S)\s+[(\[][^()\[\]]*[)\]][\s.!]*$")
 _LEADING_YES_NO = re.compile(r"^\W*([a-z]+)\s*(?:$|[,.;:!?–—()\[\]\"'”’]|\s-\s)")
 _LONE_LETTER = re.compile(r"^[\s\"'“‘]*[(\[]?\s*([a-z])\s*[)\]]?[.:!]?[\s\"'”’]*$")
 _OPTION = re.compile(r"^\W*(?:option|choice|proposal)\b\s*[(\[]?([a-z]|\d+)\b")
@@ -107,6 +112,7 @@ def normalize_answer(position: str) -> str:
     """The key under which equal short answers count together (see the module docstring)."""
     text = _MARKUP.sub("", unicodedata.normalize("NFKC", position)).casefold().strip()
     text = _ANSWER_PHRASE.sub("", text)
+    text = _CLOSING_ASIDE.sub("", text)
     leading = _LEADING_YES_NO.match(text)
     if leading and (leading.group(1) in YES_WORDS or leading.group(1) in NO_WORDS):
         return "yes" if leading.group(1) in YES_WORDS else "no"

@@ -101,6 +101,7 @@ async def _announce_decision(recorder: RunRecorder, outcome: RunOutcome, assessm
         position=decision.winner_position,
         reached=decision.reached,
         confidence=round(assessment.confidence, 4),
+        confidence_source=assessment.source,
         agreement=round(assessment.agreement, 4),
         share=round(assessment.share, 4),
         margin=round(assessment.margin, 4),

@@ -113,7 +113,8 @@ class Config(BaseSettings):
 
     # Agents
     NUM_AGENTS: int = Field(default=3, ge=1, le=10)
-    DEFAULT_TURNS: int = Field(default=2, ge=1, le=10)
+    # One turn: a second one never changed the vote on simulated panels (docs/quality.md, "Herding").
+    DEFAULT_TURNS: int = Field(default=1, ge=1, le=10)
     MAX_AGENTS: int = Field(default=10, ge=1, le=50)
     MAX_TURNS: int = Field(default=10, ge=1, le=50)
     AGENT_MODELS_CONFIG: list[AgentSpec] = Field(default_factory=list)

@@ -493,7 +493,23 @@
     position.replaceChildren();
     if (extra && extra.position) position.append(chip(String(extra.position)));
     showAgreementFigure(extra && extra.agreement);
+    showConfidenceSource(extra && extra.confidence_source);
     $("confidence-figure").hidden = !isNumber(confidence);
+  }
+
+  const CONFIDENCE_SOURCES = {
+    prior: "no history yet: the model's prior reliabilities",
+    history: "reliabilities fitted on the panels' past answers (no labels)",
+    feedback: "recalibrated on answers users marked right or wrong",
+  };
+
+  /** What the confidence rests on (prior, history or feedback), beside the figure. */
+  function showConfidenceSource(source) {
+    const node = $("confidence-source");
+    const known = typeof source === "string" && Object.prototype.hasOwnProperty.call(CONFIDENCE_SOURCES, source);
+    node.textContent = known ? `from ${source}` : "";
+    node.title = known ? CONFIDENCE_SOURCES[source] : "";
+    node.hidden = !known;
   }
 
   /** `agreement` (the vote share beside the calibrated confidence): a number or {share, margin}. */
@@ -630,6 +646,7 @@
             $("final-status").className = `badge status-${event.status}`;
           }
           if (event.agreement !== undefined) showAgreementFigure(event.agreement);
+          if (event.confidence_source !== undefined) showConfidenceSource(event.confidence_source);
         }
         if (typeof event.synthesis === "string" && event.synthesis && !(state.synthesis && state.synthesis.text)) {
           showSynthesis({ content: event.synthesis }, true);

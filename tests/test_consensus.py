@@ -67,6 +67,10 @@ def options(*keys: str) -> list[Option]:
         ("The Eiffel Tower", "Eiffel tower"),
         ("an apple", "Apple"),
         ("-0", "0"),
+        ("42 (final)", "42"),
+        ("Final: 42", "**42**"),
+        ("Paris (France).", "paris"),
+        ("[42]", "42"),
     ],
 )
 def test_equal_answers_share_a_key(left: str, right: str) -> None:
@@ -86,6 +90,8 @@ def test_equal_answers_share_a_key(left: str, right: str) -> None:
         ("Plan A", "Plan B"),
         ("options galore", "option g"),
         ("1,0000", "10000"),
+        ("f(x)", "f"),
+        ("(42) apples", "42"),
     ],
 )
 def test_different_answers_keep_different_keys(left: str, right: str) -> None:
@@ -638,3 +644,10 @@ def test_an_empty_electorate_is_never_unanimous() -> None:
     assert is_unanimous([Proposal("a1", "", "Yes", 0.9)], electorate=0) is False
     assert is_unanimous([], electorate=0) is False
     assert is_unanimous([Proposal("a1", "", "Yes", 0.9)], electorate=1) is True
+
+
+def test_the_last_of_several_inline_confidences_wins() -> None:
+    text = "I think so, confidence: 0.6.\nOn reflection, confidence: 0.9\nFINAL POSITION: 42"
+    proposal = parse_reply("a1", text)
+    assert proposal is not None
+    assert proposal.confidence == pytest.approx(0.9)

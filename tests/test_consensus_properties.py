@@ -6,6 +6,7 @@ import math
 import random
 import string
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,8 @@ from consensus import (
     Ballot,
     Option,
     Proposal,
+    Reliabilities,
+    answer_keys,
     build_options,
     interim_agreement,
     is_unanimous,
@@ -22,6 +25,7 @@ from consensus import (
     parse_ballot,
     parse_confidence,
     parse_reply,
+    posterior,
     weighted_vote,
 )
 from consensus.records import Decision
@@ -257,3 +261,38 @@ def test_well_formed_replies_and_ballots_round_trip(
     )
     assert ballot.choice == label
     assert ballot.reason == "r"
+
+
+PARAPHRASES = ["{}", "{}.0", "**{}**", "The answer is {}", "{} (final)", "Final answer: {}", "{}."]
+VALUES = ["42", "7", "1000", "Paris", "solar power"]
+
+
+@PROPERTY
+@given(
+    st.lists(st.tuples(st.sampled_from(["m1", "m2"]), st.sampled_from(VALUES)), min_size=1, max_size=7),
+    st.randoms(use_true_random=False),
+)
+def test_rephrasing_a_position_never_changes_the_confidence_or_the_winner(
+    panel: list[tuple[str, str]], rnd: random.Random
+) -> None:
+    """The vote, the calibrated confidence and the options group answers the same way."""
+
+    def phrase(value: str) -> str:
+        form = rnd.choice(PARAPHRASES)
+        return value if form == "{}.0" and not value.isdigit() else form.format(value)
+
+    def outcome(positions: list[str]) -> tuple[str | None, float, list[str]]:
+        proposals = [Proposal(f"agent-{i}", "", p, 0.8) for i, p in enumerate(positions)]
+        options = build_options(proposals)
+        label_of = {o.key: o.label for o in options}
+        ballots = [Ballot(p.agent_id, label_of[normalize_answer(p.position)], 0.8, "") for p in proposals]
+        decision = majority_vote(ballots, options, electorate=len(positions))
+        answers = answer_keys([(m, p) for (m, _), p in zip(panel, positions, strict=True)])
+        confidence = posterior(answers, Reliabilities()).of(decision.winner_key)
+        return decision.winner_key, confidence, [o.key for o in options]
+
+    exact = outcome([value for _, value in panel])
+    rephrased = outcome([phrase(value) for _, value in panel])
+    assert rephrased[0] == exact[0]
+    assert rephrased[2] == exact[2]
+    assert rephrased[1] == pytest.approx(exact[1], abs=1e-12)

@@ -144,3 +144,8 @@ class TestLastSentence:
     )
     def test_the_final_sentence_or_the_answer_it_names(self, text: str, position: str | None) -> None:
         assert last_sentence_position(text) == position
+
+
+def test_a_blank_line_between_the_machine_lines_leaves_none_in_the_answer() -> None:
+    assert clean_answer("Prose.\n\nFINAL POSITION: 42\n\nCONFIDENCE: 0.8") == "Prose."
+    assert clean_answer("Prose.\n\nFINAL POSITION: 42\n\n\nCONFIDENCE: 0.8\n\n") == "Prose."

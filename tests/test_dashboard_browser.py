@@ -283,6 +283,7 @@ def stored_events(question: str) -> list[dict[str, Any]]:
             "position": "Spaces",
             "reached": True,
             "confidence": 0.81,
+            "confidence_source": "history",
             "agreement": {"share": 0.33, "margin": 0.0},
             "method": "majority",
             "winner": "A",
@@ -491,6 +492,8 @@ def test_stored_answers_render_markdown_and_hostile_html_stays_inert(server: Ser
     assert page.locator("#final-answer.streaming").count() == 0
     assert "gemini-2.5-pro" in page.locator("#synthesis-note").inner_text()
     assert page.locator("#final-confidence").inner_text() == "81%"
+    assert page.locator("#confidence-source").inner_text() == "from history"
+    assert "past answers" in (page.locator("#confidence-source").get_attribute("title") or "")
     # A folded turn opens on a click.
     page.click("#agents .agent[data-agent='agent_0'] .turn[data-turn='1'] summary")
     assert first.locator("table").is_visible()

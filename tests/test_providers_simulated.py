@@ -289,7 +289,7 @@ async def test_quiz_positions_are_paraphrased_but_normalise_alike() -> None:
     for agent in range(12):
         text = (await provider.generate(answer_request("What is 17 + 25?", f"a{agent}"))).text
         positions.add(position_in(text))
-    assert {"42", "42.0", "The answer is 42"} <= positions
+    assert {"42", "42.0", "**42**", "The answer is 42", "42 (final)"} <= positions
     from consensus import normalize_answer
 
     assert {normalize_answer(p) for p in positions} == {"42"}
@@ -319,6 +319,33 @@ async def test_quiz_agents_herd_toward_a_strict_plurality() -> None:
         "What is 17 + 25?", "a1", turn=2, previous_position="41", peer_positions=["43", "44"]
     )
     assert position_in((await always.generate(tie)).text) == "41"
+
+
+async def test_agents_of_one_model_share_their_draw_with_the_correlation() -> None:
+    from agents.providers.simulated import QuizConfig
+
+    quiz = QuizConfig(accuracy=0.3, correlation=1.0)
+    first = await quiz_answers(quiz, 80, agent="a1")
+    assert first == await quiz_answers(quiz, 80, agent="a2")  # one model: one draw
+    assert first != await quiz_answers(quiz, 80, agent="a1", model="other")
+    independent = QuizConfig(accuracy=0.3)
+    assert await quiz_answers(independent, 80, agent="a1") != await quiz_answers(independent, 80, agent="a2")
+
+
+async def test_drift_is_set_per_agent() -> None:
+    from agents.providers.simulated import QuizConfig
+
+    quiz = QuizConfig(accuracy=1.0, herding=1.0, drift={"a1": 0.0}, paraphrase=False)
+    provider = SimulatedProvider(latency=0, quiz=quiz)
+    for agent, expected in (("a1", "41"), ("a2", "43")):
+        request = answer_request(
+            "What is 17 + 25?", agent, turn=2, previous_position="41", peer_positions=["43", "43"]
+        )
+        assert position_in((await provider.generate(request)).text) == expected
+    assert quiz.drift_of("m", "a1") == 0.0
+    assert quiz.drift_of("m", "a9") == 1.0
+    assert not SimulatedProvider(latency=0).knows_answers
+    assert provider.knows_answers
 
 
 def test_quiz_settings_refuse_unknown_keys() -> None:

@@ -38,14 +38,20 @@ def test_chat_reports_the_calibrated_confidence_and_the_agreement(client_with):
     assert response.status_code == 200, response.content
     body = response.json()
     result = ConsensusResult.objects.get(conversation_id=body["conversation_id"])
-    expected = posterior(first_turn_answers(body["conversation_id"]), Reliabilities()).of(
+    # The offline simulator outside quiz mode knows nothing: its answers carry no evidence,
+    # so the confidence is the prior's, one in 1/s + 1 plausible values.
+    models = frozenset(m for m, _ in first_turn_answers(body["conversation_id"]))
+    expected = posterior(first_turn_answers(body["conversation_id"]), Reliabilities(uninformed=models)).of(
         result.details["winner_key"]
     )
+    assert expected == pytest.approx(1 / (1 / Reliabilities().coincidence + 1))
     assert body["confidence"] == pytest.approx(expected)
     assert body["consensus"]["confidence"] == pytest.approx(expected)
     assert result.confidence == pytest.approx(expected)
     assert result.details["calibration"]["raw"] == pytest.approx(expected, abs=1e-6)
     assert result.details["calibration"]["history_panels"] == 0
+    assert result.details["calibration"]["confidence_source"] == "prior"
+    assert body["consensus"]["confidence_source"] == "prior"
     # The old figure, under its own name.
     assert body["agreement"] == pytest.approx(result.details["agreement"])
     assert body["consensus"]["agreement"] == body["agreement"]
@@ -54,6 +60,7 @@ def test_chat_reports_the_calibrated_confidence_and_the_agreement(client_with):
     assert event.data["confidence"] == pytest.approx(expected, abs=1e-4)
     assert event.data["agreement"] == pytest.approx(body["agreement"], abs=1e-4)
     assert {"share", "margin"} <= set(event.data)
+    assert event.data["confidence_source"] == "prior"
 
 
 @pytest.mark.django_db(transaction=True)
@@ -101,6 +108,35 @@ def test_reliabilities_are_fitted_from_stored_first_turn_answers():
     assert assessment.reliabilities().panels == 60
     assessment.forget_fits()
     assert assessment.reliabilities().panels == 61
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_fit_follows_the_history_within_the_cache_time():
+    models = {"a0": "good", "a1": "good", "a2": "poor"}
+    fitted = assessment.reliabilities()
+    assert fitted.panels == 0
+    assert fitted.source == "prior"
+    for index in range(assessment.REFIT_MIN):
+        store_panel({"a0": str(index), "a1": str(index), "a2": "x"}, models)
+    started = [assessment.refits.note(assessment.reliabilities()) for _ in range(assessment.REFIT_MIN)]
+    # One refit, on the exchange that made REFIT_MIN new ones; none before it.
+    assert started[:-1] == [None] * (assessment.REFIT_MIN - 1)
+    thread = started[-1]
+    assert thread is not None
+    thread.join(timeout=30)
+    refitted = assessment.reliabilities()  # from this process's memory, before the cache expires
+    assert refitted.panels == assessment.REFIT_MIN
+    assert refitted.source == "history"
+    assert assessment.refit_interval(0) == assessment.REFIT_MIN
+    assert assessment.refit_interval(500) == 50
+
+
+def test_the_source_of_the_confidence_is_named():
+    from consensus import PlattScaling
+
+    assert assessment.confidence_source(Reliabilities(), PlattScaling()) == "prior"
+    assert assessment.confidence_source(Reliabilities(panels=3), PlattScaling(labelled=29)) == "history"
+    assert assessment.confidence_source(Reliabilities(), PlattScaling(labelled=30)) == "feedback"
 
 
 # --- feedback ------------------------------------------------------------------------------------
@@ -238,6 +274,23 @@ QUESTIONS = [
     "",
     '{"question": "Is 91 a prime number?", "answer": "No"}',
 ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_evaluate_on_the_simulator_that_knows_nothing_reports_so(tmp_path):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command(
+        "evaluate", str(write_questions(tmp_path, QUESTIONS)), "--agents", "3", "--turns", "1", stdout=out
+    )
+    text = out.getvalue()
+    assert "no evidence from simulated:" in text
+    stored = next(line for line in text.splitlines() if "stored history, source prior" in line)
+    mean = float(stored.split("mean ")[1].split(",")[0])
+    assert mean <= 1 / (1 / Reliabilities().coincidence + 1) + 1e-3
 
 
 @pytest.mark.django_db(transaction=True)

@@ -12,10 +12,13 @@ agents into quiz players with a known skill: each question has one right answer 
 in ``answers``, else the question's favoured candidate, which for "What is 17 + 25?" is
 the sum); in turn 1 an agent answers right with its accuracy p (by model, then agent id,
 else ``accuracy``), otherwise it picks one of ``wrong_values`` wrong answers (with
-probability ``shared`` the first one, which every wrong agent then shares). Positions
-are paraphrased ("42", "42.0", "The answer is 42") when ``paraphrase`` is on; a share
-``ignore_format`` of replies is prose with no FINAL POSITION line; from turn 2 an
-agent adopts a strict plurality of the previous turn with probability ``herding``.
+probability ``shared`` the first one, which every wrong agent then shares). With
+probability ``correlation`` an agent repeats instead its model's own draw for the
+question (one per model and question), so agents of one model share their errors.
+Positions are paraphrased ("42", "42.0", "**42**", "The answer is 42", "42 (final)")
+when ``paraphrase`` is on; a share ``ignore_format`` of replies is prose with no FINAL
+POSITION line; from turn 2 an agent drifts to a strict plurality of the previous turn
+with probability ``drift[model or agent id]``, else ``herding`` (0: it keeps its answer).
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ class QuizConfig:
     herding: float = FOLLOW_MAJORITY
     answers: Mapping[str, str] = field(default_factory=dict)  # question -> right answer
     seed: int = 0
+    correlation: float = 0.0
+    drift: Mapping[str, float] = field(default_factory=dict)  # model or agent id -> drift strength
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuizConfig:
@@ -173,6 +178,10 @@ class QuizConfig:
 
     def skill(self, model: str, agent_id: str) -> float:
         return float(self.skills.get(model, self.skills.get(agent_id, self.accuracy)))
+
+    def drift_of(self, model: str, agent_id: str) -> float:
+        """How readily the agent drifts to the previous turn's strict plurality."""
+        return float(self.drift.get(model, self.drift.get(agent_id, self.herding)))
 
     def truth(self, question: str) -> str:
         known = self.answers.get(question)
@@ -208,6 +217,12 @@ class SimulatedProvider(Provider):
         # How often each (prompt, agent, turn, kind) was asked, so a retry draws the next
         # entry of a deterministic failure schedule instead of failing forever.
         self._attempts: OrderedDict[int, int] = OrderedDict()
+
+    @property
+    def knows_answers(self) -> bool:
+        """Whether its answers carry evidence: in quiz mode yes (a known accuracy), otherwise it
+        picks among a question's plausible-looking candidates without knowing which is right."""
+        return self.quiz is not None
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """Sleep the configured latency and return the simulated answer."""
@@ -330,7 +345,7 @@ def _synthesis_text(meta: dict[str, Any], rng: random.Random) -> str:
     return f"The panel's answer is {position}. {rng.choice(REASONS)} {dissent}"
 
 
-PARAPHRASES = ("{}", "{}.0", "The answer is {}", "{}")
+PARAPHRASES = ("{}", "{}.0", "**{}**", "The answer is {}", "{} (final)", "{}")
 PROSE = ("Putting it all together, my answer is {}.", "So the answer is {}, I think.", "I would say {}.")
 
 
@@ -339,6 +354,8 @@ def quiz_first_answer(quiz: QuizConfig, question: str, agent_id: str, model: str
     truth = quiz.truth(question)
     wrong = quiz.wrong(truth)
     draw = random.Random(_seed("quiz", quiz.seed, question, agent_id))
+    if quiz.correlation and draw.random() < quiz.correlation:
+        draw = random.Random(_seed("quiz-model", quiz.seed, question, model))  # the model's own draw
     if draw.random() < quiz.skill(model, agent_id):
         return truth
     if draw.random() < quiz.shared:
@@ -369,7 +386,11 @@ def _quiz_reply(
         ranked = counts.most_common()
         top_key, top_count = ranked[0]
         strict = top_count > 1 and (len(ranked) == 1 or ranked[1][1] < top_count)
-        if strict and normalize(position) != top_key and rng.random() < quiz.herding:
+        if (
+            strict
+            and normalize(position) != top_key
+            and rng.random() < quiz.drift_of(request.model, agent_id)
+        ):
             position = canonical.get(top_key, next(p for p in peers if normalize(p) == top_key))
     shown = rng.choice(PARAPHRASES).format(position) if quiz.paraphrase else position
     if shown.endswith(".0") and not re.fullmatch(r"-?\d+\.0", shown):

@@ -9,16 +9,19 @@ answer is 42" and "forty-two" all match "42").
 "single" is each agent's first-turn answer (given before it saw the others, so it is
 that model alone); "panel" is the vote's winner. The confidence is the calibrated one
 (consensus/calibration.py) with two sets of reliabilities: those of the stored history
-(what /chat would report) and those fitted without labels on this run's own first-turn
-answers. With the simulator, ``--quiz-accuracy P`` puts it in quiz mode knowing the
-file's answers (each agent right with probability P), which tests the pipeline offline.
+(what /chat would report, and the source it rests on: prior or history) and those fitted
+without labels on this run's own first-turn answers. A provider that declares it does
+not know the answers (the simulator outside quiz mode) carries no evidence, so its
+confidence is the prior's chance level. With the simulator, ``--quiz-accuracy P`` puts
+it in quiz mode knowing the file's answers (each agent right with probability P), which
+tests the pipeline offline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from agents.providers.registry import aclose_providers, register_provider, reset
 from agents.providers.simulated import QuizConfig, SimulatedProvider
 from consensus import STRATEGIES, Reliabilities, fit_reliabilities, normalize_answer, posterior
 from consensus.calibration import calibration_errors
-from conversations.assessment import first_turn_answers, reliabilities
+from conversations.assessment import first_turn_answers, reliabilities, uninformed_models
 
 MAX_QUESTIONS = 10_000
 
@@ -126,10 +129,12 @@ class Command(BaseCommand):
             register_provider("simulated", SimulatedProvider(latency=config.SIMULATED_LATENCY, quiz=quiz))
         try:
             outcomes = asyncio.run(self._run(items, panel, turns, options))
+            # Asked of the providers that answered (the quiz simulator is registered until then).
+            blind = frozenset().union(*(uninformed_models(o.results.get(1, {})) for o in outcomes))
         finally:
             if accuracy is not None:
                 reset_providers()
-        self._report(items, panel, turns, outcomes, options["verbose"])
+        self._report(items, panel, turns, outcomes, blind, options["verbose"])
 
     async def _run(
         self, items: list[Item], panel: list[Any], turns: int, options: dict[str, Any]
@@ -150,7 +155,13 @@ class Command(BaseCommand):
             await aclose_providers()  # before asyncio.run closes the loop their sessions belong to
 
     def _report(
-        self, items: list[Item], panel: list[Any], turns: int, outcomes: list[RunOutcome], verbose: bool
+        self,
+        items: list[Item],
+        panel: list[Any],
+        turns: int,
+        outcomes: list[RunOutcome],
+        blind: frozenset[str],
+        verbose: bool,
     ) -> None:
         from asgiref.sync import async_to_sync, sync_to_async
 
@@ -160,7 +171,9 @@ class Command(BaseCommand):
             self.stderr.write(f"no stored history ({exc.__class__.__name__}); using the prior reliabilities")
             stored = Reliabilities()
         answers = [first_turn_answers(o.results.get(1, {})) for o in outcomes]
-        own = fit_reliabilities(answers)
+        source = stored.source
+        stored = replace(stored, uninformed=blind)
+        own = replace(fit_reliabilities(answers), uninformed=blind)
         single: dict[str, list[bool]] = {p.agent_id: [] for p in panel}
         rows: list[dict[str, Any]] = []
         tokens = 0
@@ -194,7 +207,10 @@ class Command(BaseCommand):
             )
         panel_accuracy = sum(r["hit"] for r in rows) / n
         self.stdout.write(f"  panel   {'':<12} {'vote winner':<40} {panel_accuracy:6.1%}")
-        for label, key in (("stored history", "stored"), ("fitted on this run", "own")):
+        if blind:
+            names = ", ".join(sorted(blind))
+            self.stdout.write(f"  no evidence from {names} (its provider does not know the answers)")
+        for label, key in ((f"stored history, source {source}", "stored"), ("fitted on this run", "own")):
             errors = calibration_errors([(r[key], r["hit"]) for r in rows])
             self.stdout.write(
                 f"  confidence ({label}): mean {errors['confidence']:.3f}, ECE {errors['ece']:.3f}, "
