@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "telemetry",
     "agents",
     "gateway",
+    "panels",
     "conversations",
     "streaming",
     "archive",
