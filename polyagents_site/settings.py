@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "conversations",
     "streaming",
     "archive",
+    "openai_api",
     "monitoring",
     "health_check",
     "health_check.cache",
