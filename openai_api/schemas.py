@@ -142,7 +142,8 @@ COMPLETIONS_DESCRIPTION = (
     "OpenAI's Chat Completions API over a panel. `model` is a panel id. The last user message (or, "
     "without one, the last message) is the question; system (and developer) messages and the "
     "earlier messages reach every agent's instructions. `max_tokens` / `max_completion_tokens` "
-    "set the token budget; `temperature` replaces every agent's; `user` is stored. `n` (1 only), `logprobs` (false only), "
+    "set the token budget; `temperature` replaces every agent's; `user` is stored. `n` (1 only), "
+    "`logprobs` (false only), "
     "`response_format` (text only) and `stream_options.include_usage` are accepted; these are "
     "refused with a 400 naming them: " + ", ".join(f"`{name}`" for name in REFUSED) + ", non-text parts."
 )
