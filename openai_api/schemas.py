@@ -106,6 +106,7 @@ POLYAGENTS = obj(
         "exchange": INTEGER,
         "panel": STRING,
         "status": STRING,
+        "turns_completed": INTEGER,
         "confidence": nullable(NUMBER),
         "agreement": nullable(NUMBER),
         "consensus": FREE_OBJECT,
