@@ -2,10 +2,11 @@
 
 The fake Gemini of bench/load.py (every call answered after L seconds; three agents that never
 agree, so each conversation runs 2 turns and a vote: 3 rounds, ideal 3 x L) and one daphne
-process. At L, bursts of N concurrent requests alternate, each kind in turn (/chat first in
-odd rounds, the stream first in even ones, so drift on a shared machine falls on both):
+process. At L, bursts of N concurrent requests alternate, each kind in turn (in one order in odd
+rounds, the reverse in even ones, so drift on a shared machine falls on all):
 
 - POST /chat (3 agents, 2 turns): wall / ideal, the web process's CPU per conversation;
+- POST /v1/chat/completions not streamed ("plain"): wall / ideal, web CPU per conversation;
 - POST /v1/chat/completions, `stream: true`, model `default` (the same panel): time to the
   first chunk (the role chunk), to the first agent token (reasoning_content), wall / ideal,
   web CPU per conversation, and whether every stream ended with the answer and [DONE].
@@ -113,6 +114,50 @@ async def stream_burst(
     }
 
 
+async def completion_burst(
+    client: Any, key: str, concurrency: int, latency: float, cpu_of: Any
+) -> dict[str, Any]:
+    """`concurrency` completions at once, not streamed: the adapter without the stream."""
+    walls: list[float] = []
+    ratios: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def one(i: int) -> None:
+        question = f"{load.QUESTIONS[i % len(load.QUESTIONS)]} (#{i})"
+        body = {"model": "default", "messages": [{"role": "user", "content": question}]}
+        started = time.perf_counter()
+        try:
+            response = await client.post(
+                "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            )
+        except Exception as exc:  # a benchmark counts failures, it never crashes on them
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            return
+        if response.status_code != 200:
+            errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+            return
+        final = response.json()["polyagents"]
+        wall = time.perf_counter() - started
+        voted = any(v.get("reason") != "sole proposal" for v in final.get("votes", []))
+        walls.append(wall)
+        ratios.append(wall / ((final["turns_completed"] + (1 if voted else 0)) * latency))
+
+    cpu0 = cpu_of()
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(concurrency))), 300)
+    wall = time.perf_counter() - started
+    return {
+        "kind": "plain",
+        "concurrency": concurrency,
+        "wall_s": round(wall, 2),
+        "ratio_p50": round(load.percentile(ratios, 50), 2),
+        "ratio_p99": round(load.percentile(ratios, 99), 2),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "web_cpu_ms_per_conversation": round((cpu_of() - cpu0) * 1000 / concurrency, 1),
+    }
+
+
 async def run(args: argparse.Namespace, base: str, web: Any, fake: str) -> None:
     import httpx
     import psutil
@@ -140,12 +185,14 @@ async def run(args: argparse.Namespace, base: str, web: Any, fake: str) -> None:
             await load.burst(client, key, 5, 1.0, cpu_of, 2)
         await control.post("/_bench/latency", params={"seconds": args.latency})
         for round_ in range(args.rounds):
-            order = ("chat", "stream") if round_ % 2 == 0 else ("stream", "chat")
+            order = ("chat", "stream", "plain") if round_ % 2 == 0 else ("plain", "stream", "chat")
             for kind in order:
                 async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
                     if kind == "chat":
                         result = await load.burst(client, key, args.concurrency, args.latency, cpu_of, 2)
                         result["kind"] = "chat"
+                    elif kind == "plain":
+                        result = await completion_burst(client, key, args.concurrency, args.latency, cpu_of)
                     else:
                         result = await stream_burst(client, key, args.concurrency, args.latency, cpu_of)
                 results.append({"round": round_ + 1, **result})
@@ -167,16 +214,22 @@ async def run(args: argparse.Namespace, base: str, web: Any, fake: str) -> None:
         )
     chat = [r["web_cpu_ms_per_conversation"] for r in results if r["kind"] == "chat"]
     stream = [r["web_cpu_ms_per_conversation"] for r in results if r["kind"] == "stream"]
-    if chat and stream:
-        ratio = (sum(stream) / len(stream)) / (sum(chat) / len(chat))
-        print(f"web CPU per conversation, stream / chat: {ratio:.2f}")
+    plain = [r["web_cpu_ms_per_conversation"] for r in results if r["kind"] == "plain"]
+    if chat and stream and plain:
+        base = sum(chat) / len(chat)
+        print(
+            f"web CPU per conversation against /chat's: stream {sum(stream) / len(stream) / base:.2f}, "
+            f"not streamed {sum(plain) / len(plain) / base:.2f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=1.0, help="seconds per LLM call")
     parser.add_argument("--concurrency", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2, help="pairs of bursts (/chat and stream)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of bursts (/chat, stream, not streamed)"
+    )
     parser.add_argument("--settle", type=float, default=3.0)
     args = parser.parse_args()
     load.bench_environment("openai")
