@@ -157,13 +157,16 @@ def test_chat_and_stream_refuse_a_panel_the_key_may_not_use(duo, client_with, bo
 
 
 @pytest.mark.django_db(transaction=True)
-def test_stream_stores_the_named_panel(duo, client_with):
-    response = client_with("read", "write").post(
-        "/stream/6f1c1f0e-4c5b-4a1e-9a7e-1f2d3c4b5a69",
-        {"message": "Tea?", "panel": "duo", "turns": 2},
-        format="json",
-    )
+async def test_stream_stores_the_named_panel(duo, make_key):
+    from tests.test_stream import drain_runs, new_key, post_stream
+
+    _, raw = await new_key(make_key)
+    conversation_id = "6f1c1f0e-4c5b-4a1e-9a7e-1f2d3c4b5a69"
+    response = await post_stream(raw, conversation_id, {"message": "Tea?", "panel": "duo", "turns": 2})
     assert response.status_code == 202, response.content
-    conversation = Conversation.objects.get(pk="6f1c1f0e-4c5b-4a1e-9a7e-1f2d3c4b5a69")
+    await drain_runs()  # no queued run outlives the test
+    conversation = await Conversation.objects.aget(pk=conversation_id)
     assert conversation.turns_requested == 2
     assert [a["model"] for a in conversation.metadata["agents"]] == ["sim-a", "sim-b"]
+    models = {m.model async for m in Message.objects.filter(conversation=conversation, role="agent")}
+    assert models == {"sim-a", "sim-b"}
