@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -36,6 +36,7 @@ from conversations.recorder import RunRecorder, _watched_by
 from conversations.store import event_store
 from gateway import quota
 from gateway.principal import Principal
+from panels.registry import panel_profiles
 
 logger = logging.getLogger("polyagents.conversations")
 
@@ -55,6 +56,8 @@ class _Asked:
     turns: int
     strategy: str
     synthesis: str
+    agents: list[dict[str, Any]] | None = None  # a named panel's (panels.registry.run_agents)
+    tags: dict[str, Any] = field(default_factory=dict)  # stored in metadata (panel, user, surface)
 
 
 def _start(
@@ -125,6 +128,8 @@ def _open_exchange(conversation: Conversation, asked: _Asked, admitted: dict[str
         **conversation.metadata,
         "strategy": asked.strategy,
         "synthesis": asked.synthesis,
+        "agents": asked.agents,
+        **asked.tags,
     }
     conversation.metadata.update(admitted)
 
@@ -190,6 +195,8 @@ async def conversation_start(
     max_cost: float | None = None,
     max_tokens: int | None = None,
     running: bool = False,
+    agents: list[dict[str, Any]] | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> tuple[Conversation, int]:
     """Create a conversation (or a new exchange of an existing one) ready to run.
 
@@ -198,14 +205,18 @@ async def conversation_start(
     `running`: the caller runs the exchange at once, in this process (/chat, the chat
     command). A new conversation without a budget is then stored already running, and
     `conversation_run(..., fresh=...)` begins from it without reading it back.
+    `agents`: a named panel's agents for this exchange (`PanelConfig.run_agents`); `tags`:
+    entries stored in its metadata (`panel`, `user`).
     """
     config = settings.CONFIG
     asked = _Asked(
         message=message,
-        num_agents=num_agents or config.NUM_AGENTS,
+        num_agents=len(agents) if agents else num_agents or config.NUM_AGENTS,
         turns=turns or config.DEFAULT_TURNS,
         strategy=strategy,
         synthesis=synthesis or default_mode(),
+        agents=agents,
+        tags=dict(tags or {}),
     )
     budget = Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None
     if conversation_id is None and budget is None:
@@ -234,7 +245,7 @@ async def conversation_cancel(*, conversation_id: uuid.UUID) -> None:
 async def _orchestrator(begun: _Begun, recorder: RunRecorder, *, stream_when_watched: bool) -> Orchestrator:
     """The panel's orchestrator for the run, once the run has announced itself."""
     config, conversation = settings.CONFIG, begun.conversation
-    panel = build_panel(conversation.num_agents)
+    panel = panel_profiles(conversation.metadata.get("agents")) or build_panel(conversation.num_agents)
     recorder.personality = {p.agent_id: p.personality for p in panel}
     await recorder(
         "conversation_started",
