@@ -46,7 +46,7 @@ from conversations.assessment import aassess, apanel_weights
 from conversations.events import EventLog, EventLogBroken, has_watchers, in_pool_thread
 from conversations.models import ConsensusResult, Conversation, Event, Message, Vote
 from conversations.selectors import CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHAT_VOTE_FIELDS
-from conversations.signals import conversation_completed
+from conversations.signals import agent_turn, conversation_completed, run_finished
 from gateway import quota
 from gateway.principal import Principal
 from telemetry.errors import arecord_error
@@ -361,6 +361,12 @@ class RunRecorder:
             cost_usd=data.get("cost_usd") or 0.0,
             cost_estimated=bool(data.get("cost_estimated")),
         )
+        if self.conversation.metadata.get("notify_turns"):
+            _in_background(
+                agent_turn.asend_robust(
+                    sender=Conversation, conversation=self.conversation, exchange=self.exchange, data=data
+                )
+            )
 
     async def _on_agent_error(self, data: dict[str, Any]) -> None:
         await arecord_error(
@@ -680,7 +686,11 @@ async def _finish_cancelled(
     await recorder(
         "conversation_failed", status="cancelled", reason="cancelled by request", duration=round(duration, 3)
     )
-    return await Conversation.objects.aget(pk=conversation_id)
+    conversation = await Conversation.objects.aget(pk=conversation_id)
+    _in_background(
+        run_finished.asend_robust(sender=Conversation, conversation=conversation, exchange=exchange)
+    )
+    return conversation
 
 
 def _store_result(conversation_id: uuid.UUID, exchange: int, result: dict[str, Any]) -> None:
@@ -834,5 +844,11 @@ async def _finish(
                 sender=Conversation, conversation_id=conversation_id, status=status
             )
         )
+    agreement = assessment.agreement if assessment is not None else None
+    _in_background(
+        run_finished.asend_robust(
+            sender=Conversation, conversation=conversation, exchange=exchange, agreement=agreement
+        )
+    )
     conversation.last_seq = recorder.log.last_seq
     return conversation

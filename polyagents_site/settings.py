@@ -45,6 +45,8 @@ INSTALLED_APPS = [
     "conversations",
     "streaming",
     "archive",
+    "webhooks",
+    "mcp_server",
     "monitoring",
     "health_check",
     "health_check.cache",

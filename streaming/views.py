@@ -19,6 +19,7 @@ from gateway.permissions import CanWrite
 from gateway.principal import principal_of
 from gateway.validation import parse_uuid
 from streaming.jobs import enqueue_run
+from webhooks.services import asubscribe, asubscription, split_request
 
 
 class StreamView(APIView):
@@ -46,12 +47,14 @@ class StreamView(APIView):
     )
     async def post(self, request: Request, conversation_id: str) -> Response:
         conv_id = parse_uuid(conversation_id, field="conversation_id")
-        serializer = ChatRequestSerializer(data=request.data)
+        body, hook_fields = split_request(request.data)
+        serializer = ChatRequestSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         body_id = data.get("conversation_id")
         if body_id is not None and body_id != conv_id:
             raise ValidationError({"conversation_id": ["Must match the conversation id of the path."]})
+        hook = await asubscription(principal_of(request), hook_fields)
         try:
             conversation, exchange = await conversation_start(
                 principal=principal_of(request),
@@ -67,6 +70,8 @@ class StreamView(APIView):
             )
         except ConversationError as exc:
             return conversation_problem(exc)
+        if hook is not None:
+            await asubscribe(hook, conversation_id=conversation.pk, exchange=exchange)
         await enqueue_run(conversation.pk, exchange)
         return Response(
             {
