@@ -60,7 +60,7 @@ class AgentProfile:
         }
 
 
-def _personality(value: str) -> tuple[str, str]:
+def persona_instruction(value: str) -> tuple[str, str]:
     """A built-in personality name, or free text used as the instruction itself."""
     key = value.strip().lower()
     if key in PERSONALITIES:
@@ -77,7 +77,7 @@ def build_panel(num_agents: int | None = None) -> list[AgentProfile]:
     default_provider = config.provider_default
     panel: list[AgentProfile] = []
     for spec in config.AGENT_MODELS_CONFIG[:count]:
-        name, instruction = _personality(spec.personality)
+        name, instruction = persona_instruction(spec.personality)
         panel.append(
             AgentProfile(
                 agent_id=spec.agent_id,

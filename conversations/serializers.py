@@ -13,6 +13,7 @@ from gateway.validation import (
     StrictSerializer,
     StrictUUIDField,
 )
+from panels.specs import PANEL_ID_PATTERN, STRATEGIES
 
 MAX_MESSAGE_CHARS = 8000
 
@@ -24,9 +25,11 @@ class ChatRequestSerializer(StrictSerializer):
     conversation_id = StrictUUIDField(required=False, allow_null=True)
     num_agents = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     turns = serializers.IntegerField(required=False, allow_null=True, min_value=1)
-    strategy = serializers.ChoiceField(
-        choices=["majority", "weighted", "reliability"], required=False, default="majority"
-    )
+    # A named panel (GET /v1/models lists them): its agents, turns, strategy and synthesis,
+    # which the fields below override. Absent: NUM_AGENTS / AGENT_MODELS_CONFIG.
+    panel = serializers.RegexField(PANEL_ID_PATTERN, required=False, max_length=64)
+    # Absent: the panel's strategy (majority without a panel).
+    strategy = serializers.ChoiceField(choices=list(STRATEGIES), required=False)
     # Who writes consensus_result: the winner's best supporter, or a chairman model (one extra call).
     # Absent: SYNTHESIS_MODE.
     synthesis = serializers.ChoiceField(choices=list(SYNTHESIS_MODES), required=False)

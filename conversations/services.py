@@ -49,6 +49,7 @@ from conversations.selectors import CHAT_MESSAGE_FIELDS, CHAT_RESULT_FIELDS, CHA
 from conversations.signals import agent_turn, conversation_completed, run_finished
 from gateway import quota
 from gateway.principal import Principal
+from panels.registry import panel_profiles
 from telemetry.errors import arecord_error
 from telemetry.metrics import CONVERSATIONS
 
@@ -104,6 +105,8 @@ class _Asked:
     turns: int
     strategy: str
     synthesis: str
+    agents: list[dict[str, Any]] | None = None  # a named panel's (panels.registry.run_agents)
+    tags: dict[str, Any] = field(default_factory=dict)  # stored in metadata (panel, user, surface)
 
 
 def _start(
@@ -174,6 +177,8 @@ def _open_exchange(conversation: Conversation, asked: _Asked, admitted: dict[str
         **conversation.metadata,
         "strategy": asked.strategy,
         "synthesis": asked.synthesis,
+        "agents": asked.agents,
+        **asked.tags,
     }
     conversation.metadata.update(admitted)
 
@@ -239,6 +244,8 @@ async def conversation_start(
     max_cost: float | None = None,
     max_tokens: int | None = None,
     running: bool = False,
+    agents: list[dict[str, Any]] | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> tuple[Conversation, int]:
     """Create a conversation (or a new exchange of an existing one) ready to run.
 
@@ -247,14 +254,18 @@ async def conversation_start(
     `running`: the caller runs the exchange at once, in this process (/chat, the chat
     command). A new conversation without a budget is then stored already running, on
     PostgreSQL, and `conversation_run(..., fresh=...)` begins from it without a statement.
+    `agents`: a named panel's agents for this exchange (`PanelConfig.run_agents`); `tags`:
+    entries stored in its metadata (`panel`, `user`).
     """
     config = settings.CONFIG
     asked = _Asked(
         message=message,
-        num_agents=num_agents or config.NUM_AGENTS,
+        num_agents=len(agents) if agents else num_agents or config.NUM_AGENTS,
         turns=turns or config.DEFAULT_TURNS,
         strategy=strategy,
         synthesis=synthesis or default_mode(),
+        agents=agents,
+        tags=dict(tags or {}),
     )
     budget = Budget(max_cost=max_cost, max_tokens=max_tokens) if max_cost or max_tokens else None
     if store.pipelined() and conversation_id is None and budget is None:
@@ -613,7 +624,7 @@ async def conversation_run(
         return conversation
     config = settings.CONFIG
     question, prior, history = begun.question, begun.prior, begun.history
-    panel = build_panel(conversation.num_agents)
+    panel = panel_profiles(conversation.metadata.get("agents")) or build_panel(conversation.num_agents)
     log = EventLog(conversation.pk, begun.last_seq, buffered=True)
     recorder = RunRecorder(conversation, exchange, log)
     recorder.personality = {p.agent_id: p.personality for p in panel}

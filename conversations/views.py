@@ -10,7 +10,7 @@ from typing import Any
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
-from rest_framework.exceptions import NotFound
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -28,8 +28,9 @@ from gateway.asyncviews import APIView
 from gateway.errors import error_body
 from gateway.openapi import errors, links
 from gateway.permissions import CanWrite
-from gateway.principal import principal_of
+from gateway.principal import Principal, principal_of
 from gateway.validation import query_params
+from panels.registry import PanelNotFound, start_options
 
 # Runs started by /chat are kept here so a client that disconnects does not cancel them.
 _RUNNING: set[asyncio.Task[Any]] = set()
@@ -45,6 +46,25 @@ def problem(status_code: int, code: str, detail: str, **extra: Any) -> Response:
 def conversation_problem(exc: ConversationError) -> Response:
     """A service refusal (unknown or foreign conversation, already running) as a JSON error."""
     return problem(exc.status_code, exc.code, str(exc), **getattr(exc, "extra", {}))
+
+
+async def run_options(principal: Principal, data: dict[str, Any]) -> dict[str, Any]:
+    """How a validated /chat or /stream body asks the panel to run: its named `panel`
+    (resolved for the caller), or NUM_AGENTS / AGENT_MODELS_CONFIG with the body's sizes."""
+    asked: dict[str, Any] = {
+        "num_agents": data.get("num_agents"),
+        "turns": data.get("turns"),
+        "strategy": data.get("strategy"),
+        "synthesis": data.get("synthesis"),
+    }
+    if not data.get("panel"):
+        return {**asked, "strategy": asked["strategy"] or "majority"}
+    try:
+        return await start_options(principal=principal, panel_id=data["panel"], **asked)
+    except PanelNotFound as exc:
+        raise ValidationError({"panel": [str(exc)]}) from None
+    except ValueError as exc:
+        raise ValidationError({"num_agents": [str(exc)]}) from None
 
 
 # An OpenAPI link: the conversation_id of a /chat or /stream answer opens /conversations/{id}.
@@ -85,15 +105,14 @@ class ChatView(APIView):
         serializer = ChatRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        principal = principal_of(request)
+        options = await run_options(principal, data)
         try:
             conversation, exchange = await conversation_start(
-                principal=principal_of(request),
+                principal=principal,
                 message=data["message"],
                 conversation_id=data.get("conversation_id"),
-                num_agents=data.get("num_agents"),
-                turns=data.get("turns"),
-                strategy=data["strategy"],
-                synthesis=data.get("synthesis"),
+                **options,
                 max_cost=data.get("max_cost"),
                 max_tokens=data.get("max_tokens"),
                 running=True,

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from panels.specs import PANEL_ID_PATTERN, PanelSpec
+
 PERMISSIONS = ("read", "write", "admin")
 
 # Values shipped in env.example. Outside DEBUG the service refuses to start with them.
@@ -125,6 +127,9 @@ class Config(BaseSettings):
     MAX_OUTPUT_TOKENS: int = Field(default=1024, ge=16, le=65536)
     LLM_PROVIDER: Literal["gemini", "openai", "simulated"] | None = None
     MODEL_PRICES: dict[str, ModelPrice] = Field(default_factory=dict)
+    # Named panels (id -> panels.specs.PanelSpec); `default` comes from NUM_AGENTS and
+    # AGENT_MODELS_CONFIG unless PANELS defines it.
+    PANELS: dict[str, PanelSpec] = Field(default_factory=dict)
 
     # Gemini
     GEMINI_API_KEY: str | None = None
@@ -235,6 +240,14 @@ class Config(BaseSettings):
                 raise ValueError(f"{name[:40]!r} is not a model name (1..100 characters)")
         return value
 
+    @field_validator("PANELS")
+    @classmethod
+    def _panels(cls, value: dict[str, PanelSpec]) -> dict[str, PanelSpec]:
+        for name in value:
+            if not re.fullmatch(PANEL_ID_PATTERN, name):
+                raise ValueError(f"{name[:40]!r} is not a panel id (letters, digits, _ . : -; 1..64)")
+        return value
+
     @field_validator("DATABASE_URL")
     @classmethod
     def _database_url(cls, value: str | None) -> str | None:
@@ -262,6 +275,11 @@ class Config(BaseSettings):
         ids = [agent.agent_id for agent in self.AGENT_MODELS_CONFIG]
         if len(ids) != len(set(ids)):
             raise ValueError("AGENT_MODELS_CONFIG: agent_id values must be unique")
+        for name, panel in self.PANELS.items():
+            if len(panel.agents) > self.MAX_AGENTS:
+                raise ValueError(f"PANELS: panel {name!r} has more agents than MAX_AGENTS")
+            if panel.turns is not None and panel.turns > self.MAX_TURNS:
+                raise ValueError(f"PANELS: panel {name!r} has more turns than MAX_TURNS")
         names = [key.name for key in self.DEFAULT_API_KEYS]
         if len(names) != len(set(names)):
             raise ValueError("DEFAULT_API_KEYS: names must be unique")

@@ -12,6 +12,7 @@ urlpatterns = [
     path("", include("archive.urls")),  # before conversations: conversations/search is not an id
     path("", include("conversations.urls")),
     path("", include("streaming.urls")),
+    path("", include("openai_api.urls")),
     path("", include("monitoring.urls")),
     # API docs: OpenAPI schema, Swagger UI and ReDoc (assets served locally by the sidecar).
     path("schema", SpectacularAPIView.as_view(), name="schema"),

@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from conversations import schemas
 from conversations.serializers import ChatRequestSerializer, StreamRequestSerializer
 from conversations.services import ConversationError, conversation_start
-from conversations.views import FOLLOW_CONVERSATION, conversation_problem
+from conversations.views import FOLLOW_CONVERSATION, conversation_problem, run_options
 from gateway.asyncviews import APIView
 from gateway.openapi import errors, links
 from gateway.permissions import CanWrite
@@ -54,16 +54,15 @@ class StreamView(APIView):
         body_id = data.get("conversation_id")
         if body_id is not None and body_id != conv_id:
             raise ValidationError({"conversation_id": ["Must match the conversation id of the path."]})
-        hook = await asubscription(principal_of(request), hook_fields)
+        principal = principal_of(request)
+        hook = await asubscription(principal, hook_fields)
+        options = await run_options(principal, data)
         try:
             conversation, exchange = await conversation_start(
-                principal=principal_of(request),
+                principal=principal,
                 message=data["message"],
                 conversation_id=conv_id,
-                num_agents=data.get("num_agents"),
-                turns=data.get("turns"),
-                strategy=data["strategy"],
-                synthesis=data.get("synthesis"),
+                **options,
                 create_with_id=True,
                 max_cost=data.get("max_cost"),
                 max_tokens=data.get("max_tokens"),
