@@ -179,6 +179,9 @@ class Config(BaseSettings):
     CIRCUIT_BREAKER_FAILURE_THRESHOLD: int = Field(default=5, ge=1)
     CIRCUIT_BREAKER_TIMEOUT: float = Field(default=60.0, gt=0)
 
+    # MCP (/mcp): how long consult_panel waits for its run before returning the id to follow
+    MCP_WAIT_SECONDS: float = Field(default=120.0, gt=0, le=3600)
+
     # Webhooks of /stream runs (webhooks/)
     WEBHOOK_ALLOW_PRIVATE: bool = False  # also private and loopback addresses (link-local: never)
     WEBHOOK_ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=list)  # http allowed
