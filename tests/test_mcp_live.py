@@ -126,6 +126,15 @@ async def test_a_read_only_key_cannot_consult(make_key: KeyMaker, web: str) -> N
     assert not await Conversation.objects.aexists()
 
 
+async def test_a_used_up_quota_is_refused_as_for_chat(make_key: KeyMaker, web: str) -> None:
+    _, raw = await sync_to_async(make_key)(["read", "write"], daily_quota=1.0)
+    async with connected(web, raw) as client:
+        result = await client.call_tool("consult_panel", {"question": QUESTION})
+    assert result.is_error
+    assert "quota" in text_of(result)
+    assert not await Conversation.objects.aexists()
+
+
 async def test_a_foreign_conversation_is_not_found(make_key: KeyMaker, web: str) -> None:
     async with connected(web, await key(make_key, "read", "write")) as owner:
         body = structured(
