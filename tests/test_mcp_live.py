@@ -191,3 +191,17 @@ async def test_a_run_that_outlives_the_call_is_followed_by_id(make_key: KeyMaker
             )
     assert state["status"] in ("completed", "no_consensus")
     assert state["turns_completed"] >= 1
+
+
+async def test_a_jwt_access_token_works_as_a_key_does(make_key: KeyMaker, web: str) -> None:
+    raw = await key(make_key, "read", "write")
+    token = httpx2.post(f"{web}/auth/token", json={"api_key": raw}).json()["access"]
+    async with connected(web, token) as client:
+        body = structured(
+            await client.call_tool("consult_panel", {"question": QUESTION, "num_agents": 1, "turns": 1})
+        )
+    async with connected(web, raw) as client:
+        same_owner = structured(
+            await client.call_tool("get_conversation", {"conversation_id": body["conversation_id"]})
+        )
+    assert same_owner["conversation_id"] == body["conversation_id"]

@@ -131,3 +131,39 @@ async def test_sweep_queues_the_terminal_event_a_lost_hook_missed(make_key: KeyM
     delivery = await Delivery.objects.aget()
     assert delivery.event == "conversation.no_consensus"
     assert (await sweep_once())["terminal_created"] == 0  # once
+
+
+def test_a_job_that_fails_otherwise_is_retried_soon() -> None:
+    """An attempt that fails for another reason (the database went away) is retried in 5-30 s;
+    a failed attempt's own schedule is kept as it is."""
+    from datetime import UTC, datetime
+
+    from django.db import OperationalError
+    from procrastinate.jobs import Job
+
+    from webhooks.delivery import RetryAt
+    from webhooks.tasks import UNEXPECTED_MAX_ATTEMPTS, DeliveryRetry
+
+    strategy = DeliveryRetry(max_attempts=UNEXPECTED_MAX_ATTEMPTS)
+    job = Job(id=1, queue="default", lock=None, queueing_lock=None, task_name="webhooks.deliver", attempts=3)
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+    decision = strategy.get_retry_decision(exception=RetryAt(when), job=job)
+    assert decision is not None
+    assert decision.retry_at == when
+    lost = strategy.get_retry_decision(exception=OperationalError("server closed the connection"), job=job)
+    assert lost is not None
+    assert lost.retry_at is not None
+    assert 4 <= (lost.retry_at - datetime.now(UTC)).total_seconds() <= 31
+    done = Job(id=1, queue="default", lock=None, queueing_lock=None, task_name="webhooks.deliver",
+               attempts=UNEXPECTED_MAX_ATTEMPTS)  # fmt: skip
+    assert strategy.get_retry_decision(exception=OperationalError("gone"), job=done) is None
+
+
+def test_the_default_retries_span_about_a_day() -> None:
+    from webhooks.delivery import backoff
+
+    attempts = settings.CONFIG.WEBHOOK_MAX_ATTEMPTS
+    assert attempts >= 8
+    spans = [sum(backoff(n) for n in range(1, attempts)) / 3600 for _ in range(500)]
+    assert min(spans) >= 20
+    assert max(spans) <= 28
