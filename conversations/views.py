@@ -10,7 +10,7 @@ from typing import Any
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import APIException, NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -62,9 +62,16 @@ async def run_options(principal: Principal, data: dict[str, Any]) -> dict[str, A
     try:
         return await start_options(principal=principal, panel_id=data["panel"], **asked)
     except PanelNotFound as exc:
-        raise ValidationError({"panel": [str(exc)]}) from None
+        raise NotFound(str(exc), code="panel_not_found") from None
     except ValueError as exc:
-        raise ValidationError({"num_agents": [str(exc)]}) from None
+        raise PanelTooSmall(f"num_agents: {exc}") from None
+
+
+class PanelTooSmall(APIException):
+    """422: a body asks for more agents than its named panel seats."""
+
+    status_code = 422
+    default_code = "panel_too_small"
 
 
 # An OpenAPI link: the conversation_id of a /chat or /stream answer opens /conversations/{id}.

@@ -57,6 +57,7 @@ def polyagents(body: dict[str, Any], panel: str) -> dict[str, Any]:
         "exchange": body["exchange"],
         "panel": panel,
         "status": body["metadata"]["status"],
+        "turns_completed": body["metadata"]["turns_completed"],
         "confidence": body["confidence"],
         "agreement": body["agreement"],
         "consensus": {

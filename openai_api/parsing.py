@@ -1,7 +1,8 @@
 """The body of POST /v1/chat/completions, validated the way OpenAI's API validates it.
 
 Every parameter is either used, accepted where its value changes nothing (`n: 1`,
-`logprobs: false`, `response_format: {"type": "text"}`, `stream_options`), or refused with
+`logprobs: false`, `response_format: {"type": "text"}`, `stream_options`, which without
+`stream: true` has nothing to act on), or refused with
 a 400 that names it: nothing is silently ignored.
 """
 
@@ -61,29 +62,31 @@ class CompletionRequest:
     user: str | None
 
 
+def _checked(text: str, param: str) -> str:
+    if control_characters(text):
+        raise RequestRefused("Content must not contain control characters.", param)
+    if not text.strip():
+        raise RequestRefused("Content must not be blank.", param)
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise RequestRefused(f"Content is longer than {MAX_MESSAGE_CHARS} characters.", param)
+    return text
+
+
 def _text(content: Any, param: str) -> str:
     """A message's content: a string, or a list of text parts."""
     if isinstance(content, str):
-        text = content
-    elif isinstance(content, list) and content:
-        pieces = []
-        for index, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RequestRefused(
-                    f"Only text content parts are supported, not {kind!r}.", f"{param}[{index}]"
-                )
-            pieces.append(part["text"])
-        text = "".join(pieces)
-    else:
+        return _checked(content, param)
+    if not isinstance(content, list) or not content:
         raise RequestRefused("Content must be a string or a list of text parts.", param)
-    if control_characters(text):
-        raise RequestRefused("Content must not contain control characters.", param)
-    return text
+    pieces = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or set(part) != {"type", "text"}:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise RequestRefused(f"Only text content parts are supported, not {kind!r}.", f"{param}[{index}]")
+        if not isinstance(part["text"], str):
+            raise RequestRefused("A text part's text must be a string.", f"{param}[{index}].text")
+        pieces.append(_checked(part["text"], f"{param}[{index}].text"))
+    return "".join(pieces)
 
 
 def _messages(messages: Any) -> tuple[str, str]:
@@ -97,21 +100,17 @@ def _messages(messages: Any) -> tuple[str, str]:
         param = f"messages[{index}]"
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise RequestRefused(f"role must be one of {', '.join(ROLES)}.", f"{param}.role")
-        extra = set(message) - {"role", "content", "name"}
+        extra = sorted(set(message) - {"role", "content", "name"})
+        name = message.get("name", "")
+        if not isinstance(name, str) or len(name) > 256 or control_characters(name):
+            raise RequestRefused("name must be a string of at most 256 characters.", f"{param}.name")
         if extra:
-            raise RequestRefused(
-                f"Unsupported message field {sorted(extra)[0]!r}.", f"{param}.{sorted(extra)[0]}"
-            )
+            raise RequestRefused(f"Unsupported message field {extra[0]!r}.", f"{param}.{extra[0]}")
         read.append((message["role"], _text(message.get("content"), f"{param}.content")))
-    last = max((i for i, (role, _) in enumerate(read) if role == "user"), default=None)
-    if last is None or not read[last][1].strip():
-        raise RequestRefused("messages must include a non-empty user message.", "messages")
+    # The question: the last user message (without one, the last message).
+    last = max((i for i, (role, _) in enumerate(read) if role == "user"), default=len(read) - 1)
     question = read[last][1]
-    if len(question) > MAX_MESSAGE_CHARS:
-        raise RequestRefused(
-            f"The last user message is longer than {MAX_MESSAGE_CHARS} characters.", "messages"
-        )
-    system = [text for role, text in read if role in ("system", "developer")]
+    system = [text for i, (role, text) in enumerate(read) if role in ("system", "developer") and i != last]
     context = [
         f"{role}: {text}"
         for i, (role, text) in enumerate(read)
@@ -167,8 +166,6 @@ def parse(body: Any) -> CompletionRequest:
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise RequestRefused("stream_options may hold include_usage only.", "stream_options")
-    if options is not None and not stream:
-        raise RequestRefused("stream_options is only allowed with stream: true.", "stream_options")
     include_usage = bool((options or {}).get("include_usage"))
     temperature = body.get("temperature")
     if temperature is not None and (

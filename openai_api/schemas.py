@@ -7,7 +7,10 @@ from typing import Any
 from drf_spectacular.utils import OpenApiResponse
 
 from conversations.schemas import BOOLEAN, FREE_OBJECT, INTEGER, NUMBER, STRING, UUID, nullable, obj
+from conversations.serializers import MAX_MESSAGE_CHARS
+from gateway.openapi import SAFE_NON_BLANK_PATTERN, SAFE_TEXT_PATTERN
 from openai_api.parsing import REFUSED
+from panels.specs import PANEL_ID_PATTERN
 
 NULLABLE_STRING = nullable(STRING)
 ERROR = obj(
@@ -22,6 +25,7 @@ ERROR_DESCRIPTIONS = {
     404: "model_not_found: no such panel for this key.",
     413: "The request body is too large.",
     415: "The body is not JSON.",
+    422: "budget_too_small: max_tokens cannot pay for one round of this panel.",
     429: "rate_limit_exceeded (the key's rate limit) or insufficient_quota (its daily quota); "
     "see Retry-After.",
     503: "agents_unavailable: the panel's providers could not answer; see Retry-After.",
@@ -53,12 +57,13 @@ MODEL = obj(
 )
 MODEL_LIST = obj({"object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": MODEL}})
 
-TEXT_PART = obj({"type": {"type": "string", "enum": ["text"]}, "text": STRING})
+TEXT = {"type": "string", "pattern": SAFE_NON_BLANK_PATTERN, "maxLength": MAX_MESSAGE_CHARS}
+TEXT_PART = obj({"type": {"type": "string", "enum": ["text"]}, "text": TEXT}, additionalProperties=False)
 MESSAGE = obj(
     {
         "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-        "content": {"oneOf": [STRING, {"type": "array", "items": TEXT_PART, "minItems": 1}]},
-        "name": STRING,
+        "content": {"oneOf": [TEXT, {"type": "array", "items": TEXT_PART, "minItems": 1}]},
+        "name": {**STRING, "maxLength": 256, "pattern": SAFE_TEXT_PATTERN},
     },
     required=["role", "content"],
     additionalProperties=False,
@@ -66,7 +71,7 @@ MESSAGE = obj(
 COMPLETION_REQUEST = {
     "application/json": obj(
         {
-            "model": {**STRING, "description": "A panel id (GET /v1/models)."},
+            "model": {**STRING, "pattern": PANEL_ID_PATTERN, "description": "A panel id (GET /v1/models)."},
             "messages": {"type": "array", "items": MESSAGE, "minItems": 1, "maxItems": 100},
             "stream": BOOLEAN,
             "stream_options": obj({"include_usage": BOOLEAN}, required=[], additionalProperties=False),
@@ -78,10 +83,17 @@ COMPLETION_REQUEST = {
                 "maximum": 2,
                 "description": "Every agent's temperature.",
             },
-            "user": {**STRING, "maxLength": 256, "description": "Stored with the conversation."},
+            "user": {
+                **STRING,
+                "maxLength": 256,
+                "pattern": SAFE_TEXT_PATTERN,
+                "description": "Stored with the conversation.",
+            },
             "n": {"type": "integer", "enum": [1]},
             "logprobs": {"type": "boolean", "enum": [False]},
-            "response_format": obj({"type": {"type": "string", "enum": ["text"]}}),
+            "response_format": obj(
+                {"type": {"type": "string", "enum": ["text"]}}, additionalProperties=False
+            ),
         },
         required=["model", "messages"],
         additionalProperties=False,
@@ -94,6 +106,7 @@ POLYAGENTS = obj(
         "exchange": INTEGER,
         "panel": STRING,
         "status": STRING,
+        "turns_completed": INTEGER,
         "confidence": nullable(NUMBER),
         "agreement": nullable(NUMBER),
         "consensus": FREE_OBJECT,
@@ -127,10 +140,11 @@ COMPLETION = obj(
     }
 )
 COMPLETIONS_DESCRIPTION = (
-    "OpenAI's Chat Completions API over a panel. `model` is a panel id. The last user message is "
-    "the question; system (and developer) messages and the earlier messages reach every agent's "
-    "instructions. `max_tokens` / `max_completion_tokens` set the token budget; `temperature` "
-    "replaces every agent's; `user` is stored. `n` (1 only), `logprobs` (false only), "
+    "OpenAI's Chat Completions API over a panel. `model` is a panel id. The last user message (or, "
+    "without one, the last message) is the question; system (and developer) messages and the "
+    "earlier messages reach every agent's instructions. `max_tokens` / `max_completion_tokens` "
+    "set the token budget; `temperature` replaces every agent's; `user` is stored. `n` (1 only), "
+    "`logprobs` (false only), "
     "`response_format` (text only) and `stream_options.include_usage` are accepted; these are "
     "refused with a 400 naming them: " + ", ".join(f"`{name}`" for name in REFUSED) + ", non-text parts."
 )
@@ -142,3 +156,13 @@ STREAM_DESCRIPTION = (
     "`finish_reason` chunk (with `polyagents`); with `stream_options.include_usage`, a usage chunk "
     "with empty `choices`; `data: [DONE]`. A client that disconnects cancels the run."
 )
+
+
+def require_bodies(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+    """Postprocessing hook: an operation marked `x-body-required` (a raw request schema, which
+    drf-spectacular leaves optional) documents its body as required."""
+    for path_item in result.get("paths", {}).values():
+        for operation in path_item.values():
+            if isinstance(operation, dict) and operation.pop("x-body-required", False):
+                operation.setdefault("requestBody", {})["required"] = True
+    return result

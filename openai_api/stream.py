@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from channels.db import aclose_old_connections
 from channels.layers import get_channel_layer
 
 from conversations.events import group_name, read_events
@@ -25,6 +26,16 @@ CATCH_UP_SECONDS = 2.0
 _CANCELLING: set[asyncio.Task[Any]] = set()
 
 
+async def _stored(conversation_id: Any, after: int) -> list[dict[str, Any]]:
+    """The stored events after `after`. The log's database read runs in this request's thread,
+    whose connection then goes back to the pool: a stream lasts a whole conversation, and 100
+    streams must not hold 100 connections."""
+    try:
+        return await read_events(conversation_id, after)
+    finally:
+        await aclose_old_connections()
+
+
 async def follow(conversation_id: Any, run: asyncio.Task[Conversation]) -> AsyncIterator[dict[str, Any]]:
     """Every event of the conversation once, in `seq` order, until the run ends."""
     layer = get_channel_layer()
@@ -35,7 +46,7 @@ async def follow(conversation_id: Any, run: asyncio.Task[Conversation]) -> Async
     try:
         while True:
             if run.done():
-                for event in await read_events(conversation_id, sent):
+                for event in await _stored(conversation_id, sent):
                     yield event
                 return
             if receive is None:
@@ -52,7 +63,7 @@ async def follow(conversation_id: Any, run: asyncio.Task[Conversation]) -> Async
                 if heard["seq"] == sent + 1:
                     live = [heard]
             if not live and not run.done():
-                live = await read_events(conversation_id, sent)  # a gap, or a quiet spell
+                live = await _stored(conversation_id, sent)  # a gap, or a quiet spell
             for event in live:
                 if event["seq"] > sent:
                     sent = event["seq"]

@@ -84,7 +84,7 @@ def refusal(exc: ConversationError) -> Response:
             429, str(exc), type="insufficient_quota", code="insufficient_quota", headers=headers
         )
     if exc.code == "budget_too_small":
-        return openai_error(400, str(exc), param="max_tokens", code="budget_too_small")
+        return openai_error(422, str(exc), param="max_tokens", code="budget_too_small")
     return openai_error(exc.status_code, str(exc), code=exc.code)
 
 
@@ -101,9 +101,10 @@ class ChatCompletionsView(OpenAIView):
         summary="Ask a panel (model = panel id); streamed as chat.completion.chunk with stream: true",
         description=schemas.COMPLETIONS_DESCRIPTION,
         request=schemas.COMPLETION_REQUEST,
+        extensions={"x-body-required": True},
         responses={
             200: OpenApiResponse(schemas.COMPLETION, description=schemas.STREAM_DESCRIPTION),
-            **schemas.errors(400, 401, 403, 404, 429, 503),
+            **schemas.errors(400, 401, 403, 404, 413, 415, 422, 429, 503),
         },
         tags=["openai"],
     )

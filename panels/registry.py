@@ -8,6 +8,7 @@ use), `PanelConfig.run_agents` (the agents of one run, as stored on its conversa
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,9 @@ from panels.models import Panel
 from panels.specs import PanelSpec
 
 DEFAULT_PANEL = "default"
+# The admin's panels are read at most once a second per process (an edit shows within that):
+# a burst of requests shares one read instead of a thread hop and a query each.
+ADMIN_PANELS_SHARED_SECONDS = 1.0
 # The `created` time of panels that have no row (PANELS, `default`): when this process started.
 STARTED_AT = int(time.time())
 
@@ -155,14 +159,35 @@ def _admin_panels_released() -> list[PanelConfig]:
             connection.close()
 
 
+_admin_read: tuple[float, asyncio.Future[list[PanelConfig]]] | None = None
+
+
+async def _shared_admin_panels() -> list[PanelConfig]:
+    """`_admin_panels`, read at most once per ADMIN_PANELS_SHARED_SECONDS on this event loop."""
+    global _admin_read
+    now = time.monotonic()
+    shared = _admin_read
+    stale = (
+        shared is None
+        or now - shared[0] >= ADMIN_PANELS_SHARED_SECONDS
+        or shared[1].get_loop() is not asyncio.get_running_loop()
+        or (shared[1].done() and shared[1].exception() is not None)
+    )
+    if shared is None or stale:
+        fetch = sync_to_async(_admin_panels_released, thread_sensitive=not settings.USING_POSTGRES)
+        shared = (now, asyncio.ensure_future(fetch()))
+        _admin_read = shared
+    # Shielded: a caller that goes away must not cancel the others' read.
+    return await asyncio.shield(shared[1])
+
+
 async def _all_panels() -> dict[str, PanelConfig]:
     """Every panel by id: `default`, then PANELS, then the admin's rows (a later one replaces
     an earlier one of the same id)."""
     panels = {DEFAULT_PANEL: _default_panel()}
     for panel_id, spec in settings.CONFIG.PANELS.items():
         panels[panel_id] = _from_spec(panel_id, spec, created=STARTED_AT, source="settings")
-    fetch = sync_to_async(_admin_panels_released, thread_sensitive=not settings.USING_POSTGRES)
-    for panel in await fetch():
+    for panel in await _shared_admin_panels():
         panels[panel.id] = panel
     return panels
 

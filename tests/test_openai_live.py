@@ -4,6 +4,9 @@ against a live daphne: /v1/models and /v1/chat/completions, every error class, a
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,3 +200,33 @@ async def test_a_client_that_disconnects_mid_stream_cancels_the_run(make_key: Ke
         await asyncio.sleep(0.2)
     assert latest is not None
     assert latest.status == "cancelled", latest.status
+
+
+def readme_block(language: str) -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Use it from the OpenAI SDK\n", 1)[1]
+    return section.split(f"```{language}\n", 1)[1].split("\n```", 1)[0]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+async def test_the_readme_python_and_curl_work(
+    make_key: KeyMaker, web: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, raw = await sync_to_async(make_key)(["read", "write"])
+    code = readme_block("python")
+    assert len(code.splitlines()) == 5
+    await sync_to_async(exec)(code.replace("http://localhost:8000", web).replace('"pk_..."', repr(raw)), {})
+    assert capsys.readouterr().out.strip()
+    command = readme_block("bash").replace("\\\n", " ").replace("localhost:8000", web.removeprefix("http://"))
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", command],
+        env={**os.environ, "KEY": raw},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    events = [line for line in done.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", done.stdout + done.stderr
+    assert any("reasoning_content" in e for e in events)

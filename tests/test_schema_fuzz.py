@@ -149,6 +149,7 @@ def describe(recorder: Any) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # every operation, valid bodies running whole conversations; a shared machine
 def test_the_server_does_exactly_what_its_schema_says(wsgi_schema: Any) -> None:
     failures: list[str] = []
     errors: list[str] = []
