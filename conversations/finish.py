@@ -3,7 +3,6 @@ terminal event."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -14,19 +13,10 @@ from conversations import budget as admission
 from conversations.assessment import aassess
 from conversations.models import Conversation
 from conversations.recorder import RunRecorder
-from conversations.signals import conversation_completed
+from conversations.signals import conversation_completed, run_finished, send_later
 from conversations.threads import in_pool_thread
 from telemetry.errors import arecord_error
 from telemetry.metrics import CONVERSATIONS
-
-# Fire-and-forget work (search indexing) is kept referenced until it finishes.
-_BACKGROUND: set[asyncio.Task[Any]] = set()
-
-
-def _in_background(coro: Any) -> None:
-    task = asyncio.ensure_future(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
 
 
 async def _finish_cancelled(
@@ -46,7 +36,9 @@ async def _finish_cancelled(
     await recorder(
         "conversation_failed", status="cancelled", reason="cancelled by request", duration=round(duration, 3)
     )
-    return await Conversation.objects.aget(pk=conversation_id)
+    conversation = await Conversation.objects.aget(pk=conversation_id)
+    send_later(run_finished, conversation=conversation, exchange=exchange)
+    return conversation
 
 
 # What a finished run sets on its conversation (the event log keeps `last_seq` current meanwhile).
@@ -177,11 +169,7 @@ async def _announce_end(recorder: RunRecorder, outcome: RunOutcome, duration: fl
         stopped=outcome.stopped,
     )
     # After the terminal event: its batch stored the conversation's final state.
-    _in_background(
-        conversation_completed.asend_robust(
-            sender=Conversation, conversation_id=conversation.pk, status=status
-        )
-    )
+    send_later(conversation_completed, conversation_id=conversation.pk, status=status)
 
 
 async def _finish(
@@ -208,5 +196,7 @@ async def _finish(
         await in_pool_thread(_settle_and_save, conversation, outcome.usage.total_tokens, usd)
     CONVERSATIONS.labels(outcome.status).inc()
     await _announce_end(recorder, outcome, duration)
+    agreement = assessment.agreement if assessment is not None else None
+    send_later(run_finished, conversation=conversation, exchange=exchange, agreement=agreement)
     conversation.last_seq = recorder.log.last_seq
     return conversation

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from conversations.events import EventLog, has_watchers
 from conversations.models import Conversation, Message
+from conversations.signals import agent_turn, send_later
 from telemetry.errors import arecord_error
 
 
@@ -54,6 +55,8 @@ class RunRecorder:
             cost_usd=data.get("cost_usd") or 0.0,
             cost_estimated=bool(data.get("cost_estimated")),
         )
+        if self.conversation.metadata.get("notify_turns"):
+            send_later(agent_turn, conversation=self.conversation, exchange=self.exchange, data=data)
 
     async def _on_agent_error(self, data: dict[str, Any]) -> None:
         await arecord_error(

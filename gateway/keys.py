@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from gateway.models import ApiKey, QuotaUnit, generate_key, hash_key
 from gateway.principal import Principal
+from gateway.signals import default_keys_loaded
 
 logger = logging.getLogger("polyagents.keys")
 
@@ -135,13 +136,14 @@ def keys_load_defaults(specs: Iterable[object] | None = None) -> list[tuple[str,
     Safe when several processes start at once: the row is locked while it is compared, and
     a process that loses the race to create it (the key hash is unique) loads it again.
     """
-    specs = settings.CONFIG.DEFAULT_API_KEYS if specs is None else specs
+    specs = list(settings.CONFIG.DEFAULT_API_KEYS if specs is None else specs)
     done: list[tuple[str, str]] = []
     for spec in specs:
         try:
             done.append(_load_default(spec))
         except IntegrityError:
             done.append(_load_default(spec))  # created by another process meanwhile
+    default_keys_loaded.send(sender=ApiKey, specs=specs)
     return done
 
 

@@ -15,6 +15,8 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from gateway.keys import load_default_keys_at_start  # noqa: E402
+from mcp_server.asgi import PATH as MCP_PATH  # noqa: E402
+from mcp_server.asgi import mcp_application  # noqa: E402
 from polyagents_site.warmup import awarm_up, run_on_server_loop, warm_up  # noqa: E402
 from streaming.jobs import start_in_process_sweeper  # noqa: E402
 from streaming.routing import websocket_urlpatterns  # noqa: E402
@@ -39,4 +41,7 @@ if settings.CONFIG.WARM_UP:
 async def application(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
     # Embedded defaults: the first request starts resuming the runs a previous process left.
     start_in_process_sweeper()
+    if scope["type"] == "http" and scope["path"].rstrip("/") == MCP_PATH:
+        await mcp_application(scope, receive, send)  # MCP streamable HTTP (mcp_server/asgi.py)
+        return
     await router(scope, receive, send)

@@ -34,6 +34,9 @@ class ApiKeySpec(BaseModel):
     rate_limit_override: int | None = Field(default=None, gt=0)
     daily_quota: float | None = Field(default=None, gt=0, le=1e12)
     daily_quota_unit: Literal["tokens", "usd"] = "tokens"
+    # The key's default webhook (its /stream runs report there) and its signing secret.
+    webhook_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://[^\s/?#]+")
+    webhook_secret: str | None = Field(default=None, pattern=r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$")
 
 
 # USD per million tokens (standard tier, text, prompts up to 200k tokens), Google's list
@@ -177,6 +180,18 @@ class Config(BaseSettings):
     CIRCUIT_BREAKER_FAILURE_THRESHOLD: int = Field(default=5, ge=1)
     CIRCUIT_BREAKER_TIMEOUT: float = Field(default=60.0, gt=0)
 
+    # MCP (/mcp): how long consult_panel waits for its run before returning the id to follow
+    MCP_WAIT_SECONDS: float = Field(default=120.0, gt=0, le=3600)
+
+    # Webhooks of /stream runs (webhooks/)
+    WEBHOOK_ALLOW_PRIVATE: bool = False  # also private and loopback addresses (link-local: never)
+    WEBHOOK_ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=list)  # http allowed
+    WEBHOOK_TIMEOUT: float = Field(default=15.0, gt=0, le=60)
+    WEBHOOK_MAX_ATTEMPTS: int = Field(default=10, ge=8, le=50)
+    WEBHOOK_RETRY_WAIT: float = Field(default=5.0, gt=0, le=3600)  # the first retry's wait, x4 each time
+    WEBHOOK_RETRY_MAX_WAIT: float = Field(default=36000.0, gt=0, le=86400)
+    WEBHOOK_SECRET_ROTATION_GRACE: int = Field(default=86400, ge=0)
+
     # Health
     HEALTH_CHECK_TIMEOUT: float = Field(default=5.0, gt=0)
     HEALTH_CHECK_EXTERNAL_SERVICES: bool = True
@@ -197,7 +212,7 @@ class Config(BaseSettings):
     # Warm a web process up when the ASGI application loads (polyagents_site/warmup.py).
     WARM_UP: bool = True
 
-    _split = field_validator("ALLOWED_HOSTS", "CORS_ALLOWED_ORIGINS", mode="before")(
+    _split = field_validator("ALLOWED_HOSTS", "CORS_ALLOWED_ORIGINS", "WEBHOOK_ALLOWED_HOSTS", mode="before")(
         classmethod(lambda cls, v: _split_list(v))
     )
 
@@ -208,6 +223,15 @@ class Config(BaseSettings):
             if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
                 raise ValueError(f"{origin!r} is not an origin like https://example.com")
         return value
+
+    @field_validator("WEBHOOK_ALLOWED_HOSTS")
+    @classmethod
+    def _webhook_hosts(cls, value: list[str]) -> list[str]:
+        hosts = [host.strip().lower().rstrip(".") for host in value]
+        for host in hosts:
+            if not host or "/" in host or ":" in host:
+                raise ValueError(f"{host!r} is not a host name (no scheme, port or path)")
+        return hosts
 
     @field_validator("MODEL_PRICES")
     @classmethod
@@ -241,6 +265,8 @@ class Config(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if self.WEBHOOK_RETRY_MAX_WAIT < self.WEBHOOK_RETRY_WAIT:
+            raise ValueError("WEBHOOK_RETRY_MAX_WAIT: must be at least WEBHOOK_RETRY_WAIT")
         if self.RETRY_MAX_DELAY < self.RETRY_BASE_DELAY:
             raise ValueError("RETRY_MAX_DELAY: must be at least RETRY_BASE_DELAY")
         if self.NUM_AGENTS > self.MAX_AGENTS:

@@ -47,6 +47,8 @@ INSTALLED_APPS = [
     "streaming",
     "archive",
     "openai_api",
+    "webhooks",
+    "mcp_server",
     "monitoring",
     "health_check",
     "health_check.cache",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import status
+from rest_framework import serializers, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -19,6 +19,16 @@ from gateway.permissions import CanWrite
 from gateway.principal import principal_of
 from gateway.validation import parse_uuid
 from streaming.jobs import enqueue_run
+from webhooks.services import asubscribe, asubscription, split_request
+
+
+class StreamBodySerializer(StreamRequestSerializer):
+    """The documented /stream body: the /chat body and the webhook fields (checked by webhooks)."""
+
+    webhook_url = serializers.CharField(
+        required=False, max_length=2000, help_text="Where the run's end is delivered (Standard Webhooks)."
+    )
+    webhook_turns = serializers.BooleanField(required=False, help_text="Also an event per agent reply.")
 
 
 class StreamView(APIView):
@@ -27,7 +37,7 @@ class StreamView(APIView):
     permission_classes = [CanWrite]
 
     @extend_schema(
-        request=StreamRequestSerializer,
+        request=StreamBodySerializer,
         responses={
             202: OpenApiResponse(schemas.STREAM_STARTED, description="Started; follow it on websocket_url."),
             # 404: the id is someone else's conversation; 409: it is running already.
@@ -46,13 +56,15 @@ class StreamView(APIView):
     )
     async def post(self, request: Request, conversation_id: str) -> Response:
         conv_id = parse_uuid(conversation_id, field="conversation_id")
-        serializer = ChatRequestSerializer(data=request.data)
+        body, hook_fields = split_request(request.data)
+        serializer = ChatRequestSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         body_id = data.get("conversation_id")
         if body_id is not None and body_id != conv_id:
             raise ValidationError({"conversation_id": ["Must match the conversation id of the path."]})
         principal = principal_of(request)
+        hook = await asubscription(principal, hook_fields)
         options = await run_options(principal, data)
         try:
             conversation, exchange = await conversation_start(
@@ -66,6 +78,8 @@ class StreamView(APIView):
             )
         except ConversationError as exc:
             return conversation_problem(exc)
+        if hook is not None:
+            await asubscribe(hook, conversation_id=conversation.pk, exchange=exchange)
         await enqueue_run(conversation.pk, exchange)
         return Response(
             {
