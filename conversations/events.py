@@ -42,6 +42,7 @@ from redis.utils import str_if_bytes
 
 from conversations import store
 from conversations.models import Conversation, Event
+from conversations.redis_options import reconnecting
 from conversations.rounds import Rounds
 
 logger = logging.getLogger("polyagents.events")
@@ -75,7 +76,11 @@ def redis_client() -> aioredis.Redis | None:
     if cached is not None and cached[0] == settings.REDIS_URL:
         return cached[1]
     client = aioredis.Redis.from_url(
-        settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+        settings.REDIS_URL,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=30,
+        **reconnecting(),
     )
     _clients[loop] = (settings.REDIS_URL, client)
     return client
