@@ -15,13 +15,23 @@ import redis
 class RedisServer:
     """redis-server on `host`:`port`, without persistence (a restart loses every key, as an
     operator's `docker restart` of a cache-only Redis does). `prefix` runs it elsewhere, e.g.
-    inside a network namespace (`ip netns exec db`)."""
+    inside a network namespace (`ip netns exec db`); its unix socket `unixsocket` then lets a
+    process outside that namespace check it."""
 
-    def __init__(self, *, host: str, port: int, log: Path, prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        log: Path,
+        prefix: Sequence[str] = (),
+        unixsocket: Path | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.log = log
         self.prefix = list(prefix)
+        self.unixsocket = unixsocket
         self.popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -37,12 +47,14 @@ class RedisServer:
             *("--bind", self.host, "--port", str(self.port)),
             *("--save", "", "--appendonly", "no", "--protected-mode", "no"),
             *("--daemonize", "no", "--logfile", str(self.log)),
+            *(("--unixsocket", str(self.unixsocket)) if self.unixsocket else ()),
         ]
         self.popen = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:
             try:
-                redis.Redis(host=self.host, port=self.port, socket_connect_timeout=1).ping()
+                with self.client() as client:
+                    client.ping()
                 return
             except redis.ConnectionError:
                 if self.popen.poll() is not None or time.monotonic() > deadline:
@@ -50,6 +62,11 @@ class RedisServer:
                         f"redis-server did not start: {self.log.read_text(errors='replace')}"
                     ) from None
                 time.sleep(0.05)
+
+    def client(self) -> redis.Redis:
+        if self.unixsocket is not None:
+            return redis.Redis(unix_socket_path=str(self.unixsocket), socket_connect_timeout=1)
+        return redis.Redis(host=self.host, port=self.port, socket_connect_timeout=1)
 
     def kill(self) -> None:
         """SIGKILL: connections are cut without a goodbye, as when a container is killed."""
