@@ -94,7 +94,10 @@ async def test_4_redis_restarted_under_live_clients_on_both_web_hosts(hosts: Hos
     stored = hosts.rows.events(conversation_id)
     for events in [*results, late_events]:
         once_in_order(events, stored)
-    assert len(late.connections) == 1
+    # At most one retry, as the dashboard makes: channels_redis subscribes a new socket's channel
+    # on the connection its receiver may be reconnecting at that moment.
+    assert len(late.connections) <= 2, late.connections
+    assert late.arrived[0] - back < 3.0
     # Live again: events emitted a second after Redis was back arrive at once, not by the
     # followers' catch-up reads (every 5 s).
     live = [
@@ -109,7 +112,8 @@ async def test_4_redis_restarted_under_live_clients_on_both_web_hosts(hosts: Hos
     print(
         f"\nRedis restart (down 1 s) under clients on web1 and web2: reconnections"
         f" {[len(c.connections) - 1 for c in clients]}; first event after Redis was back"
-        f" {[round(g, 1) for g in gaps]}s; a new socket's first event {late.arrived[0] - back:.2f}s;"
+        f" {[round(g, 1) for g in gaps]}s; a new socket's first event {late.arrived[0] - back:.2f}s"
+        f" ({len(late.connections)} connection(s));"
         f" events emitted 1 s after it arrived within {max(live):.2f}s"
     )
 
