@@ -33,6 +33,7 @@ from tenacity import (
 )
 
 from conversations.models import Event
+from conversations.redis_options import reconnecting
 from conversations.rounds import Rounds
 from conversations.store import Rows, event_store, event_text
 from conversations.threads import in_pool_thread
@@ -76,7 +77,11 @@ def redis_client() -> aioredis.Redis | None:
     if slot.client is None or slot.url != settings.REDIS_URL:
         slot.url = settings.REDIS_URL
         slot.client = aioredis.Redis.from_url(
-            settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+            settings.REDIS_URL,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=30,
+            **reconnecting(),
         )
     return slot.client
 

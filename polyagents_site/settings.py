@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from conversations.redis_options import reconnecting
 from polyagents_site.config import load_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -163,7 +164,16 @@ if REDIS_URL:
             "BACKEND": "streaming.layers.LocalFanoutPubSubChannelLayer",
             # redis-py 8 reads with a 5 s socket timeout by default; read longer.
             "CONFIG": {
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
+                # A connection a Redis restart closed is reconnected on its next use (and its
+                # subscriptions renewed) instead of failing the caller: conversations/redis_options.py.
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_timeout": 30,
+                        "socket_connect_timeout": 5,
+                        **reconnecting(),
+                    }
+                ],
                 "prefix": f"{REDIS_KEY_PREFIX}:asgi",
             },
         }

@@ -9,6 +9,7 @@ event exactly once, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -20,6 +21,8 @@ from channels.db import aclose_old_connections
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
+from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random
 
 from conversations.events import group_name, in_pool_thread, read_events
 from conversations.models import Conversation
@@ -40,6 +43,9 @@ FINAL_TYPES = frozenset({"conversation_completed", "conversation_failed"})
 CLOSE_BAD_CREDENTIALS = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+# "Try again later": the channel layer is unreachable; clients (the dashboard) reconnect.
+CLOSE_TRY_AGAIN = 1013
+JOIN_ERRORS = (RedisError, OSError, RuntimeError)
 
 
 # Followers of one conversation in one process share a read of its stored last_seq made in the
@@ -234,10 +240,38 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         self.conversation_id = admission.conversation_id
         self.principal = principal
         # Join the group BEFORE replaying, so nothing emitted in between is missed.
-        await self.channel_layer.group_add(group_name(self.conversation_id), self.channel_name)
-        self.joined = True
+        if not await self._join():
+            return
         await self.replay(_after_param(self.scope))
         self.catch_up_task = asyncio.ensure_future(self._catch_up_loop())
+
+    async def _join(self) -> bool:
+        """Join the conversation's group, or close with CLOSE_TRY_AGAIN (clients reconnect).
+
+        channels_redis's pub/sub layer reads and subscribes on one connection: the first
+        SUBSCRIBE after a Redis restart can meet its receiver reconnecting that connection too
+        (a RuntimeError from asyncio's stream). A moment later the connection is back.
+        """
+        group = group_name(self.conversation_id)
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(3) | stop_after_delay(2),
+                wait=wait_random(0.05, 0.3),
+                retry=retry_if_exception_type(JOIN_ERRORS),
+                reraise=True,
+            ):
+                with attempt:
+                    await self.channel_layer.group_add(group, self.channel_name)
+        except JOIN_ERRORS as exc:
+            logger.warning(
+                "channel layer unreachable; asking the client to reconnect", extra={"error": repr(exc)}
+            )
+            with contextlib.suppress(*JOIN_ERRORS):
+                await self.channel_layer.group_discard(group, self.channel_name)
+            await self.close(code=CLOSE_TRY_AGAIN)
+            return False
+        self.joined = True
+        return True
 
     async def _catch_up_loop(self) -> None:
         while True:
