@@ -192,24 +192,24 @@ async def _write(
     A lost connection (a database restart) is retried with back-off until STORE_RETRY_SECONDS
     have passed; the store drops its connections before each retry. A retry that finds the
     batch already stored (the commit went through, its answer was lost) is a success. After
-    that the caller's run stops and is resumed later.
+    that the caller's run stops and is resumed later. The first try runs before tenacity is
+    set up: almost every batch needs no second.
     """
     store = event_store()
+    try:
+        await store.write_batch(conversation_id, batch, rows, timezone.now(), texts)
+        return
+    except store.lost as exc:
+        await _before_retry(conversation_id, batch, exc)
 
-    async def before_retry(state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome is not None else None
-        seq = batch[0]["seq"] if batch else None
-        logger.warning(
-            "events not stored yet; retrying",
-            extra={"conversation_id": str(conversation_id), "seq": seq, "error": repr(error)},
-        )
-        await store.reset()
+    async def before_sleep(state: RetryCallState) -> None:
+        await _before_retry(conversation_id, batch, state.outcome.exception() if state.outcome else None)
 
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(store.lost),
         stop=stop_after_delay(STORE_RETRY_SECONDS),
         wait=wait_exponential(multiplier=0.25, max=2.0),
-        before_sleep=before_retry,
+        before_sleep=before_sleep,
         reraise=True,
     )
     try:
@@ -217,9 +217,17 @@ async def _write(
             with attempt:
                 await store.write_batch(conversation_id, batch, rows, timezone.now(), texts)
     except store.duplicate:
-        retried = retrying.statistics.get("attempt_number", 1) > 1
-        if not (retried and batch and await store.batch_stored(conversation_id, batch)):
+        if not (batch and await store.batch_stored(conversation_id, batch)):
             raise
+
+
+async def _before_retry(conversation_id: uuid.UUID, batch: list[dict[str, Any]], error: Any) -> None:
+    seq = batch[0]["seq"] if batch else None
+    logger.warning(
+        "events not stored yet; retrying",
+        extra={"conversation_id": str(conversation_id), "seq": seq, "error": repr(error)},
+    )
+    await event_store().reset()
 
 
 class EventLogBroken(Exception):
