@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import serializers, status
+from rest_framework import status
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -22,22 +22,13 @@ from streaming.jobs import enqueue_run
 from webhooks.services import asubscribe, asubscription, split_request
 
 
-class StreamBodySerializer(StreamRequestSerializer):
-    """The documented /stream body: the /chat body and the webhook fields (checked by webhooks)."""
-
-    webhook_url = serializers.CharField(
-        required=False, max_length=2000, help_text="Where the run's end is delivered (Standard Webhooks)."
-    )
-    webhook_turns = serializers.BooleanField(required=False, help_text="Also an event per agent reply.")
-
-
 class StreamView(APIView):
     """Starts (or continues) a conversation as a background run followed over WS /ws/{id}."""
 
     permission_classes = [CanWrite]
 
     @extend_schema(
-        request=StreamBodySerializer,
+        request=StreamRequestSerializer,
         responses={
             202: OpenApiResponse(schemas.STREAM_STARTED, description="Started; follow it on websocket_url."),
             # 404: the id is someone else's conversation; 409: it is running already.
