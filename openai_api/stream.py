@@ -36,6 +36,17 @@ async def _stored(conversation_id: Any, after: int) -> list[dict[str, Any]]:
         await aclose_old_connections()
 
 
+def _live_events(message: Any) -> list[dict[str, Any]]:
+    """The events of a group message: one stored batch (`events`) or a single `event`."""
+    if not isinstance(message, dict):
+        return []
+    events = message.get("events")
+    if isinstance(events, list):
+        return [e for e in events if isinstance(e, dict)]
+    event = message.get("event")
+    return [event] if isinstance(event, dict) else []
+
+
 async def follow(conversation_id: Any, run: asyncio.Task[Conversation]) -> AsyncIterator[dict[str, Any]]:
     """Every event of the conversation once, in `seq` order, until the run ends."""
     layer = get_channel_layer()
@@ -57,11 +68,11 @@ async def follow(conversation_id: Any, run: asyncio.Task[Conversation]) -> Async
             live: list[dict[str, Any]] = []
             if receive in done:
                 message, receive = receive.result(), None
-                heard: Any = message.get("event") if isinstance(message, dict) else None
-                if not isinstance(heard, dict) or heard["seq"] <= sent:
+                heard = [e for e in _live_events(message) if e["seq"] > sent]
+                if not heard:
                     continue
-                if heard["seq"] == sent + 1:
-                    live = [heard]
+                if heard[0]["seq"] == sent + 1:
+                    live = heard
             if not live and not run.done():
                 live = await _stored(conversation_id, sent)  # a gap, or a quiet spell
             for event in live:

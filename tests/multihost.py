@@ -194,7 +194,7 @@ class Hosts:
         raise RuntimeError(f"{web} did not start:\n{process.output()}")
 
     def start_worker(self, name: str) -> None:
-        args = [*self.net.exec(name), PYTHON, "manage.py", "procrastinate", "worker", "--concurrency", "2"]
+        args = [*self.net.exec(name), PYTHON, "manage.py", "worker", "--concurrency", "2"]
         self.workers[name] = Process(args, self.env, self.log_dir / f"{name}.log")
         deadline = time.monotonic() + 90
         while not self.beating(name):

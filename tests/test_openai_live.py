@@ -29,8 +29,9 @@ QUESTION = "Should cities ban cars from their centres?"
 
 @pytest.fixture
 def web(transactional_db: None, tmp_path: Path) -> Iterator[str]:
-    """daphne with agents slow enough (0.2 s a call) for a client to leave mid-run."""
-    process, base = start_web(live_env(SIMULATED_LATENCY="0.2"), tmp_path)
+    """daphne with agents slow enough (0.2 s a call) for a client to leave mid-run, on a default
+    panel that discusses for two turns (the simulated agents then converge on one answer)."""
+    process, base = start_web(live_env(SIMULATED_LATENCY="0.2", DEFAULT_TURNS="2"), tmp_path)
     yield base
     process.kill()
 
