@@ -2,13 +2,13 @@
 
 Without it the first POST /chat of a process pays for importing the views, DRF's classes,
 the orchestrator and the Gemini SDK, for opening the database pool, the Redis clients and
-the channel layer's connection: about half a second of wall time (issue 10).
+the channel layer's connection (docs/scaling.md has the first request's figure).
 
 `warm_up()` runs when the ASGI application is imported (before the server accepts
 connections); the steps that need the server's event loop (an SDK client and a Redis
 client are bound to the loop that made them) run as a task as soon as that loop runs.
 Nothing here calls an LLM. A step that fails is logged and skipped: warming up never
-stops a process from starting, the first request then pays for that step as before.
+stops a process from starting; the first request then pays for that step.
 """
 
 from __future__ import annotations
