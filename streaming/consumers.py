@@ -46,6 +46,7 @@ CLOSE_NOT_FOUND = 4404
 # "Try again later": the channel layer is unreachable; clients (the dashboard) reconnect.
 CLOSE_TRY_AGAIN = 1013
 JOIN_ERRORS = (RedisError, OSError, RuntimeError)
+JOIN_TRY_SECONDS = 1.0
 
 
 # Followers of one conversation in one process share a read of its stored last_seq made in the
@@ -261,7 +262,10 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
                 reraise=True,
             ):
                 with attempt:
-                    await self.channel_layer.group_add(group, self.channel_name)
+                    # A SUBSCRIBE can also hang behind the layer's reconnecting receiver:
+                    # each try is bounded (TimeoutError is an OSError, so it is retried too).
+                    async with asyncio.timeout(JOIN_TRY_SECONDS):
+                        await self.channel_layer.group_add(group, self.channel_name)
         except JOIN_ERRORS as exc:
             logger.warning(
                 "channel layer unreachable; asking the client to reconnect", extra={"error": repr(exc)}
